@@ -1,0 +1,899 @@
+"""The teacher: the frozen vision foundation model whose patch features RecTok distils (SPEC.md §2.5).
+
+RecTok aligns the semantic decoder's prediction from the noisy latent z_tau with a teacher's patch tokens
+(FSD at visible positions, RAD at masked ones). This file owns that teacher, so tokenizer.py only asks
+`Teacher(images) -> (B, L, D) targets` and never needs to know where the features come from:
+
+  * DINOv3 ViT-S/B/L with patch 16 (4 registers, RoPE, LayerScale): the released default is ViT-L/16.
+  * DINOv2 ViT-S/B/L/g with patch 14, with or without 4 registers (fed at (img/16)*14 px, so it also
+    yields the tokenizer's h x w grid).
+  * A stand-in teacher: a small ViT trained here as a classifier on the data at hand, for the built-in
+    synthetic data (no VFM covers it) and for new domains.
+
+All of them are one plain-torch ViT (`DinoViT`) whose parameter names follow Meta's checkpoints. Official
+weights load with strict key matching from Meta's `.pth` files or from the Hugging Face safetensors layout
+(read by a ~30-line reader below, no extra package), from a local path or a URL (cached by torch.hub).
+
+Run:
+    python distill.py                                   # stand-in teacher on the built-in data (tiny)
+    python distill.py --data /path/to/class_folders --out runs/teacher
+    torchrun --nproc_per_node=8 distill.py --data DIR --preset paper
+    python distill.py --check dinov3_vitl16 --weights FILE   # load official weights, print feature stats
+
+Writes (stand-in): OUT/latest.pt (resumable) and OUT/teacher.pt, a self-describing checkpoint
+{"config", "model", "ema", "optimizer", "step", "epoch", "args", "accuracy"} that tokenizer.py loads with
+`--teacher standin --teacher-weights OUT/teacher.pt` (the default).
+
+This file also holds the small helpers every training stage shares (distributed setup, atomic
+checkpoints, the resumable sampler, EMA, logging); later stages import them from here.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import struct
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+#################################################################################
+#                   Helpers shared by every training stage                      #
+#################################################################################
+
+
+def setup_distributed():
+    """Rank, world size and device from the torchrun environment; plain `python FILE.py` is rank 0 of 1.
+    NCCL on CUDA, gloo on CPU (DESIGN.md, Conventions)."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def log(*args):
+    """Print on rank 0 only, flushed (one line per logging interval)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then os.replace: a crash never leaves a half-written checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    """Every random stream a training step consumes, so a resumed run continues bit for bit."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, over parameters (buffers are copied)."""
+    ema_params = list(ema.parameters())
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def make_ema(model):
+    """EMA starts as an exact, frozen copy of the model (DiT's convention)."""
+    ema = copy.deepcopy(model).eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler whose epoch can be entered at any step: the order of epoch e is fixed by
+    (seed, e), and `start` skips the batches a resumed run has already seen."""
+
+    def __init__(self, dataset, batch_size, seed, num_replicas=None, rank=None):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=True)
+        self.batch_size = batch_size
+        self.start = 0
+
+    def set_position(self, epoch, step_in_epoch):
+        self.set_epoch(epoch)
+        self.start = step_in_epoch * self.batch_size
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def make_loader(dataset, batch_size, seed, rank, world, workers, device):
+    """Per-rank loader: the resumable sampler, worker processes and pinned memory."""
+    if len(dataset) < batch_size * world:
+        raise ValueError(f"the data set has {len(dataset)} images, fewer than one global batch of "
+                         f"{batch_size * world}; lower --batch-size or add data")
+    sampler = ResumableSampler(dataset, batch_size, seed, num_replicas=world, rank=rank)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=False)
+    return loader, sampler
+
+
+def random_flip(x, generator):
+    """Horizontal flip with p = 0.5 (SPEC.md §1), drawn from a checkpointed generator so that a resumed run
+    flips the same images."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    flip = flip.to(x.device, non_blocking=True)[:, None, None, None]
+    return torch.where(flip, x.flip(-1), x)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def weight_decay_groups(model, weight_decay, no_decay_names=("norm", "bias", "embed", "token", "ls")):
+    """AdamW groups (SPEC.md §2.7): decay only tensors with ndim >= 2 that are not norms, biases,
+    embeddings, position embeddings or tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(s in name for s in no_decay_names)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(progress, warmup):
+    """Learning-rate factor at fractional progress in [0, 1]: linear warm-up over the first `warmup`
+    fraction, then half-cosine to 0 (SPEC.md §2.7)."""
+    if progress < warmup:
+        return progress / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (progress - warmup) / max(1e-8, 1.0 - warmup)))
+
+
+#################################################################################
+#                          Safetensors, read by hand                            #
+#################################################################################
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def load_safetensors(path):
+    """Read a .safetensors file: 8 bytes little-endian header length, a JSON header
+    {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes."""
+    with open(path, "rb") as f:
+        buf = bytearray(f.read())
+    (n,) = struct.unpack("<Q", buf[:8])
+    header = json.loads(buf[8:8 + n])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        count = (end - start) // torch.empty((), dtype=dtype).element_size()
+        flat = (torch.frombuffer(buf, dtype=dtype, offset=8 + n + start, count=count) if count
+                else torch.empty(0, dtype=dtype))
+        out[name] = flat.reshape(info["shape"])
+    return out
+
+
+#################################################################################
+#                     The ViT of DINOv2 and DINOv3 (Meta names)                 #
+#################################################################################
+
+
+def dinov3_rope(grid_h, grid_w, head_dim, theta, rescale=None):
+    """DINOv3's 2D RoPE table (cos, sin), each (grid_h*grid_w, head_dim).
+
+    Patch-centre coordinates in [-1, 1]; frequencies 1/theta^(4k/head_dim), k < head_dim/4; the angles
+    are laid out [row angles | column angles] and tiled twice. `rescale` multiplies the coordinates:
+    DINOv3's training-time augmentation, which the released RecTok run kept on (SPEC.md §2.5)."""
+    ys = (torch.arange(grid_h, dtype=torch.float32) + 0.5) / grid_h
+    xs = (torch.arange(grid_w, dtype=torch.float32) + 0.5) / grid_w
+    coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0
+    if rescale is not None:
+        coords = coords * rescale.to(coords.device)
+    inv_freq = 1.0 / theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32)
+    angles = (2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]).flatten(1, 2).tile(2)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x):
+    """DINOv3 pairs the two HALVES of the head dim: (x1, x2) -> (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, rope=None, num_prefix=0):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = (torch.cat((t[:, :, :num_prefix], _apply_rope(t[:, :, num_prefix:], *rope)), dim=2)
+                    for t in (q, k))
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+def _apply_rope(t, cos, sin):
+    # RoPE in fp32 (the references force it), cast back for the bf16 attention.
+    tf = t.float()
+    return (tf * cos + rotate_half(tf) * sin).to(t.dtype)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, width, init):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((width,), float(init)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    """DINOv2 ViT-g's feed-forward: hidden = 2/3 of the MLP width, rounded up to a multiple of 8."""
+
+    def __init__(self, width, hidden):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        self.w12 = nn.Linear(width, 2 * hidden)
+        self.w3 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class Block(nn.Module):
+    def __init__(self, width, heads, mlp_ratio, ffn, ln_eps, ls_init):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=ln_eps)
+        self.attn = Attention(width, heads)
+        self.ls1 = LayerScale(width, ls_init)
+        self.norm2 = nn.LayerNorm(width, eps=ln_eps)
+        self.mlp = (SwiGLUFFN if ffn == "swiglu" else Mlp)(width, int(width * mlp_ratio))
+        self.ls2 = LayerScale(width, ls_init)
+
+    def forward(self, x, rope=None, num_prefix=0):
+        x = x + self.ls1(self.attn(self.norm1(x), rope, num_prefix))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+def conv_stem(width, patch_size):
+    """The stand-in teacher's patchifier: log2(patch) stages of conv3x3-BN-ReLU-maxpool2, then a 1x1 conv to
+    the width (a 'hybrid' ViT). Its convolutional prior lets a small ViT learn shapes in minutes on a CPU,
+    where a plain patch embedding needs far more data and steps."""
+    layers, c = [], 3
+    for i in range(int(math.log2(patch_size))):
+        out = min(width, 32 * 2 ** i)
+        layers += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
+        c = out
+    return nn.Sequential(*layers, nn.Conv2d(c, width, 1))
+
+
+class DinoViT(nn.Module):
+    """DINOv2 (pos="abs": learned position embedding, interpolated off-grid) and DINOv3 (pos="rope": no
+    position embedding, 2D RoPE on patch tokens) in one class, with Meta's parameter names.
+
+    forward(x) -> final-LayerNorm tokens [CLS, registers, patches]; `patch_tokens` drops the first
+    1 + num_registers. pos_interp picks how DINOv2 resizes its position grid off its native size, which
+    differs between the codes the weights were exported for: "meta" (bicubic, scale_factor with a 0.1
+    offset), "hf" (transformers' Dinov2Model: bicubic to size=) or "hf_antialias"
+    (Dinov2WithRegistersModel: the same with antialias, a different bicubic kernel)."""
+
+    def __init__(self, img_size=224, patch_size=16, width=384, depth=12, heads=6, mlp_ratio=4.0,
+                 ffn="mlp", num_registers=0, pos="abs", rope_theta=100.0, ln_eps=1e-6, ls_init=1e-5,
+                 pos_interp="meta", stem="patch"):
+        super().__init__()
+        self.patch_size, self.num_registers, self.pos = patch_size, num_registers, pos
+        self.heads, self.rope_theta, self.pos_interp = heads, rope_theta, pos_interp
+        self.patch_embed = (nn.Conv2d(3, width, patch_size, patch_size) if stem == "patch"
+                            else conv_stem(width, patch_size))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        if num_registers:
+            self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, width))
+        if pos == "abs":
+            n = (img_size // patch_size) ** 2
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n, width))
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio, ffn, ln_eps, ls_init) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=ln_eps)
+        self.init_weights()
+
+    def init_weights(self):
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        for p in (self.cls_token, getattr(self, "register_tokens", None), getattr(self, "pos_embed", None)):
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
+
+    def interpolate_pos_embed(self, gh, gw):
+        pos = self.pos_embed
+        n = pos.shape[1] - 1
+        m = int(math.sqrt(n))
+        if gh * gw == n and gh == gw:
+            return pos
+        grid = pos[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
+        if self.pos_interp == "meta":
+            kw = {"scale_factor": ((gh + 0.1) / m, (gw + 0.1) / m), "antialias": False}
+        else:  # transformers: Dinov2Model without antialias, Dinov2WithRegistersModel with it
+            kw = {"size": (gh, gw), "antialias": self.pos_interp == "hf_antialias"}
+        grid = F.interpolate(grid, mode="bicubic", align_corners=False, **kw)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(pos.dtype)
+        return torch.cat((pos[:, :1], grid), dim=1)
+
+    def forward(self, x, rope_rescale=None):
+        B, _, H, W = x.shape
+        gh, gw = H // self.patch_size, W // self.patch_size
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
+        rope = None
+        if self.pos == "abs":
+            x = x + self.interpolate_pos_embed(gh, gw)
+        else:
+            head_dim = x.shape[-1] // self.heads
+            rope = [t.to(x.device) for t in dinov3_rope(gh, gw, head_dim, self.rope_theta, rope_rescale)]
+        if self.num_registers:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)
+        num_prefix = 1 + self.num_registers
+        for block in self.blocks:
+            x = block(x, rope, num_prefix)
+        return self.norm(x)
+
+    def patch_tokens(self, x, rope_rescale=None):
+        return self(x, rope_rescale)[:, 1 + self.num_registers:]
+
+
+def _dino(family, width, depth, heads, registers=0, ffn="mlp"):
+    if family == "dinov2":
+        return dict(img_size=518, patch_size=14, width=width, depth=depth, heads=heads, ffn=ffn,
+                    num_registers=registers, pos="abs", ln_eps=1e-6)
+    return dict(img_size=224, patch_size=16, width=width, depth=depth, heads=heads, ffn=ffn,
+                num_registers=4, pos="rope", rope_theta=100.0, ln_eps=1e-5)
+
+
+# The official architectures (Meta's hub names). DINOv2 ViT-g uses a SwiGLU feed-forward.
+ARCHS = {}
+for _size, (_w, _d, _h) in {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}.items():
+    ARCHS[f"dinov2_vit{_size}14"] = _dino("dinov2", _w, _d, _h)
+    ARCHS[f"dinov2_vit{_size}14_reg"] = _dino("dinov2", _w, _d, _h, registers=4)
+    ARCHS[f"dinov3_vit{_size}16"] = _dino("dinov3", _w, _d, _h)
+ARCHS["dinov2_vitg14"] = _dino("dinov2", 1536, 40, 24, ffn="swiglu")
+ARCHS["dinov2_vitg14_reg"] = _dino("dinov2", 1536, 40, 24, registers=4, ffn="swiglu")
+
+# Where the official weights come from. DINOv2's are public; DINOv3's are licence-gated.
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{base}/{base}{reg}_pretrain.pth"
+DINOV3_HELP = ("DINOv3 weights are licence-gated: accept the licence at "
+               "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ (Meta .pth) or "
+               "https://huggingface.co/facebook/dinov3-vitl16-pretrain-lvd1689m (model.safetensors), "
+               "download the file and pass its path with --teacher-weights")
+
+
+def default_weights_url(arch):
+    if arch.startswith("dinov2"):
+        base = arch.removesuffix("_reg")
+        return DINOV2_URL.format(base=base, reg="_reg4" if arch.endswith("_reg") else "")
+    return None
+
+
+#################################################################################
+#             Official checkpoint layouts -> our (Meta) parameter names         #
+#################################################################################
+
+# Tensors that the checkpoints carry but inference does not use: the masked-image-modelling token,
+# DINOv3's RoPE periods (recomputed, and checked) and k-bias mask (applied, then dropped).
+_UNUSED = ("mask_token",)
+
+
+def _layout(sd):
+    if "embeddings.patch_embeddings.projection.weight" in sd:
+        return "hf_dinov2"
+    if "embeddings.patch_embeddings.weight" in sd:
+        return "hf_dinov3"
+    if "storage_tokens" in sd or "rope_embed.periods" in sd:
+        return "meta_dinov3"
+    if "patch_embed.proj.weight" in sd:
+        return "meta_dinov2"
+    if "patch_embed.weight" in sd:
+        return "ours"
+    raise ValueError("unrecognised teacher checkpoint: none of the DINOv2/DINOv3 patch-embedding keys "
+                     "(Meta's 'patch_embed.proj.weight', Hugging Face's 'embeddings.patch_embeddings.*') "
+                     "is present")
+
+
+def _from_meta(sd, model):
+    out = {}
+    for k, v in sd.items():
+        if k in _UNUSED or k.endswith("bias_mask"):
+            continue
+        if k == "rope_embed.periods":
+            _check_rope_periods(v, model)
+            continue
+        if k.endswith("attn.qkv.bias") and k.replace(".bias", ".bias_mask") in sd:
+            v = v * sd[k.replace(".bias", ".bias_mask")]  # DINOv3 has no k bias: the mask zeroes it
+        k = k.replace("storage_tokens", "register_tokens").replace("patch_embed.proj.", "patch_embed.")
+        out[k] = v
+    return out
+
+
+def _check_rope_periods(periods, model):
+    head_dim = model.cls_token.shape[-1] // model.heads
+    ours = model.rope_theta ** (2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2))
+    if periods.shape != ours.shape or not torch.allclose(periods.float(), ours, rtol=1e-5):
+        raise ValueError(f"checkpoint RoPE periods {periods.tolist()[:4]}... do not match theta "
+                         f"{model.rope_theta} and head dim {head_dim}: wrong architecture for this file")
+
+
+_HF_BLOCK = {  # transformers block names -> ours, for DINOv3 (first) and DINOv2 (second)
+    "attention.o_proj.": "attn.proj.", "attention.output.dense.": "attn.proj.",
+    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.up_proj.": "mlp.fc1.", "mlp.down_proj.": "mlp.fc2.",
+    "mlp.weights_in.": "mlp.w12.", "mlp.weights_out.": "mlp.w3.",
+}
+
+
+_HF_QKV = {"attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2,
+           "attention.attention.query": 0, "attention.attention.key": 1, "attention.attention.value": 2}
+_HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "register_tokens",
+           "embeddings.position_embeddings": "pos_embed", "layernorm.weight": "norm.weight",
+           "layernorm.bias": "norm.bias"}
+
+
+def _from_hf(sd):
+    out, qkv = {}, {}
+    for k, v in sd.items():
+        k = k.removeprefix("encoder.")
+        if k == "embeddings.mask_token":
+            continue
+        if not k.startswith("layer."):
+            k = _HF_TOP.get(k, k).replace("embeddings.patch_embeddings.projection.", "patch_embed.")
+            out[k.replace("embeddings.patch_embeddings.", "patch_embed.")] = v
+            continue
+        i, rest = k[len("layer."):].split(".", 1)
+        module, kind = rest.rsplit(".", 1)
+        if module in _HF_QKV:  # separate q, k, v Linears -> one fused qkv
+            qkv.setdefault((i, kind), {})[_HF_QKV[module]] = v
+            continue
+        for a, b in _HF_BLOCK.items():
+            rest = rest.replace(a, b)
+        out[f"blocks.{i}.{rest}"] = v
+    for (i, kind), parts in qkv.items():
+        if kind == "bias" and 1 not in parts:  # DINOv3 has no k bias: it is zero
+            parts[1] = torch.zeros_like(parts[0])
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts[j] for j in range(3)], dim=0)
+    return out
+
+
+def convert_teacher_state(sd, model):
+    """Map any official layout (Meta or Hugging Face, DINOv2 or DINOv3) to our names."""
+    layout = _layout(sd)
+    if layout.startswith("meta"):
+        return _from_meta(sd, model)
+    if layout.startswith("hf"):
+        return _from_hf(sd)
+    return dict(sd)
+
+
+def load_strict(model, sd, what):
+    """load_state_dict with a message that lists every missing and unexpected key."""
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in sd]
+    unexpected = [k for k in sd if k not in ours]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+             if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{what} does not fit the chosen architecture.\n  missing keys ({len(missing)}): "
+                         f"{missing[:20]}\n  unexpected keys ({len(unexpected)}): {unexpected[:20]}\n"
+                         f"  shape mismatches, file vs model ({len(wrong)}): {wrong[:10]}\n"
+                         f"Pick the architecture that matches the file.")
+    model.load_state_dict(sd)
+
+
+#################################################################################
+#                         Where teacher weights come from                       #
+#################################################################################
+
+
+def resolve_weights(weights, arch):
+    """A local path, a URL (downloaded once into torch.hub's cache), or None for the default URL."""
+    weights = weights or default_weights_url(arch)
+    if weights is None:
+        raise FileNotFoundError(f"no weights given for {arch}. {DINOV3_HELP}")
+    if not weights.startswith(("http://", "https://")):
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"teacher weights not found: {weights}")
+        return weights
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights))
+    if not os.path.isfile(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(weights, cached)
+        except Exception as e:  # offline, or the URL is gone
+            help_ = DINOV3_HELP if arch.startswith("dinov3") else "download it elsewhere and pass its path"
+            raise RuntimeError(f"could not download {weights} ({e}). {help_} "
+                               f"(or place the file at {cached})") from None
+    return cached
+
+
+def read_state_dict(path, prefix=""):
+    """Tensors of a .safetensors or .pth file; `prefix` selects a sub-module (e.g. the teacher held in a
+    RecTok stage-1 checkpoint under 'sem_foundation_models.dinov3.')."""
+    if path.endswith(".safetensors"):
+        sd = load_safetensors(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("model", "teacher", "state_dict"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+                break
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+#################################################################################
+#                    The Teacher: preprocessing + frozen ViT                    #
+#################################################################################
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def dino_preprocess(x, size):
+    """The released preprocessing (SPEC.md §2.5, parity quirk 8): x in [-1, 1] -> uint8 by TRUNCATION ->
+    *1/255 -> bilinear antialiased resize to 224 -> ImageNet normalisation -> bilinear resize (no
+    antialias) to `size`, the teacher input that yields the tokenizer's grid."""
+    x = ((x.float() + 1) * 0.5 * 255).to(torch.uint8).float() * (1 / 255)
+    x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class Teacher(nn.Module):
+    """Frozen teacher: images in [-1, 1] at the tokenizer's size -> (B, grid*grid, D) float32 targets.
+
+    `rope_jitter`: DINOv3's training-time RoPE coordinate rescale, exp(U(-ln 2, ln 2)) per batch; the
+    released stage 1 left the teacher in training mode, so it is on by default there (SPEC.md §2.5).
+    Stand-in teachers see the images as they are (resized only if their grid needs it)."""
+
+    def __init__(self, vit, kind, grid, rope_jitter=False):
+        super().__init__()
+        self.vit = vit.eval().requires_grad_(False)
+        self.kind, self.grid, self.rope_jitter = kind, grid, rope_jitter
+        self.dim = vit.norm.weight.shape[0]
+
+    def train(self, mode=True):
+        # Frozen: a parent's .train() never reaches the ViT (the jitter is the one train-mode effect kept).
+        super().train(mode)
+        self.vit.eval()
+        return self
+
+    def preprocess(self, x):
+        size = self.grid * self.vit.patch_size
+        if self.kind == "standin":
+            return x.float() if x.shape[-1] == size else F.interpolate(
+                x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return dino_preprocess(x, size)
+
+    def draw_rope_rescale(self):
+        return torch.empty(1).uniform_(-math.log(2), math.log(2)).exp()
+
+    @torch.no_grad()
+    def forward(self, x, rope_rescale=None):
+        if rope_rescale is None and self.rope_jitter and self.training and self.vit.pos == "rope":
+            rope_rescale = self.draw_rope_rescale()
+        return self.vit.patch_tokens(self.preprocess(x), rope_rescale).float()
+
+
+def build_teacher(name, weights=None, grid=16, rope_jitter=True, prefix=""):
+    """'dinov3_vitl16' etc. with official weights, or 'standin' with a checkpoint from this file."""
+    if name == "standin":
+        if not weights or not os.path.isfile(weights):
+            raise FileNotFoundError(f"stand-in teacher checkpoint not found: {weights}. Train one with "
+                                    f"`python distill.py` (or --data DIR), or pick an official teacher")
+        ckpt = torch.load(weights, map_location="cpu", weights_only=True)
+        vit = DinoViT(**ckpt["config"]["vit"])
+        sd = {k[len("vit."):]: v for k, v in ckpt["ema"].items() if k.startswith("vit.")}
+        load_strict(vit, sd, f"stand-in teacher {weights}")
+        return Teacher(vit, "standin", grid)
+    if name not in ARCHS:
+        raise ValueError(f"unknown teacher {name!r}; choose 'standin' or one of {sorted(ARCHS)}")
+    cfg = dict(ARCHS[name])
+    path = resolve_weights(weights, name)
+    sd = read_state_dict(path, prefix)
+    if cfg["pos"] == "abs" and _layout(sd) == "hf_dinov2":
+        # keep the position-grid interpolation of the code the weights were exported for
+        cfg["pos_interp"] = "hf_antialias" if cfg["num_registers"] else "hf"
+    vit = DinoViT(**cfg)
+    load_strict(vit, convert_teacher_state(sd, vit), f"{path} ({_layout(sd)} layout)")
+    return Teacher(vit, "dino", grid, rope_jitter=rope_jitter)
+
+
+#################################################################################
+#              The stand-in teacher: a small ViT trained as a classifier        #
+#################################################################################
+
+
+class StandinClassifier(nn.Module):
+    """A DINOv3-style ViT (RoPE, registers, convolutional stem) plus a linear head on the max over patch
+    tokens, so that the patch tokens themselves carry the class: those tokens are the distillation targets.
+    (Max- rather than mean-pooling: the object covers a fraction of the image, and the mean over tokens
+    washes it out; the mean-pooled variant barely leaves chance level in the tiny preset's budget.)"""
+
+    def __init__(self, vit, num_classes):
+        super().__init__()
+        self.vit = DinoViT(**vit)
+        self.head = nn.Linear(vit["width"], num_classes)
+
+    def forward(self, x):
+        return self.head(self.vit.patch_tokens(x).amax(dim=1))
+
+
+PRESETS = {
+    # Minutes on a 2-core CPU: 64 px synthetic images, patch 8 (an 8 x 8 grid, like the tiny tokenizer).
+    "tiny": dict(image_size=64, patch=8, width=128, depth=4, heads=4, epochs=6, batch_size=64,
+                 lr=1e-3, num_train=6000, num_val=1000),
+    # A ViT-S/16 teacher for a new domain at 256 px.
+    "paper": dict(image_size=256, patch=16, width=384, depth=12, heads=6, epochs=100, batch_size=128,
+                  lr=5e-4, num_train=None, num_val=None),
+}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device):
+    model.eval()
+    correct = torch.zeros((), device=device)
+    total = torch.zeros((), device=device)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        correct += (model(x).argmax(-1) == y).sum()
+        total += y.numel()
+    if dist.is_initialized():
+        dist.all_reduce(correct)
+        dist.all_reduce(total)
+    return (correct / total.clamp(min=1)).item()
+
+
+def train_standin(args):
+    # Data lives in tokenizer.py (it owns image data); imported here, not at module level, because
+    # tokenizer.py imports this file for the Teacher.
+    from tokenizer import build_dataset
+
+    rank, world, device = setup_distributed()
+    torch.manual_seed(args.seed * world + rank)
+    train_set, val_set = standin_splits(build_dataset, args)
+    vit = dict(img_size=args.image_size, patch_size=args.patch, width=args.width, depth=args.depth,
+               heads=args.heads, num_registers=4, pos="rope", ls_init=1e-1, ln_eps=1e-6, stem="conv")
+    model = StandinClassifier(vit, train_set.num_classes).to(device)
+    ema = make_ema(model)
+    ddp = nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
+    opt = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=args.lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    loader, sampler = make_loader(train_set, args.batch_size, args.seed, rank, world, args.workers, device)
+    val_loader = torch.utils.data.DataLoader(
+        val_set, batch_size=args.batch_size, num_workers=args.workers,
+        sampler=torch.utils.data.DistributedSampler(val_set, world, rank, shuffle=False))
+    flip_gen = torch.Generator().manual_seed(args.seed * world + rank)
+    steps_per_epoch = len(train_set) // (args.batch_size * world)
+    total_steps = args.epochs * steps_per_epoch
+    stop = min(total_steps, args.stop_at or total_steps)
+    latest = os.path.join(args.out, "latest.pt")
+    step = 0 if args.bench else resume(latest, model, ema, opt, flip_gen, rank)
+    log(f"stand-in teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{len(train_set)} train / {len(val_set)} val images, {train_set.num_classes} classes, "
+        f"{total_steps} steps")
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    meter = Throughput(device)
+    while step < stop:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        sampler.set_position(epoch, in_epoch)
+        model.train()
+        for x, y in loader:
+            x = random_flip(x.to(device, non_blocking=True), flip_gen)
+            y = y.to(device, non_blocking=True)
+            for g in opt.param_groups:
+                g["lr"] = args.lr * warmup_cosine(step / total_steps, 0.1)
+            with autocast:
+                loss = F.cross_entropy(ddp(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            update_ema(ema, model, 0.99)
+            step += 1
+            meter.add(x.shape[0] * world)
+            if step % args.log_every == 0 or step == stop:
+                log(f"step {step}/{total_steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                    f"{meter.report()}")
+            if args.bench and step >= args.bench:
+                cleanup_distributed()
+                return None
+            if step >= stop:
+                break
+        acc = evaluate(ema, val_loader, device)
+        log(f"epoch {epoch + 1} step {step}: held-out accuracy (EMA) {acc * 100:.2f}%")
+        state = {"config": {"vit": vit, "num_classes": train_set.num_classes}, "model": model.state_dict(),
+                 "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                 "epoch": step / steps_per_epoch, "args": vars(args), "accuracy": acc,
+                 "rng": _gather(rng_state(), world), "flip_rng": _gather(flip_gen.get_state(), world)}
+        if rank == 0:
+            atomic_save(state, latest)
+        barrier()
+    if rank == 0 and step >= total_steps:
+        final = {k: v for k, v in state.items() if k not in ("optimizer", "rng", "flip_rng")}
+        atomic_save(final, os.path.join(args.out, "teacher.pt"))
+        log(f"wrote {os.path.join(args.out, 'teacher.pt')} (held-out accuracy {acc * 100:.2f}%)")
+    cleanup_distributed()
+    return state["accuracy"]
+
+
+def resume(path, model, ema, opt, flip_gen, rank):
+    """Restore a run from `path` if it exists; returns the step to continue from (0 for a new run)."""
+    if not os.path.isfile(path):
+        return 0
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if rank >= len(ckpt["rng"]):
+        raise ValueError(f"{path} was written by {len(ckpt['rng'])} processes; resume it with as many")
+    set_rng_state(ckpt["rng"][rank])
+    flip_gen.set_state(ckpt["flip_rng"][rank])
+    log(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+class Throughput:
+    """images/s since the last report, and peak memory (one log line per interval, no per-step syncs)."""
+
+    def __init__(self, device):
+        self.device, self.t0, self.seen = device, time.time(), 0
+
+    def add(self, n):
+        self.seen += n
+
+    def report(self):
+        dt = time.time() - self.t0
+        line = f"{self.seen / dt:.1f} img/s peak mem {peak_memory_gb(self.device):.2f} GB"
+        self.t0, self.seen = time.time(), 0
+        return line
+
+
+def standin_splits(build_dataset, args):
+    """Train and held-out sets: the built-in data has its own val split; a folder holds out every 50th
+    image unless --val-data names a separate folder."""
+    if args.data == "synthetic" or args.val_data:
+        train = build_dataset(args.data, args.image_size, "train", args.num_train, seed=args.seed)
+        val = build_dataset(args.val_data or args.data, args.image_size, "val", args.num_val, seed=args.seed)
+        return train, val
+    full = build_dataset(args.data, args.image_size)
+    held = np.arange(len(full)) % 50 == 0
+    train = torch.utils.data.Subset(full, np.flatnonzero(~held).tolist())
+    val = torch.utils.data.Subset(full, np.flatnonzero(held).tolist())
+    train.num_classes = val.num_classes = full.num_classes
+    return train, val
+
+
+def _gather(obj, world):
+    """Every rank's object on every rank (RNG states differ per rank and all are checkpointed)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def check_teacher(args):
+    """Load official weights and print what the tokenizer would receive for a few synthetic images."""
+    from tokenizer import build_dataset
+
+    teacher = build_teacher(args.check, args.weights, grid=args.image_size // 16)
+    data = build_dataset("synthetic", args.image_size, "val", 4)
+    x = torch.stack([data[i][0] for i in range(4)])
+    t = teacher(x)
+    print(f"{args.check}: targets {tuple(t.shape)}, mean {t.mean():.4f}, std {t.std():.4f}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="synthetic", help="'synthetic' (built-in) or an ImageNet-style folder")
+    p.add_argument("--val-data", default=None, help="held-out class folder (default: every 50th image)")
+    p.add_argument("--out", default="runs/teacher", help="run folder (resumes from OUT/latest.pt)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    for k in ("image_size", "patch", "width", "depth", "heads", "epochs", "batch_size", "num_train",
+              "num_val"):
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--bench", type=int, default=0, help="time this many steps, write nothing")
+    p.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit at this step (job limits)")
+    p.add_argument("--check", default=None, help="an official teacher to load and run, e.g. dinov3_vitl16")
+    p.add_argument("--weights", default=None, help="with --check: a .pth/.safetensors path or URL")
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.check:
+        return check_teacher(args)
+    return train_standin(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Every test of the project: `python -m pytest -q test_all.py` (a few minutes on a 2-core CPU, no network).
+
+Parity tests rebuild the reference weights with the fill rule of tests/parity (copied from shared/parity,
+see its README), map them to our names, feed the stored inputs and compare with the stored outputs.
+"""
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import distill
+import tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PARITY = os.path.join(HERE, "tests", "parity")
+
+
+#################################################################################
+#                               Parity machinery                                #
+#################################################################################
+
+
+def fill_tensor(key, shape, prefix=""):
+    """The weight rule of tests/parity/README.md: one seeded draw per key, by suffix and rank."""
+    shape = [int(s) for s in shape]
+    g = torch.Generator().manual_seed(zlib.crc32((prefix + key).encode("utf-8")))
+    if key.endswith("num_batches_tracked"):
+        return torch.zeros(shape, dtype=torch.long)
+    if key.endswith("running_var"):
+        return torch.rand(shape, generator=g) + 0.5
+    if len(shape) == 1 and key.split(".")[-1] == "W":
+        return torch.randn(shape, generator=g)
+    if len(shape) == 1 and key.endswith(("weight", "gamma")):
+        return 1.0 + 0.1 * torch.randn(shape, generator=g)
+    if len(shape) == 1:
+        return 0.1 * torch.randn(shape, generator=g)
+    if len(shape) >= 2:
+        return torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+    return 0.02 * torch.randn(shape, generator=g)
+
+
+def parity(name):
+    """(vector file, reference weights) for tests/parity/<name>.pt."""
+    d = torch.load(os.path.join(PARITY, name + ".pt"), weights_only=True)
+    w = {k: fill_tensor(k, s, d["weight_prefix"]) for k, s in d["state_dict_shapes"].items()
+         if k not in d["fixed_keys"]}
+    w.update(d["fixed_tensors"])
+    return d, w
+
+
+def assert_close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+#################################################################################
+#                         Teacher (distill.py): parity                          #
+#################################################################################
+
+
+def vit_config(c):
+    """Our DinoViT arguments from a reference config (transformers or Meta)."""
+    if "hidden_size" in c:  # transformers
+        v3 = c["model_type"] == "dinov3_vit"
+        return dict(img_size=c["image_size"], patch_size=c["patch_size"], width=c["hidden_size"],
+                    depth=c["num_hidden_layers"], heads=c["num_attention_heads"],
+                    mlp_ratio=c["intermediate_size"] / c["hidden_size"] if v3 else c["mlp_ratio"],
+                    num_registers=c.get("num_register_tokens", 0), pos="rope" if v3 else "abs",
+                    rope_theta=c.get("rope_theta", 100.0), ln_eps=c["layer_norm_eps"],
+                    pos_interp="hf_antialias" if c.get("num_register_tokens") else "hf")
+    v3 = "n_storage_tokens" in c
+    return dict(img_size=c["img_size"], patch_size=c["patch_size"], width=c["embed_dim"], depth=c["depth"],
+                heads=c["num_heads"], mlp_ratio=c["ffn_ratio"] if v3 else c["mlp_ratio"],
+                num_registers=c["n_storage_tokens"] if v3 else c["num_register_tokens"],
+                pos="rope" if v3 else "abs", rope_theta=c.get("pos_embed_rope_base", 100.0),
+                ln_eps=1e-5 if v3 else 1e-6, pos_interp="meta")
+
+
+TEACHER_FILES = ["teacher_dinov3_hf", "teacher_dinov3_meta", "teacher_dinov2_hf", "teacher_dinov2_meta",
+                 "teacher_dinov2_registers_hf", "teacher_dinov2_registers_meta"]
+
+
+@pytest.mark.parametrize("name", TEACHER_FILES)
+def test_teacher_parity(name):
+    d, w = parity(name)
+    vit = distill.DinoViT(**vit_config(d["config"]))
+    distill.load_strict(vit, distill.convert_teacher_state(w, vit), name)
+    vit.eval()
+    with torch.no_grad():
+        for key, x in d["inputs"].items():
+            suffix = key.removeprefix("pixel_values")
+            assert_close(vit(x), d["outputs"]["last_hidden_state" + suffix])
+        assert_close(vit.patch_tokens(d["inputs"]["pixel_values"]), d["outputs"]["patch_tokens"])
+
+
+def test_teacher_preprocess_parity():
+    d = torch.load(os.path.join(PARITY, "teacher_preprocess.pt"), weights_only=True)
+    for size in (64, 256):
+        assert_close(distill.dino_preprocess(d["inputs"][f"x_{size}"], size),
+                     d["outputs"][f"teacher_input_{size}"])
+
+
+def stage1_teacher():
+    """The DINOv3 teacher held inside the RecTok stage-1 parity model, loaded through the checkpoint-prefix
+    path a released stage-1 checkpoint uses."""
+    d, w = parity("tokenizer_stage1_forward")
+    prefix = "sem_foundation_models.dinov3."
+    sd = {k[len(prefix):]: v for k, v in w.items() if k.startswith(prefix)}
+    vit = distill.DinoViT(**vit_config(d["extra_models"]["teacher_config"]))
+    distill.load_strict(vit, distill.convert_teacher_state(sd, vit), "stage-1 teacher")
+    return d, distill.Teacher(vit, "dino", grid=d["config"]["img_size"] // 16, rope_jitter=True)
+
+
+def test_teacher_targets_in_stage1_forward():
+    """Targets as the released stage 1 makes them: jittered RoPE (teacher left in train mode) and plain."""
+    d, teacher = stage1_teacher()
+    x = d["inputs"]["x"]
+    rescale = d["inputs"]["teacher_rope_rescale_log"].exp()
+    assert_close(teacher(x, rope_rescale=rescale), d["outputs"]["sem_target"])
+    assert_close(teacher.eval()(x), d["outputs"]["sem_target_teacher_eval"])
+
+
+def test_teacher_rope_jitter_is_drawn_in_train_mode_only():
+    _, teacher = stage1_teacher()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    teacher.train()
+    assert not teacher.vit.training, "a parent's .train() must not unfreeze the ViT"
+    torch.manual_seed(0)
+    a, b = teacher(x), teacher(x)
+    assert (a - b).abs().max() > 1e-4, "train mode draws a new RoPE rescale per batch"
+    teacher.eval()
+    torch.testing.assert_close(teacher(x), teacher(x), rtol=0, atol=0)
+    teacher.rope_jitter = False
+    teacher.train()
+    torch.testing.assert_close(teacher(x), teacher.eval()(x), rtol=0, atol=0)
+
+
+#################################################################################
+#                    Teacher: loading official weights                          #
+#################################################################################
+
+
+def official_keys(name):
+    with open(os.path.join(HERE, "tests", "official_keys", name)) as f:
+        return json.load(f)
+
+
+def test_official_dinov3_l_keys_load_strictly():
+    """The DINOv3-L held in the released stage-1 checkpoint (HF names) maps onto our ViT-L/16 exactly."""
+    keys = official_keys("rectok_BB_C128_stage1_dinov3L.json")["model_state_dict"]
+    prefix = "sem_foundation_models.dinov3."
+    sd = {k[len(prefix):]: torch.empty(s, device="meta") for k, s in keys.items() if k.startswith(prefix)}
+    with torch.device("meta"):
+        vit = distill.DinoViT(**distill.ARCHS["dinov3_vitl16"])
+    ours = {k: tuple(v.shape) for k, v in vit.state_dict().items()}
+    converted = {k: tuple(v.shape) for k, v in distill.convert_teacher_state(sd, vit).items()}
+    assert converted == ours
+    assert sum(math.prod(s) for s in ours.values()) == pytest.approx(303.1e6, rel=1e-3)
+
+
+def test_official_dinov2_layouts_have_meta_shapes():
+    with torch.device("meta"):
+        vit = distill.DinoViT(**distill.ARCHS["dinov2_vitl14_reg"])
+        g = distill.DinoViT(**distill.ARCHS["dinov2_vitg14"])
+    assert vit.pos_embed.shape == (1, 1 + 37 * 37, 1024)  # the 518 px native grid of the hub checkpoints
+    assert vit.register_tokens.shape == (1, 4, 1024)
+    assert g.blocks[0].mlp.w12.weight.shape == (2 * 4096, 1536)  # ViT-g's SwiGLU
+    assert distill.default_weights_url("dinov2_vitl14_reg").endswith("dinov2_vitl14_reg4_pretrain.pth")
+
+
+def write_safetensors(path, tensors):
+    """A minimal writer (the format: u64 header size, JSON header, raw little-endian bytes)."""
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for k, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def test_safetensors_reader(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).bfloat16(), "c": torch.randn(2, 2).half(),
+               "d": torch.arange(6).reshape(2, 3), "e": torch.zeros(0, 4)}
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    back = distill.load_safetensors(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(tensors)
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and torch.equal(back[k], t)
+
+
+@pytest.fixture
+def tiny_arch(monkeypatch):
+    """A tiny DINOv3 registered as an official architecture, with HF weights saved as safetensors."""
+    d, w = parity("teacher_dinov3_hf")
+    monkeypatch.setitem(distill.ARCHS, "dinov3_tiny", vit_config(d["config"]))
+    return d, w
+
+
+def test_build_teacher_from_hf_safetensors(tmp_path, tiny_arch):
+    d, w = tiny_arch
+    path = str(tmp_path / "model.safetensors")
+    write_safetensors(path, w)
+    teacher = distill.build_teacher("dinov3_tiny", path, grid=4).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    ref = teacher.vit.patch_tokens(distill.dino_preprocess(x, 64))
+    assert_close(teacher(x), ref)
+    assert teacher.dim == 64
+
+
+def test_build_teacher_rejects_wrong_architecture(tmp_path, tiny_arch):
+    d, w = parity("teacher_dinov2_hf")
+    path = str(tmp_path / "v2.pth")
+    torch.save(w, path)
+    with pytest.raises(ValueError, match="missing keys") as e:
+        distill.build_teacher("dinov3_tiny", path, grid=4)
+    assert "unexpected keys" in str(e.value) and "pos_embed" in str(e.value)
+
+
+def test_teacher_weights_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="licence"):
+        distill.build_teacher("dinov3_vitl16", None)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        distill.build_teacher("dinov3_vitl16", str(tmp_path / "missing.pth"))
+    with pytest.raises(RuntimeError, match="could not download"):  # a closed local port: offline
+        distill.resolve_weights("http://127.0.0.1:9/dinov2_vits14_pretrain.pth", "dinov2_vits14")
+    with pytest.raises(ValueError, match="unknown teacher"):
+        distill.build_teacher("dinov4", None)
+    with pytest.raises(FileNotFoundError, match="python distill.py"):
+        distill.build_teacher("standin", str(tmp_path / "none.pt"))
+
+
+def test_dinov2_teacher_sees_the_tokenizer_grid(tmp_path, monkeypatch):
+    d, w = parity("teacher_dinov2_meta")
+    cfg = vit_config(d["config"])
+    monkeypatch.setitem(distill.ARCHS, "dinov2_tiny", cfg)
+    path = str(tmp_path / "v2.pth")
+    torch.save(w, path)
+    teacher = distill.build_teacher("dinov2_tiny", path, grid=6)
+    with torch.autocast("cpu", torch.bfloat16):
+        t = teacher(torch.rand(2, 3, 96, 96) * 2 - 1)
+    assert t.shape == (2, 36, 64) and t.dtype == torch.float32 and torch.isfinite(t).all()
+    assert not t.requires_grad
+
+
+#################################################################################
+#                        Data (tokenizer.py) and stand-in teacher               #
+#################################################################################
+
+
+def test_synthetic_data_is_deterministic_and_balanced():
+    a = tokenizer.SyntheticShapes(40, 32)
+    b = tokenizer.SyntheticShapes(40, 32)
+    x, y = a[7]
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x, b[7][0]) and y == b[7][1]
+    assert not torch.equal(a[7][0], tokenizer.SyntheticShapes(40, 32, "val")[7][0])
+    assert np.bincount([a[i][1] for i in range(40)]).tolist() == [4] * 10
+    assert tokenizer.SyntheticShapes(4, 48)[1][0].shape == (3, 48, 48)
+
+
+def test_adm_center_crop():
+    wide = np.zeros((400, 600, 3), np.uint8)
+    wide[:, 300:] = 255  # left half black, right half white
+    out = tokenizer.center_crop_adm(Image.fromarray(wide), 64)
+    assert out.shape == (64, 64, 3)
+    assert out[:, :30].max() < 10 and out[:, 34:].min() > 245  # the centre column is the edge
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        tokenizer.ImageFolder(str(tmp_path / "nope"), 32)
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        tokenizer.ImageFolder(str(tmp_path), 32)
+    (tmp_path / "cat").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        tokenizer.ImageFolder(str(tmp_path), 32)
+    Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(tmp_path / "cat" / "ok.png")
+    (tmp_path / "cat" / "bad.jpg").write_bytes(b"not an image")
+    data = tokenizer.ImageFolder(str(tmp_path), 32)
+    assert len(data) == 2 and data.num_classes == 1
+    with pytest.raises(RuntimeError, match="bad.jpg"):
+        data[0]
+    x, y = data[1]
+    assert x.shape == (3, 32, 32) and y == 0
+
+
+STANDIN_TINY = ["--image-size", "32", "--patch", "8", "--width", "32", "--depth", "1", "--heads", "2",
+                "--num-train", "256", "--num-val", "64", "--batch-size", "32", "--epochs", "2",
+                "--workers", "0", "--log-every", "4"]
+
+
+def test_standin_resume_is_exact(tmp_path):
+    """8 steps straight equal 5 steps, a stop, and a resume to 8, bit for bit."""
+    straight, split = str(tmp_path / "a"), str(tmp_path / "b")
+    distill.main(STANDIN_TINY + ["--out", straight])
+    distill.main(STANDIN_TINY + ["--out", split, "--stop-at", "5"])
+    assert not os.path.exists(os.path.join(split, "teacher.pt"))
+    distill.main(STANDIN_TINY + ["--out", split])
+    a = torch.load(os.path.join(straight, "teacher.pt"), weights_only=True)
+    b = torch.load(os.path.join(split, "teacher.pt"), weights_only=True)
+    assert a["step"] == b["step"] == 16
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    teacher = distill.build_teacher("standin", os.path.join(straight, "teacher.pt"), grid=4)
+    assert teacher(torch.zeros(3, 3, 32, 32)).shape == (3, 16, 32)
+
+
+def test_standin_two_process_gloo(tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           os.path.join(HERE, "distill.py"), *STANDIN_TINY, "--batch-size", "16", "--out", out]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = torch.load(os.path.join(out, "teacher.pt"), weights_only=True)
+    assert ckpt["step"] == 16 and 0 <= ckpt["accuracy"] <= 1
+    assert "held-out accuracy" in run.stdout and "img/s" in run.stdout
+
+
+def test_standin_bench_writes_nothing(tmp_path):
+    out = str(tmp_path / "bench")
+    distill.main(STANDIN_TINY + ["--out", out, "--bench", "3"])
+    assert not os.path.exists(out)
