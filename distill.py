@@ -563,21 +563,26 @@ def load_strict(model, sd, what):
 
 
 def resolve_weights(weights, arch):
-    """A local path, a URL (downloaded once into torch.hub's cache), or None for the default URL."""
+    """A teacher's weights: a local path, a URL, or None for the architecture's public default."""
     weights = weights or default_weights_url(arch)
     if weights is None:
         raise FileNotFoundError(f"no weights given for {arch}. {DINOV3_HELP}")
+    return fetch(weights, DINOV3_HELP if arch.startswith("dinov3") else "download it elsewhere and pass its path")
+
+
+def fetch(weights, help_):
+    """A local file as it is, or a URL downloaded once into torch.hub's cache ($TORCH_HOME/hub/checkpoints).
+    `help_` says where else to get the file when that fails (offline, or the URL is gone)."""
     if not weights.startswith(("http://", "https://")):
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"teacher weights not found: {weights}")
+            raise FileNotFoundError(f"weights not found: {weights}. {help_}")
         return weights
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights))
     if not os.path.isfile(cached):
         os.makedirs(os.path.dirname(cached), exist_ok=True)
         try:
-            torch.hub.download_url_to_file(weights, cached)
-        except Exception as e:  # offline, or the URL is gone
-            help_ = DINOV3_HELP if arch.startswith("dinov3") else "download it elsewhere and pass its path"
+            torch.hub.download_url_to_file(weights, cached, progress=False)
+        except Exception as e:
             raise RuntimeError(f"could not download {weights} ({e}). {help_} "
                                f"(or place the file at {cached})") from None
     return cached

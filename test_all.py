@@ -6,6 +6,7 @@ see its README), map them to our names, feed the stored inputs and compare with 
 import json
 import math
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -332,3 +333,239 @@ def test_standin_bench_writes_nothing(tmp_path):
     out = str(tmp_path / "bench")
     distill.main(STANDIN_TINY + ["--out", out, "--bench", "3"])
     assert not os.path.exists(out)
+
+
+#################################################################################
+#                        Tokenizer (tokenizer.py): parity                       #
+#################################################################################
+
+
+@pytest.fixture
+def parity_sizes(monkeypatch):
+    """The tiny sizes the reference added to its SIZE_DICT, under the names its configs use."""
+    for name in ("tokenizer_encoder", "tokenizer_pixel_decoder", "tokenizer_semantic_decoder",
+                 "tokenizer_full_reconstruct", "tokenizer_stage1_forward"):
+        c = torch.load(os.path.join(PARITY, name + ".pt"), weights_only=True)["config"]
+        entries = c.get("size_dict_entries") or {c["model_size"]: c["size_dict_entry"]}
+        for key, e in entries.items():
+            size = c.get(key, key)  # full_reconstruct keys its entries by the config field
+            monkeypatch.setitem(tokenizer.SIZES, size, (e["width"], e["layers"], e["heads"]))
+
+
+def test_encoder_parity(parity_sizes):
+    d, w = parity("tokenizer_encoder")
+    c, i, o = d["config"], d["inputs"], d["outputs"]
+    enc = tokenizer.Encoder(c["model_size"], c["img_size"], c["patch_size"], c["token_channels"])
+    enc.load_state_dict(tokenizer.from_official(w))
+    assert_close(enc.rope, o["rope_tensor"])
+    len_keep = math.ceil(16 * (1 - c["mask_ratio"]))
+    assert len_keep == o["len_keep"] == 10
+    ids_keep, ids_restore = tokenizer.mae_ids(i["mask_noise"], len_keep)
+    assert torch.equal(ids_keep, o["ids_keep"]) and torch.equal(ids_restore, o["ids_restore"])
+    with torch.no_grad():
+        assert_close(enc(i["x"], ids_keep), o["masked_moments"])
+        assert_close(enc(i["x"]), o["unmasked_moments"])
+
+
+def test_posterior_and_flow_parity():
+    d, _ = parity("tokenizer_posterior_and_flow")
+    i, o = d["inputs"], d["outputs"]
+    post = tokenizer.Posterior(i["moments"])
+    z = post.sample(i["eps_post"])
+    assert_close(z, o["z"])
+    assert_close(post.kl(), o["kl_per_sample"])
+    assert post.kl().sum().item() / 2 == pytest.approx(o["kl_loss"], rel=1e-5)
+    s = tokenizer.latent_shift(4, 8)
+    assert s == pytest.approx(d["config"]["timestep_shift"])
+    tau = tokenizer.shift(i["u"], s)
+    assert_close(tau, o["tau"])
+    assert_close((1 - tau) * z + tau * i["gamma"] * i["eps_flow"], o["z_tau"])
+    for name, sched in o["schedules"].items():
+        s = tokenizer.latent_shift(16, int(name[1:]))
+        assert s == pytest.approx(sched["shift"])
+        assert_close(tokenizer.shift(i["u_vector"], s), sched["tau_shift"])
+    clamp = tokenizer.Posterior(i["moments_clamp"])
+    assert_close(clamp.logvar, o["clamp_logvar"])
+    assert_close(clamp.std, o["clamp_std"])
+
+
+def test_draw_tau_schedules():
+    """shift: tau = shift(U), mean pushed toward noise for s > 1; uniform: U(0,1); lognorm: sigmoid(N)."""
+    torch.manual_seed(0)
+    means = {}
+    for sched in ("shift", "uniform", "lognorm"):
+        m = tokenizer.RecTok(64, 16, 128, "tiny", "tiny", sem_decoder="none", noise_schedule=sched)
+        tau = m.draw_tau(20000, "cpu")
+        assert tau.shape == (20000, 1, 1) and tau.min() >= 0 and tau.max() <= 1
+        means[sched] = tau.mean().item()
+    assert means["uniform"] == pytest.approx(0.5, abs=0.01)
+    assert means["lognorm"] == pytest.approx(0.5, abs=0.01)
+    # a 4 x 4 grid with C = 128 has s = sqrt(16 * 128 / 4096) < 1, which pulls tau toward the clean end
+    assert tokenizer.latent_shift(4, 128) == pytest.approx(0.7071, rel=1e-4)
+    assert means["shift"] < 0.45
+    assert tokenizer.shift(torch.tensor(0.5), 4.0).item() == pytest.approx(0.8)  # s > 1: toward noise
+
+
+def test_mask_ratio_distribution():
+    """r = max(0, U(-0.1, 0.4)): 20% of batches unmasked, mean ratio 0.16 (SPEC.md §2.1)."""
+    m = tokenizer.RecTok(64, 16, 8, "tiny", "tiny", sem_decoder="none")
+    random.seed(0)
+    r = np.array([m.draw_mask_ratio() for _ in range(40000)])
+    assert (r == 0).mean() == pytest.approx(0.2, abs=0.01)
+    assert r.mean() == pytest.approx(0.16, abs=0.005)
+    assert r.max() <= 0.4
+
+
+def test_pixel_decoder_parity(parity_sizes):
+    d, w = parity("tokenizer_pixel_decoder")
+    c, i, o = d["config"], d["inputs"], d["outputs"]
+    dec = tokenizer.PixelDecoder(c["model_size"], c["img_size"], c["patch_size"], c["token_channels"])
+    dec.load_state_dict(tokenizer.from_official(w))
+    with torch.no_grad():
+        assert_close(dec(i["z_masked"], i["ids_restore"]), o["image_masked"])
+        assert_close(dec(i["z_full"]), o["image_full"])
+
+
+def test_semantic_decoder_parity(parity_sizes):
+    d, w = parity("tokenizer_semantic_decoder")
+    c, i, o = d["config"], d["inputs"], d["outputs"]
+    sem = tokenizer.SemanticDecoder(c["model_size"], c["img_size"], c["patch_size"], c["token_channels"],
+                                    c["sem_embed_dim"])
+    sem.load_state_dict(tokenizer.from_official(w))
+    with torch.no_grad():
+        masked = sem(i["z_tau"], i["ids_restore"])
+        assert_close(sem(i["z_full"]), o["features_full"])
+    assert_close(masked, o["features_masked"])
+    for kind in ("cosine", "l2", "l1"):  # over ALL tokens, masked ones included
+        assert tokenizer.semantic_loss(masked, i["target"], kind).item() == pytest.approx(
+            o[f"sem_loss_{kind}"], rel=1e-5)
+
+
+def test_full_reconstruct_parity(parity_sizes):
+    d, w = parity("tokenizer_full_reconstruct")
+    c, i, o = d["config"], d["inputs"], d["outputs"]
+    model = tokenizer.RecTok(c["img_size"], c["patch_size"], c["token_channels"], c["vit_enc_model_size"],
+                             c["vit_dec_model_size"], sem_decoder="none", mask_ratio=0).eval()
+    model.load_state_dict(tokenizer.from_official(w))
+    with torch.no_grad():
+        assert_close(model.encode(i["x"]), o["moments"])
+        latent = model.tokenize(i["x"], i["norm_mean"], i["norm_std"])
+        assert_close(latent, o["latent_normalized"])
+        assert_close(model.detokenize(latent, i["norm_mean"], i["norm_std"]), o["reconstruction"])
+
+
+def lpips_names(sd, prefix=""):
+    """Reference LPIPS names (net.sliceK.N, linK.model.1, scaling_layer.*) -> ours."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(prefix):
+            k = k[len(prefix):]
+            if k.startswith("net.slice"):
+                k = "features." + k.split(".", 2)[2]
+            elif k.startswith("lin"):
+                k = f"lins.{k[3]}.weight"
+            out[k.replace("scaling_layer.", "")] = v
+    return out
+
+
+def perceptual_from_reference(w, prefix=""):
+    pl = tokenizer.PerceptualLoss()
+    sd = {"lpips." + k: v for k, v in lpips_names(w, prefix + "lpips.").items()}
+    sd.update({k[len(prefix):]: v for k, v in w.items() if k.startswith(prefix + "convnext.")})
+    sd = {("convnext." + k if k.startswith("convnext.") else k): v for k, v in sd.items()}
+    sd["convnext.mean"], sd["convnext.std"] = w[prefix + "imagenet_mean"], w[prefix + "imagenet_std"]
+    pl.load_state_dict(sd)
+    pl.lpips.freeze(), pl.convnext.freeze()
+    return pl
+
+
+def test_lpips_parity():
+    d, w = parity("lpips_vgg")
+    lp = tokenizer.LPIPS()
+    lp.load_state_dict(lpips_names(w))
+    lp.freeze()
+    with torch.no_grad():
+        assert_close(lp(d["inputs"]["img0"] * 2 - 1, d["inputs"]["img1"] * 2 - 1), d["outputs"]["value"])
+
+
+def test_convnext_perceptual_parity():
+    d, w = parity("convnext_perceptual")
+    pl = perceptual_from_reference(w)
+    a, b = d["inputs"]["inputs"], d["inputs"]["pred"]
+    with torch.no_grad():
+        logits = pl.convnext(torch.cat([a, b]))
+        assert_close(logits[:2], d["outputs"]["logits_img0"])
+        assert_close(logits[2:], d["outputs"]["logits_img1"])
+        p = pl(a, b)
+    assert_close(p, d["outputs"]["perceptual"])
+    assert p.mean().item() == pytest.approx(d["outputs"]["perceptual_mean"], rel=1e-4)
+
+
+def test_patchgan_parity():
+    d, w = parity("patchgan")
+    disc = tokenizer.PatchGAN()
+    disc.load_state_dict(w)
+    i, o = d["inputs"], d["outputs"]
+    with torch.no_grad():
+        disc.eval()
+        real, fake = disc(i["real"]), disc(i["fake"])
+        assert_close(real, o["eval_logits_real"])
+        assert tokenizer.hinge_d_loss(real, fake).item() == pytest.approx(o["eval_d_loss"], rel=1e-5)
+        disc.train()  # the released loss module runs BN on batch statistics
+        real, fake = disc(i["real"]), disc(i["fake"])
+    assert_close(real, o["train_logits_real"])
+    assert_close(fake, o["train_logits_fake"])
+    assert tokenizer.hinge_d_loss(real, fake).item() == pytest.approx(o["train_d_loss"], rel=1e-5)
+    assert -fake.mean().item() == pytest.approx(o["train_g_loss"], rel=1e-5)
+
+
+def test_stage1_forward_and_losses_parity(parity_sizes):
+    """The whole released stage-1 training pass: masking, posterior, flow, both decoders, the DINOv3
+    teacher with its RoPE jitter, and every loss term with the GAN on (epoch 150) and off (epoch 50)."""
+    d, w = parity("tokenizer_stage1_forward")
+    c, i, o = d["config"], d["inputs"], d["outputs"]
+    model = tokenizer.RecTok(c["img_size"], c["patch_size"], c["token_channels"], c["vit_enc_model_size"],
+                             c["vit_dec_model_size"], c["vit_sem_model_size"], teacher_dim=64,
+                             mask_ratio=c["mask_ratio"], mask_ratio_min=c["mask_ratio_min"])
+    model.load_state_dict(tokenizer.from_official(w))
+    _, teacher = stage1_teacher()
+    out = model(i["x"], ratio=max(0.0, i["mask_ratio_draw"]), mask_noise=i["mask_noise"],
+                eps_post=i["eps_post"], tau=tokenizer.shift(i["u"], model.shift), eps_flow=i["eps_flow"])
+    assert torch.equal(out["ids_restore"], o["ids_restore"])
+    assert_close(out["decoded"], o["decoded"])
+    assert_close(out["posterior"].kl(), o["kl_per_sample"])
+    target = teacher(i["x"], rope_rescale=i["teacher_rope_rescale_log"].exp())
+    assert_close(out["sem_pred"], o["sem_pred"])
+    lm = d["extra_models"]["loss_module"]
+    lw = {k: fill_tensor(k, s) for k, s in lm["state_dict_shapes"].items() if k not in lm["fixed_keys"]}
+    lw.update(lm["fixed_tensors"])
+    loss = tokenizer.TokenizerLoss(perceptual_from_reference(lw, "perceptual_loss."))
+    loss.discriminator.load_state_dict({k[len("discriminator."):]: v for k, v in lw.items()
+                                        if k.startswith("discriminator.")})
+    for epoch in (150, 50):
+        ref = o["loss"][f"generator_epoch{epoch}"]
+        total, terms = loss.generator_loss(i["x"], out, target, epoch)
+        assert total.item() == pytest.approx(ref["total_loss"].item(), rel=1e-5)
+        assert terms["rec"].item() == pytest.approx(ref["reconstruction_loss"].item(), rel=1e-5)
+        assert terms["perceptual"].item() == pytest.approx(ref["perceptual_loss"].item(), rel=1e-4)
+        assert 1e-6 * terms["kl"].item() == pytest.approx(ref["kl_loss"].item(), rel=1e-5)
+        assert terms["sem"].item() == pytest.approx(ref["sem_loss"].item(), rel=1e-5)
+        assert ("gan" in terms) == (epoch >= 100)
+    assert terms is not None and o["loss"]["generator_epoch150"]["gan_loss"].item() == pytest.approx(
+        loss.generator_loss(i["x"], out, target, 150)[1]["gan"].item(), rel=1e-5)
+    d_loss = loss.discriminator_loss(i["x"], out["decoded"], 150)
+    assert d_loss.item() == pytest.approx(o["loss"]["discriminator_epoch150"]["discriminator_loss"].item(),
+                                          rel=1e-5)
+
+
+def test_official_tokenizer_keys_load_strictly():
+    """The released RecTok (stage-1 with the DINOv3-L teacher, and the stage-2 layout) maps onto ours."""
+    for name, sem in (("rectok_BB_C128_stage1_dinov3L.json", "transformer"),
+                      ("rectok_BB_C128_stage2.json", "none")):
+        keys = official_keys(name)["model_state_dict"]
+        with torch.device("meta"):
+            model = tokenizer.RecTok(256, 16, 128, "base", "base", "tiny", sem_decoder=sem, teacher_dim=1024)
+        sd = tokenizer.from_official({k: torch.empty(s, device="meta") for k, s in keys.items()})
+        ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in sd.items()} == ours, name
+    assert sum(math.prod(s) for k, s in ours.items()) == pytest.approx(171.97e6, rel=1e-4)

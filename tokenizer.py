@@ -6,10 +6,16 @@ runs offline.
 """
 import math
 import os
+import random
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
 from PIL import Image
+
+import distill
 
 #################################################################################
 #                                     Data                                      #
@@ -168,3 +174,519 @@ def build_dataset(data, size, split="train", num_images=None, seed=0):
         subset.num_classes = dataset.num_classes
         return subset
     return dataset
+
+
+#################################################################################
+#                     Transformer parts (SPEC.md §2: all three nets)            #
+#################################################################################
+
+#: width, layers, heads of each size (SPEC.md §2)
+SIZES = {"tiny": (192, 3, 4), "small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
+
+
+def rope_table(grid, head_dim):
+    """The released 2D RoPE table (SPEC.md §2, parity quirk 1), (grid*grid, 2*head_dim) = [cos | sin].
+
+    f_k = 7 * (7/7e-4)^(-k/(d/4-1)), k < d/4, laid out [f, f] (not interleaved); the first d/2 channels
+    turn with the row coordinate and the last d/2 with the column one; coordinates are linspace(0, 1)."""
+    quarter = head_dim // 4
+    f = 7.0 * (7.0 / 7e-4) ** (-torch.arange(quarter, dtype=torch.float64) / (quarter - 1))
+    freqs = torch.cat([f, f])
+    coords = torch.linspace(0, 1, grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    angles = 2 * math.pi * torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=-1)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def rotate_adjacent(x):
+    """The released rotate_half pairs ADJACENT channels: (x_2i, x_2i+1) -> (-x_2i+1, x_2i). With the [f, f]
+    frequency layout the two channels of a pair turn by different angles: not a true rotation, but it is
+    what the released weights were trained with (SPEC.md §2)."""
+    x = x.unflatten(-1, (-1, 2))
+    return torch.stack((-x[..., 1], x[..., 0]), dim=-1).flatten(-2)
+
+
+def apply_rope(x, rope):
+    """x: (B, H, N, d); rope: (N, 2d) or, for masked sequences, (B, N, 2d)."""
+    cos, sin = rope.chunk(2, dim=-1)
+    if rope.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    return (x * cos + rotate_adjacent(x) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """One qkv Linear with bias, 2D RoPE on q and k, SDPA (flash / memory-efficient kernels on CUDA)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, rope):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class SwiGLU(nn.Module):
+    """Linear(D, 2h) split into (a, b), out = Linear(h, D)(silu(a) * b), h = int(2/3 * 4D)."""
+
+    def __init__(self, width):
+        super().__init__()
+        hidden = int(2 / 3 * 4 * width)
+        self.w12 = nn.Linear(width, 2 * hidden)
+        self.w3 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x += attn(rmsnorm(x)); x += swiglu(rmsnorm(x))."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.RMSNorm(width, eps=1e-6)
+        self.mlp = SwiGLU(width)
+
+    def forward(self, x, rope):
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """Position embedding, RMSNorm, blocks with RoPE, RMSNorm: the trunk every RecTok net shares."""
+
+    def __init__(self, size, grid):
+        super().__init__()
+        width, layers, heads = SIZES[size]
+        self.width = width
+        self.positional_embedding = nn.Parameter(width ** -0.5 * torch.randn(1, grid * grid, width))
+        self.ln_pre = nn.RMSNorm(width, eps=1e-6)
+        self.transformer = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.ln_post = nn.RMSNorm(width, eps=1e-6)
+        self.register_buffer("rope", rope_table(grid, width // heads), persistent=False)
+
+    def blocks(self, x, rope):
+        x = self.ln_pre(x)
+        for block in self.transformer:
+            x = block(x, rope)
+        return self.ln_post(x)
+
+
+def init_weights(module):
+    """Linear and Conv weights trunc_normal(0.02), biases 0 (SPEC.md §2, Init)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def unmask(x, token, ids_restore):
+    """Put `token` at every dropped position and restore image order (RAD's input, SPEC.md §2.3-2.4)."""
+    B, keep, D = x.shape
+    fill = token.to(x.dtype).expand(B, ids_restore.shape[1] - keep, D)
+    x = torch.cat([x, fill], dim=1)
+    return torch.gather(x, 1, ids_restore[:, :, None].expand(-1, -1, D))
+
+
+#################################################################################
+#                  The tokenizer: encoder, posterior, flow, decoders            #
+#################################################################################
+
+
+def mae_ids(noise, len_keep):
+    """MAE masking ids (SPEC.md §2.1): argsort uniform noise; keep the first len_keep."""
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    return ids_shuffle[:, :len_keep], ids_restore
+
+
+class Encoder(Transformer):
+    """Conv patchify -> + pos -> MAE masking (training) -> RMSNorm -> blocks -> RMSNorm -> latent_head
+    Linear(D, 2C) = posterior moments [mean | logvar] (SPEC.md §2.1). No CLS token, no registers."""
+
+    def __init__(self, size, img_size, patch_size, channels):
+        super().__init__(size, img_size // patch_size)
+        self.patch_embed = nn.Conv2d(3, self.width, patch_size, patch_size)
+        self.latent_head = nn.Linear(self.width, 2 * channels)
+        init_weights(self)
+
+    def forward(self, x, ids_keep=None, return_features=False):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.positional_embedding
+        rope = self.rope
+        if ids_keep is not None:
+            x = torch.gather(x, 1, ids_keep[:, :, None].expand(-1, -1, x.shape[-1]))
+            rope = rope[ids_keep]  # the RoPE rows travel with their tokens
+        features = self.blocks(x, rope)
+        moments = self.latent_head(features)
+        return (moments, features) if return_features else moments
+
+
+class PixelDecoder(Transformer):
+    """Linear(C, D) -> mask tokens at dropped positions -> + pos -> RMSNorm -> blocks -> RMSNorm -> 1x1 conv
+    to p*p*3 -> depth-to-space "(p1 p2 c)" -> 3x3 conv (SPEC.md §2.3). No output activation."""
+
+    def __init__(self, size, img_size, patch_size, channels):
+        super().__init__(size, img_size // patch_size)
+        self.patch_size, self.grid = patch_size, img_size // patch_size
+        self.decoder_embed = nn.Linear(channels, self.width)
+        self.mask_token = nn.Parameter(self.width ** -0.5 * torch.randn(1, 1, self.width))
+        self.to_pixels = nn.Conv2d(self.width, patch_size * patch_size * 3, 1)
+        self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
+        init_weights(self)
+
+    def forward(self, z, ids_restore=None):
+        x = self.decoder_embed(z)
+        if ids_restore is not None:
+            x = unmask(x, self.mask_token, ids_restore)
+        x = self.blocks(x + self.positional_embedding, self.rope)
+        B, p, g = x.shape[0], self.patch_size, self.grid
+        x = self.to_pixels(x.transpose(1, 2).reshape(B, -1, g, g))
+        x = x.reshape(B, p, p, 3, g, g).permute(0, 3, 4, 1, 5, 2).reshape(B, 3, g * p, g * p)
+        return self.conv_out(x)
+
+
+class SemanticDecoder(Transformer):
+    """FSD + RAD (SPEC.md §2.4): from the noisy, partly masked latent z_tau, predict the teacher's features
+    at ALL positions: aligned at visible ones (FSD), reconstructed at masked ones (RAD, via the zero-init
+    mask embedding). Keeps PyTorch's default init [code]."""
+
+    def __init__(self, size, img_size, patch_size, channels, teacher_dim):
+        super().__init__(size, img_size // patch_size)
+        self.token_embedding = nn.Linear(channels, self.width)
+        self.mask_embedding = nn.Parameter(torch.zeros(1, 1, self.width))
+        self.out = nn.Linear(self.width, teacher_dim)
+
+    def forward(self, z_tau, ids_restore=None):
+        x = self.token_embedding(z_tau)
+        if ids_restore is not None:
+            x = unmask(x, self.mask_embedding, ids_restore)
+        return self.out(self.blocks(x + self.positional_embedding, self.rope))
+
+
+class MLPSemanticDecoder(nn.Module):
+    """Ablation: a per-token MLP instead of the transformer (no context, so masked positions only see the
+    mask embedding)."""
+
+    def __init__(self, size, img_size, patch_size, channels, teacher_dim):
+        super().__init__()
+        width = SIZES[size][0]
+        self.mask_embedding = nn.Parameter(torch.zeros(1, 1, width))
+        self.token_embedding = nn.Linear(channels, width)
+        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, teacher_dim))
+
+    def forward(self, z_tau, ids_restore=None):
+        x = self.token_embedding(z_tau)
+        if ids_restore is not None:
+            x = unmask(x, self.mask_embedding, ids_restore)
+        return self.mlp(x)
+
+
+def shift(u, s):
+    """The dimension-dependent shift (SPEC.md §0): s*u / (1 + (s-1)*u); pushes samples toward noise."""
+    return s * u / (1 + (s - 1) * u)
+
+
+def latent_shift(grid, channels):
+    """s = sqrt(h*w*C / 4096): 2.828 for C = 128 at a 16 x 16 grid (SPEC.md §0)."""
+    return math.sqrt(grid * grid * channels / 4096)
+
+
+class Posterior:
+    """Diagonal Gaussian over tokens (SPEC.md §2.2): moments = [mean | logvar], logvar clamped to
+    [-30, 20]."""
+
+    def __init__(self, moments):
+        self.mean, logvar = moments.float().chunk(2, dim=-1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, eps=None):
+        eps = torch.randn_like(self.mean) if eps is None else eps
+        return self.mean + self.std * eps
+
+    def kl(self):
+        """Per sample: 0.5 * sum over (visible) tokens and channels of mean^2 + var - 1 - logvar."""
+        return 0.5 * (self.mean ** 2 + self.std ** 2 - 1.0 - self.logvar).sum(dim=(1, 2))
+
+
+class RecTok(nn.Module):
+    """The RecTok tokenizer (SPEC.md §2). forward() is the stage-1 training pass; encode()/decode() are the
+    evaluation paths (posterior mean, no masking, no noise)."""
+
+    def __init__(self, img_size=256, patch_size=16, channels=128, encoder_size="base",
+                 decoder_size="base", sem_size="tiny", sem_decoder="transformer", teacher_dim=1024,
+                 mask_ratio=0.4, mask_ratio_min=-0.1, noise_schedule="shift", gamma=1.0):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
+        if noise_schedule not in ("shift", "uniform", "lognorm"):
+            raise ValueError(f"noise schedule {noise_schedule!r}: choose shift, uniform or lognorm")
+        self.grid, self.channels = img_size // patch_size, channels
+        self.mask_ratio, self.mask_ratio_min = mask_ratio, mask_ratio_min
+        self.noise_schedule, self.gamma = noise_schedule, gamma
+        self.shift = latent_shift(self.grid, channels)
+        self.encoder = Encoder(encoder_size, img_size, patch_size, channels)
+        self.decoder = PixelDecoder(decoder_size, img_size, patch_size, channels)
+        self.sem_decoder = None
+        if sem_decoder != "none":
+            cls = SemanticDecoder if sem_decoder == "transformer" else MLPSemanticDecoder
+            self.sem_decoder = cls(sem_size, img_size, patch_size, channels, teacher_dim)
+
+    # ----- stage 1 (SPEC.md §2.1-2.2) -----
+    def draw_mask_ratio(self):
+        """One ratio per batch, r = max(0, U(mask_ratio_min, mask_ratio)) with Python's random (so 20% of
+        batches are unmasked at the defaults)."""
+        return max(0.0, random.uniform(self.mask_ratio_min, self.mask_ratio))
+
+    def draw_tau(self, batch, device):
+        """Per-sample noise level (SPEC.md §2.2): shift(U(0,1), s), or U(0,1), or sigmoid(N(0,1))."""
+        if self.noise_schedule == "lognorm":
+            return torch.sigmoid(torch.randn(batch, 1, 1, device=device))
+        u = torch.rand(batch, 1, 1, device=device)
+        return shift(u, self.shift) if self.noise_schedule == "shift" else u
+
+    def forward(self, x, ratio=None, mask_noise=None, eps_post=None, tau=None, eps_flow=None):
+        """Stage-1 pass. Random draws default to the released order (ratio, mask noise, posterior eps,
+        tau, flow eps); tests inject them. Returns the reconstruction, the posterior, the masking ids
+        and the semantic prediction from z_tau."""
+        B, L = x.shape[0], self.grid ** 2
+        ids_keep = ids_restore = None
+        if self.mask_ratio != 0:
+            ratio = self.draw_mask_ratio() if ratio is None else ratio
+            len_keep = math.ceil(L * (1 - ratio))
+            mask_noise = torch.rand(B, L, device=x.device) if mask_noise is None else mask_noise
+            ids_keep, ids_restore = mae_ids(mask_noise, len_keep)
+        posterior = Posterior(self.encoder(x, ids_keep))
+        z = posterior.sample(eps_post)
+        tau = self.draw_tau(B, x.device) if tau is None else tau
+        eps_flow = torch.randn_like(z) if eps_flow is None else eps_flow
+        z_tau = (1 - tau) * z + tau * self.gamma * eps_flow  # the forward flow (SPEC.md §2.2)
+        decoded = self.decoder(z_tau.to(x.dtype), ids_restore)  # BOTH decoders read z_tau
+        sem = self.sem_decoder(z_tau.to(x.dtype), ids_restore) if self.sem_decoder is not None else None
+        return {"decoded": decoded, "posterior": posterior, "ids_restore": ids_restore, "sem_pred": sem,
+                "tau": tau}
+
+    # ----- evaluation paths (SPEC.md §2.2, §3) -----
+    def encode(self, x):
+        """Posterior moments (B, L, 2C) of clean, unmasked images."""
+        return self.encoder(x)
+
+    def decode(self, z):
+        """Latent tokens (B, L, C) -> image in [-1, 1] space (not clamped)."""
+        return self.decoder(z)
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        """Posterior mean -> pixel decoder -> image in [0, 1] (SPEC.md §2.3)."""
+        mean = Posterior(self.encode(x)).mean
+        return (self.decode(mean.to(x.dtype)) * 0.5 + 0.5).clamp(0, 1)
+
+    def tokenize(self, x, mu, sigma):
+        """The generator's input (SPEC.md §3): (posterior mean - mu_c) / sigma_c as (B, C, h, w)."""
+        z = (Posterior(self.encode(x)).mean - mu) / sigma
+        return z.transpose(1, 2).reshape(x.shape[0], self.channels, self.grid, self.grid)
+
+    def detokenize(self, latent, mu, sigma):
+        """Normalised (B, C, h, w) latent -> de-normalise -> pixel decoder -> image in [0, 1]."""
+        z = latent.flatten(2).transpose(1, 2) * sigma + mu
+        return (self.decode(z) * 0.5 + 0.5).clamp(0, 1)
+
+
+#################################################################################
+#                  Loading the authors' released checkpoints                    #
+#################################################################################
+
+# Their names -> ours: Sequential indices become named modules; the semantic decoder of the (single)
+# foundation model loses its dict level. The teacher they save inside stage-1 checkpoints
+# ('sem_foundation_models.<name>.*') is loaded by distill.py, not here.
+_OFFICIAL_RENAMES = (("patch_embed.0.", "patch_embed."), ("ffn.1.", "to_pixels."))
+
+
+def from_official(sd):
+    """Map a released RecTok state dict (RecTok.pth / RecTok_decft.pth 'model' or 'model_ema') to ours."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("sem_foundation_models.") or k in ("mean", "std"):
+            continue
+        if k.startswith("sem_decoders."):
+            k = "sem_decoder." + k.split(".", 2)[2]
+        for a, b in _OFFICIAL_RENAMES:
+            k = k.replace(a, b)
+        out[k] = v
+    return out
+
+
+#################################################################################
+#                     Stage-1 losses (SPEC.md §2.6)                             #
+#################################################################################
+
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+LPIPS_URL = "https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/master/lpips/weights/v0.1/vgg.pth"
+CONVNEXT_S_URL = "https://download.pytorch.org/models/convnext_small-0c510722.pth"
+PERCEPTUAL_HELP = ("the perceptual loss needs torchvision's ImageNet VGG16 and ConvNeXt-S and the LPIPS "
+                   "v0.1 VGG heads; pass local copies with --vgg16-weights/--lpips-weights/"
+                   "--convnext-weights, or train without it with --perceptual-weight 0 (logged and "
+                   "recorded in the checkpoint)")
+
+
+class Frozen(nn.Module):
+    """A frozen feature network: always in eval mode, no gradients to its weights."""
+
+    def train(self, mode=True):
+        return super().train(False)
+
+    def freeze(self):
+        self.requires_grad_(False)
+        return self.eval()
+
+
+class LPIPS(Frozen):
+    """LPIPS v0.1 with VGG16 (SPEC.md §2.6): inputs in [-1, 1], the scaling layer, unit-normalised relu1_2 ..
+    relu5_3 features, squared differences weighted by 1x1 heads (no bias), spatial mean, summed."""
+
+    TAPS = (3, 8, 15, 22, 29)  # the ReLU outputs that end each of the 5 slices of vgg16().features
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        self.features = torchvision.models.vgg16().features[:30]
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512))
+
+    def taps(self, x):
+        x, out = (x - self.shift) / self.scale, []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.TAPS:
+                out.append(x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    def forward(self, x0, x1):
+        total = 0
+        for lin, f in zip(self.lins, self.taps(torch.cat([x0, x1]))):
+            a, b = f.chunk(2)
+            total = total + lin((a - b) ** 2).mean(dim=(2, 3), keepdim=True)
+        return total
+
+    def load_official(self, vgg_path, heads_path):
+        vgg = torch.load(vgg_path, map_location="cpu", weights_only=True)
+        heads = torch.load(heads_path, map_location="cpu", weights_only=True)
+        sd = {k: v for k, v in vgg.items() if k.startswith("features.") and int(k.split(".")[1]) < 30}
+        sd.update({f"lins.{k[3]}.weight": v for k, v in heads.items()})  # 'linK.model.1.weight'
+        sd.update(shift=self.shift, scale=self.scale)
+        self.load_state_dict(sd)
+
+
+class ConvNeXtLogits(Frozen):
+    """ConvNeXt-S class logits of images in [0, 1]: antialiased bilinear resize to 224, ImageNet norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.convnext = torchvision.models.convnext_small()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        x = F.interpolate(x, size=224, mode="bilinear", align_corners=False, antialias=True)
+        return self.convnext((x - self.mean) / self.std)
+
+
+class PerceptualLoss(nn.Module):
+    """P = (1.0 * LPIPS + 0.1 * MSE(ConvNeXt-S logits)) / 1.1 on images in [0, 1] (SPEC.md §2.6).
+    Per sample (B, 1, 1, 1); the ConvNeXt term is a batch mean that broadcasts, as released."""
+
+    def __init__(self, lpips_weight=1.0, convnext_weight=0.1):
+        super().__init__()
+        self.lpips, self.convnext = LPIPS(), ConvNeXtLogits()
+        self.lpips_weight, self.convnext_weight = lpips_weight, convnext_weight
+
+    def forward(self, target, pred):
+        lp = self.lpips(target * 2 - 1, pred * 2 - 1)
+        logits = self.convnext(torch.cat([target, pred]))
+        cn = F.mse_loss(*logits.chunk(2))
+        return (self.lpips_weight * lp + self.convnext_weight * cn) / (self.lpips_weight + self.convnext_weight)
+
+    def load_official(self, vgg16, lpips, convnext):
+        fetch = distill.fetch
+        self.lpips.load_official(fetch(vgg16, PERCEPTUAL_HELP), fetch(lpips, PERCEPTUAL_HELP))
+        sd = torch.load(fetch(convnext, PERCEPTUAL_HELP), map_location="cpu", weights_only=True)
+        self.convnext.convnext.load_state_dict(sd)
+        self.lpips.freeze(), self.convnext.freeze()
+        return self
+
+
+class PatchGAN(nn.Module):
+    """taming's NLayerDiscriminator (n_layers 3, ndf 64), PyTorch default init, BatchNorm in train mode
+    (the released loss module is never put in eval). Inputs in [0, 1]."""
+
+    def __init__(self, ndf=64):
+        super().__init__()
+        layers = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2)]
+        for c_in, c_out, stride in ((ndf, 2 * ndf, 2), (2 * ndf, 4 * ndf, 2), (4 * ndf, 8 * ndf, 1)):
+            layers += [nn.Conv2d(c_in, c_out, 4, stride, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.LeakyReLU(0.2)]
+        layers += [nn.Conv2d(8 * ndf, 1, 4, 1, 1)]
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.main(x)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def semantic_loss(pred, target, kind="cosine"):
+    """FSD/RAD loss over ALL tokens (SPEC.md §2.4): mean of 1 - cos(pred, target) along features."""
+    if kind == "cosine":
+        return (1 - (F.normalize(pred, dim=-1) * F.normalize(target, dim=-1)).sum(-1)).mean()
+    return F.mse_loss(pred, target) if kind == "l2" else F.l1_loss(pred, target)
+
+
+class TokenizerLoss(nn.Module):
+    """total = w_rec*MSE + w_p*P + w_kl*KL + w_sem*L_sem + w_gan*[epoch >= start]*(-mean D(recon)), in fp32 on
+    images mapped to [0, 1] (SPEC.md §2.6). The discriminator has its own hinge loss and optimizer."""
+
+    def __init__(self, perceptual=None, recon_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6,
+                 sem_weight=1.0, sem_loss="cosine", gan_weight=0.1, gan_start_epoch=100):
+        super().__init__()
+        self.perceptual = perceptual if perceptual_weight > 0 else None
+        self.discriminator = PatchGAN()
+        self.recon_weight, self.perceptual_weight, self.kl_weight = recon_weight, perceptual_weight, kl_weight
+        self.sem_weight, self.sem_loss, self.gan_weight = sem_weight, sem_loss, gan_weight
+        self.gan_start_epoch = gan_start_epoch
+
+    def gan_on(self, epoch):
+        return self.gan_weight > 0 and epoch >= self.gan_start_epoch
+
+    def generator_loss(self, x, out, sem_target, epoch):
+        """Returns the total and a dict of detached terms (read only when logging: no host sync)."""
+        target, recon = x.float() * 0.5 + 0.5, out["decoded"].float() * 0.5 + 0.5
+        terms = {"rec": F.mse_loss(recon, target)}
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(target, recon).mean()
+        if self.kl_weight > 0 and "posterior" in out:
+            terms["kl"] = out["posterior"].kl().sum() / x.shape[0]
+        if out.get("sem_pred") is not None and sem_target is not None:
+            terms["sem"] = semantic_loss(out["sem_pred"].float(), sem_target, self.sem_loss)
+        if self.gan_on(epoch):
+            terms["gan"] = -self.discriminator(recon).mean()
+        weights = {"rec": self.recon_weight, "perceptual": self.perceptual_weight, "kl": self.kl_weight,
+                   "sem": self.sem_weight, "gan": self.gan_weight}
+        total = sum(weights[k] * v for k, v in terms.items())
+        return total, {k: v.detach() for k, v in terms.items()}
+
+    def discriminator_loss(self, x, decoded, epoch):
+        """Hinge loss on D(real) and D(recon.detach()), two separate calls (batch-stat BN each)."""
+        real = self.discriminator(x.float() * 0.5 + 0.5)
+        fake = self.discriminator(decoded.detach().float() * 0.5 + 0.5)
+        return hinge_d_loss(real, fake)
