@@ -569,3 +569,92 @@ def test_official_tokenizer_keys_load_strictly():
         ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         assert {k: tuple(v.shape) for k, v in sd.items()} == ours, name
     assert sum(math.prod(s) for k, s in ours.items()) == pytest.approx(171.97e6, rel=1e-4)
+
+
+#################################################################################
+#                     Tokenizer: training, resume, DDP, errors                  #
+#################################################################################
+
+
+@pytest.fixture(scope="module")
+def standin_teacher(tmp_path_factory):
+    """A stand-in teacher for 32 px images with a 4 x 4 grid, trained for a few steps."""
+    out = str(tmp_path_factory.mktemp("teacher"))
+    distill.main(STANDIN_TINY + ["--out", out, "--epochs", "1"])
+    return os.path.join(out, "teacher.pt")
+
+
+def tok_args(teacher, out, *extra):
+    return ["--image-size", "32", "--patch-size", "8", "--channels", "8", "--encoder-size", "mini",
+            "--decoder-size", "mini", "--sem-size", "mini", "--num-train", "128", "--batch-size", "16",
+            "--epochs", "1", "--workers", "0", "--log-every", "2", "--grid-every", "0",
+            "--teacher-weights", teacher, "--out", out, *extra]
+
+
+def test_tokenizer_resume_is_exact(standin_teacher, tmp_path):
+    """k steps, stop, resume to n equals n straight steps, bit for bit (GAN on from step 0)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    extra = ["--gan-start-epoch", "0", "--grad-accum", "2"]
+    tokenizer.main(tok_args(standin_teacher, a, *extra))
+    tokenizer.main(tok_args(standin_teacher, b, *extra, "--stop-at", "2"))
+    assert torch.load(os.path.join(b, "latest.pt"), weights_only=False)["step"] == 2
+    tokenizer.main(tok_args(standin_teacher, b, *extra))
+    ca = torch.load(os.path.join(a, "latest.pt"), weights_only=False)
+    cb = torch.load(os.path.join(b, "latest.pt"), weights_only=False)
+    assert ca["step"] == cb["step"] == 4
+    for part in ("model", "ema", "discriminator"):
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
+    assert os.path.isfile(os.path.join(a, "recon_0000004.png"))
+
+
+def test_tokenizer_two_process_gloo(standin_teacher, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29532",
+           os.path.join(HERE, "tokenizer.py"), *tok_args(standin_teacher, out, "--batch-size", "8",
+                                                          "--gan-start-epoch", "0")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = torch.load(os.path.join(out, "latest.pt"), weights_only=False)
+    assert ckpt["step"] == 8 and len(ckpt["rng"]) == 2
+    assert "img/s" in run.stdout and "disc" in run.stdout
+    model, config = tokenizer.load_tokenizer(os.path.join(out, "latest.pt"))
+    assert config["channels"] == 8 and model.reconstruct(torch.zeros(2, 3, 32, 32)).shape == (2, 3, 32, 32)
+
+
+def test_tokenizer_bench_writes_nothing(standin_teacher, tmp_path):
+    out = str(tmp_path / "bench")
+    tokenizer.main(tok_args(standin_teacher, out, "--bench", "2"))
+    assert not os.path.exists(out)
+
+
+def test_tokenizer_bad_inputs(standin_teacher, tmp_path):
+    out = str(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="data folder not found"):
+        tokenizer.main(tok_args(standin_teacher, out, "--data", str(tmp_path / "nope")))
+    with pytest.raises(FileNotFoundError, match="python distill.py"):
+        tokenizer.main(tok_args(str(tmp_path / "missing.pt"), out))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        tokenizer.RecTok(img_size=30, patch_size=8)
+    with pytest.raises(RuntimeError, match="perceptual-weight 0"):  # offline, no perceptual weights
+        tokenizer.main(tok_args(standin_teacher, out, "--perceptual-weight", "1",
+                                "--vgg16-weights", "http://127.0.0.1:9/vgg16.pth"))
+    tokenizer.main(tok_args(standin_teacher, out, "--stop-at", "1"))
+    with pytest.raises(ValueError, match="another model config"):
+        tokenizer.main(tok_args(standin_teacher, out, "--channels", "4"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        tokenizer.load_tokenizer(str(tmp_path / "none.pt"))
+
+
+def test_load_released_tokenizer_layout(parity_sizes, tmp_path):
+    """An authors'-layout checkpoint ({'model_ema': ...} with their names) loads strictly, with its config
+    read off the weights, and reconstructs as theirs."""
+    d, w = parity("tokenizer_full_reconstruct")
+    path = str(tmp_path / "RecTok_decft.pth")
+    torch.save({"model": w, "model_ema": w}, path)
+    model, config = tokenizer.load_tokenizer(path)
+    assert config["channels"] == 8 and config["img_size"] == 32 and config["sem_decoder"] == "none"
+    i = d["inputs"]
+    latent = model.tokenize(i["x"], i["norm_mean"], i["norm_std"])
+    with torch.no_grad():
+        assert_close(model.detokenize(latent, i["norm_mean"], i["norm_std"]), d["outputs"]["reconstruction"])

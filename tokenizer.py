@@ -4,6 +4,8 @@ Data (SPEC.md §1): ImageNet-style class folders with the ADM center crop, and a
 of procedurally drawn, class-labelled shapes (deterministic per index, any resolution) so that every stage
 runs offline.
 """
+import argparse
+import contextlib
 import math
 import os
 import random
@@ -180,8 +182,9 @@ def build_dataset(data, size, split="train", num_images=None, seed=0):
 #                     Transformer parts (SPEC.md §2: all three nets)            #
 #################################################################################
 
-#: width, layers, heads of each size (SPEC.md §2)
-SIZES = {"tiny": (192, 3, 4), "small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
+#: width, layers, heads of each size (SPEC.md §2); "mini" is ours, for the CPU demo only
+SIZES = {"mini": (128, 2, 4), "tiny": (192, 3, 4), "small": (512, 8, 8), "base": (768, 12, 12),
+         "large": (1024, 24, 16)}
 
 
 def rope_table(grid, head_dim):
@@ -525,6 +528,45 @@ def from_official(sd):
     return out
 
 
+def _size_name(sd, prefix):
+    width = sd[prefix + "positional_embedding"].shape[-1]
+    layers = len({k.split(".")[2] for k in sd if k.startswith(prefix + "transformer.")})
+    for name, (w, n, _) in SIZES.items():
+        if (w, n) == (width, layers):
+            return name
+    raise ValueError(f"no size has width {width} and {layers} layers ({prefix.rstrip('.')})")
+
+
+def official_config(sd):
+    """RecTok constructor arguments read off a released state dict (already in our names)."""
+    channels = sd["encoder.latent_head.weight"].shape[0] // 2
+    patch = sd["encoder.patch_embed.weight"].shape[-1]
+    grid = math.isqrt(sd["encoder.positional_embedding"].shape[1])
+    cfg = dict(img_size=grid * patch, patch_size=patch, channels=channels,
+               encoder_size=_size_name(sd, "encoder."), decoder_size=_size_name(sd, "decoder."),
+               sem_decoder="none", teacher_dim=0)
+    if "sem_decoder.out.weight" in sd:
+        cfg.update(sem_decoder="transformer", sem_size=_size_name(sd, "sem_decoder."),
+                   teacher_dim=sd["sem_decoder.out.weight"].shape[0])
+    return cfg
+
+
+def load_tokenizer(path, weights="ema", device="cpu"):
+    """A tokenizer checkpoint -> (RecTok in eval mode, its config). Reads ours ({'config', 'ema', ...}) and
+    the authors' RecTok.pth / RecTok_decft.pth ('model_ema' or 'model'), strictly."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "config" in ckpt:
+        config, sd = ckpt["config"], ckpt[weights]
+    else:
+        sd = from_official(ckpt.get({"ema": "model_ema", "model": "model"}[weights], ckpt.get("model", ckpt)))
+        config = official_config(sd)
+    model = RecTok(**config)
+    distill.load_strict(model, sd, f"tokenizer checkpoint {path}")
+    return model.to(device).eval(), config
+
+
 #################################################################################
 #                     Stage-1 losses (SPEC.md §2.6)                             #
 #################################################################################
@@ -690,3 +732,304 @@ class TokenizerLoss(nn.Module):
         real = self.discriminator(x.float() * 0.5 + 0.5)
         fake = self.discriminator(decoded.detach().float() * 0.5 + 0.5)
         return hinge_d_loss(real, fake)
+
+
+#################################################################################
+#                   Stage-1 training (SPEC.md §2.7): the main job               #
+#################################################################################
+
+PRESETS = {
+    # The released recipe: 256 px, base/base, C = 128, DINOv3-L/16, 200 epochs at global batch 1024.
+    "paper": dict(image_size=256, patch_size=16, channels=128, encoder_size="base", decoder_size="base",
+                  sem_size="tiny", teacher="dinov3_vitl16", epochs=200, batch_size=128, base_lr=1e-4,
+                  gan_start_epoch=100, num_train=None, perceptual_weight=1.0),
+    # Minutes on a 2-core CPU: 32 px built-in shapes, patch 4 (an 8 x 8 grid), C = 16, the stand-in
+    # teacher, no perceptual loss (its ImageNet weights need a download). The GAN keeps its epoch-100
+    # start, so it stays off: without the perceptual loss it overpowers a model this small.
+    "tiny": dict(image_size=32, patch_size=4, channels=16, encoder_size="mini", decoder_size="mini",
+                 sem_size="mini", teacher="standin", epochs=8, batch_size=64, base_lr=2e-3,
+                 gan_start_epoch=100, num_train=3000, perceptual_weight=0.0),
+}
+
+
+def model_config(args, teacher_dim):
+    """The RecTok constructor arguments: stored as the checkpoint's `config`."""
+    return dict(img_size=args.image_size, patch_size=args.patch_size, channels=args.channels,
+                encoder_size=args.encoder_size, decoder_size=args.decoder_size, sem_size=args.sem_size,
+                sem_decoder=args.sem_decoder, teacher_dim=teacher_dim, mask_ratio=args.mask_ratio,
+                mask_ratio_min=args.mask_ratio_min, noise_schedule=args.noise_schedule, gamma=args.gamma)
+
+
+def build_perceptual(args):
+    if args.perceptual_weight <= 0:
+        distill.log("perceptual loss OFF (--perceptual-weight 0): recorded in the checkpoint's args")
+        return None
+    return PerceptualLoss().load_official(args.vgg16_weights, args.lpips_weights, args.convnext_weights)
+
+
+def ensure_standin_teacher(args, rank):
+    """`python tokenizer.py` with no arguments trains the stand-in teacher first if it is missing."""
+    if args.teacher != "standin" or os.path.isfile(args.teacher_weights):
+        return
+    if args.teacher_weights != "runs/teacher/teacher.pt" or args.data != "synthetic":
+        raise FileNotFoundError(f"stand-in teacher {args.teacher_weights} not found: train it with "
+                                f"`python distill.py --data {args.data}`")
+    distill.log("no stand-in teacher yet: training it first (python distill.py)")
+    if rank == 0:
+        distill.train_standin(distill.parse_args(["--out", "runs/teacher"]))
+    distill.barrier()
+
+
+def save_grid(rows, path):
+    """Rows of images in [0, 1] (each (N, 3, H, W)) -> one PNG."""
+    grid = torch.cat([torch.cat(list(r.float().cpu()), dim=2) for r in rows], dim=1)
+    arr = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+class Stage1:
+    """Everything a stage-1 run holds, so that the step, checkpointing and resume stay short."""
+
+    def __init__(self, args):
+        self.args = args
+        self.rank, self.world, self.device = distill.setup_distributed()
+        torch.manual_seed(args.seed * self.world + self.rank)
+        random.seed(args.seed * self.world + self.rank)
+        ensure_standin_teacher(args, self.rank)
+        grid = args.image_size // args.patch_size
+        self.teacher = None
+        if args.sem_decoder != "none":
+            self.teacher = distill.build_teacher(args.teacher, args.teacher_weights, grid=grid,
+                                                 rope_jitter=not args.no_teacher_jitter).to(self.device)
+        self.config = model_config(args, self.teacher.dim if self.teacher else 0)
+        self.model = RecTok(**self.config).to(self.device)
+        self.ema = distill.make_ema(self.model)
+        self.ddp = (nn.parallel.DistributedDataParallel(self.model) if dist_ready() else self.model)
+        self.loss = TokenizerLoss(build_perceptual(args), perceptual_weight=args.perceptual_weight,
+                                  kl_weight=args.kl_weight, sem_weight=args.sem_weight,
+                                  sem_loss=args.sem_loss, gan_weight=args.gan_weight,
+                                  gan_start_epoch=args.gan_start_epoch).to(self.device)
+        lr = args.base_lr * args.batch_size * args.grad_accum * self.world / 256
+        self.lr = lr
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.AdamW(distill.weight_decay_groups(self.model, args.weight_decay), lr=lr,
+                                     betas=(0.9, 0.95), fused=fused)
+        self.d_opt = torch.optim.AdamW(distill.weight_decay_groups(self.loss.discriminator, args.weight_decay),
+                                       lr=lr, betas=(0.9, 0.95), fused=fused)
+        self.data = build_dataset(args.data, args.image_size, "train", args.num_train, args.seed)
+        self.loader, self.sampler = distill.make_loader(self.data, args.batch_size, args.seed, self.rank,
+                                                        self.world, args.workers, self.device)
+        self.flip_gen = torch.Generator().manual_seed(args.seed * self.world + self.rank)
+        self.steps_per_epoch = len(self.data) // (args.batch_size * self.world * args.grad_accum)
+        self.total_steps = args.epochs * self.steps_per_epoch
+        self.step = 0
+        self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
+
+    # ----- one optimisation step (SPEC.md §2.6-2.7) -----
+    def set_lr(self):
+        progress = self.step / self.total_steps
+        for opt in (self.opt, self.d_opt):
+            for g in opt.param_groups:
+                g["lr"] = self.lr * distill.warmup_cosine(progress, self.args.warmup)
+
+    def train_step(self, batches, epoch):
+        """One optimizer step over `grad_accum` micro-batches; returns detached loss terms."""
+        args, gan_on = self.args, self.loss.gan_on(epoch)
+        self.set_lr()
+        self.loss.discriminator.requires_grad_(False)  # the generator step only reads D
+        for i, x in enumerate(batches):
+            sync = i == len(batches) - 1
+            with (self.ddp.no_sync() if not sync and dist_ready() else contextlib.nullcontext()):
+                with torch.no_grad(), self.autocast:
+                    target = self.teacher(x) if self.teacher is not None else None
+                with self.autocast:
+                    out = self.ddp(x)
+                total, terms = self.loss.generator_loss(x, out, target, epoch)
+                (total / len(batches)).backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        distill.update_ema(self.ema, self.model, args.ema)
+        if gan_on:  # the discriminator's step follows the generator's, on the last micro-batch
+            self.loss.discriminator.requires_grad_(True)
+            d_loss = self.loss.discriminator_loss(x, out["decoded"], epoch)
+            d_loss.backward()
+            distill.allreduce_grads(self.loss.discriminator)
+            self.d_opt.step()
+            self.d_opt.zero_grad(set_to_none=True)
+            terms["disc"] = d_loss.detach()
+        terms["total"], terms["grad_norm"] = total.detach(), grad_norm.detach()
+        return terms
+
+    # ----- checkpoints (DESIGN.md: atomic, rank 0, barrier; resume exactly) -----
+    def state(self):
+        return {"config": self.config, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.opt.state_dict(), "discriminator": self.loss.discriminator.state_dict(),
+                "d_optimizer": self.d_opt.state_dict(), "step": self.step,
+                "epoch": self.step / self.steps_per_epoch, "args": vars(self.args),
+                "rng": distill._gather(distill.rng_state(), self.world),
+                "flip_rng": distill._gather(self.flip_gen.get_state(), self.world)}
+
+    def save(self, name="latest.pt"):
+        state = self.state()  # every rank joins the RNG gather
+        if self.rank == 0:
+            distill.atomic_save(state, os.path.join(self.args.out, name))
+        distill.barrier()
+
+    def resume(self):
+        path = os.path.join(self.args.out, "latest.pt")
+        if self.args.bench or not os.path.isfile(path):
+            return
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if ckpt["config"] != self.config:
+            raise ValueError(f"{path} was made with another model config ({ckpt['config']}); "
+                             f"use a new --out folder or the same flags")
+        if self.rank >= len(ckpt["rng"]):
+            raise ValueError(f"{path} was written by {len(ckpt['rng'])} processes; resume it with as many")
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.loss.discriminator.load_state_dict(ckpt["discriminator"])
+        self.d_opt.load_state_dict(ckpt["d_optimizer"])
+        self.step = ckpt["step"]
+        distill.set_rng_state(ckpt["rng"][self.rank])
+        self.flip_gen.set_state(ckpt["flip_rng"][self.rank])
+        distill.log(f"resumed from {path} at step {self.step}")
+
+    @torch.no_grad()
+    def save_reconstructions(self):
+        """Originals above EMA reconstructions, for a fixed set of held-out images."""
+        val = build_dataset(self.args.data, self.args.image_size, "val", 8, self.args.seed)
+        x = torch.stack([val[i][0] for i in range(min(8, len(val)))]).to(self.device)
+        with self.autocast:
+            recon = self.ema.reconstruct(x)
+        save_grid([x * 0.5 + 0.5, recon], os.path.join(self.args.out, f"recon_{self.step:07d}.png"))
+
+
+def dist_ready():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def micro_batches(loader, accum):
+    """Group the loader's batches into optimizer steps of `accum` micro-batches."""
+    group = []
+    for x, _ in loader:
+        group.append(x)
+        if len(group) == accum:
+            yield group
+            group = []
+
+
+def train(args):
+    run = Stage1(args)
+    run.resume()
+    log = distill.log
+    log(f"RecTok stage 1: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters "
+        f"(teacher {args.teacher if run.teacher is not None else 'none'}), {len(run.data)} images, "
+        f"{run.world} process(es) x batch {args.batch_size} x accum {args.grad_accum}, lr {run.lr:.2e}, "
+        f"{run.total_steps} steps")
+    stop = min(run.total_steps, args.stop_at or run.total_steps)
+    if args.bench:
+        stop = min(run.total_steps, args.bench)
+    meter = distill.Throughput(run.device)
+    run.model.train()
+    while run.step < stop:
+        epoch, in_epoch = divmod(run.step, run.steps_per_epoch)
+        run.sampler.set_position(epoch, in_epoch * args.grad_accum)
+        for batches in micro_batches(run.loader, args.grad_accum):
+            batches = [distill.random_flip(x.to(run.device, non_blocking=True), run.flip_gen) for x in batches]
+            terms = run.train_step(batches, epoch)
+            run.step += 1
+            meter.add(sum(x.shape[0] for x in batches) * run.world)
+            if run.step % args.log_every == 0 or run.step == stop:
+                losses = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
+                log(f"step {run.step}/{run.total_steps} epoch {run.step / run.steps_per_epoch:.2f} {losses} "
+                    f"lr {run.opt.param_groups[0]['lr']:.2e} {meter.report()}")
+            if args.bench:
+                if run.step >= stop:
+                    break
+                continue
+            if run.rank == 0 and args.grid_every and run.step % args.grid_every == 0:
+                run.save_reconstructions()
+            if run.step % args.ckpt_every == 0 or run.step == stop:
+                run.save()
+            if args.save_every and run.step % (args.save_every * run.steps_per_epoch) == 0:
+                run.save(f"epoch_{run.step // run.steps_per_epoch:04d}.pt")
+            if run.step >= stop or run.step % run.steps_per_epoch == 0:
+                break
+    if not args.bench and run.rank == 0:
+        run.save_reconstructions()
+        log(f"wrote {os.path.join(args.out, 'latest.pt')} and reconstruction grids in {args.out}")
+    distill.cleanup_distributed()
+    return run
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--data", default="synthetic", help="'synthetic' (built-in) or an ImageNet-style train folder")
+    p.add_argument("--out", default="runs/tokenizer", help="run folder; a folder with latest.pt resumes")
+    p.add_argument("--num-train", type=int, default=None, help="use this many training images")
+    # model (SPEC.md §2)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--channels", type=int, default=None, help="latent channels C")
+    p.add_argument("--encoder-size", default=None, choices=sorted(SIZES))
+    p.add_argument("--decoder-size", default=None, choices=sorted(SIZES))
+    p.add_argument("--sem-size", default=None, choices=sorted(SIZES))
+    p.add_argument("--sem-decoder", default="transformer", choices=["transformer", "mlp", "none"],
+                   help="'none' trains without the semantic loss (no FSD, no RAD)")
+    p.add_argument("--mask-ratio", type=float, default=0.4, help="0 turns MAE masking (RAD) off")
+    p.add_argument("--mask-ratio-min", type=float, default=-0.1)
+    p.add_argument("--noise-schedule", default="shift", choices=["shift", "uniform", "lognorm"])
+    p.add_argument("--gamma", type=float, default=1.0, help="flow noise scale; 0 turns the flow off")
+    # teacher (SPEC.md §2.5)
+    p.add_argument("--teacher", default=None, help="'standin' or an official one, e.g. dinov3_vitl16")
+    p.add_argument("--teacher-weights", default=None,
+                   help="checkpoint path or URL (default: runs/teacher/teacher.pt for the stand-in)")
+    p.add_argument("--no-teacher-jitter", action="store_true",
+                   help="run DINOv3 without the training-mode RoPE rescale the release used")
+    # losses (SPEC.md §2.6)
+    p.add_argument("--perceptual-weight", type=float, default=None)
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--sem-weight", type=float, default=1.0)
+    p.add_argument("--sem-loss", default="cosine", choices=["cosine", "l2", "l1"])
+    p.add_argument("--gan-weight", type=float, default=0.1)
+    p.add_argument("--gan-start-epoch", type=int, default=None)
+    p.add_argument("--vgg16-weights", default=VGG16_URL)
+    p.add_argument("--lpips-weights", default=LPIPS_URL)
+    p.add_argument("--convnext-weights", default=CONVNEXT_S_URL)
+    # optimisation (SPEC.md §2.7)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="per process")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--base-lr", type=float, default=None, help="lr = base_lr * global_batch / 256")
+    p.add_argument("--warmup", type=float, default=0.25, help="fraction of training")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--clip", type=float, default=3.0)
+    p.add_argument("--ema", type=float, default=0.999)
+    # run control
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--grid-every", type=int, default=500, help="reconstruction grid PNG every N steps (0: off)")
+    p.add_argument("--ckpt-every", type=int, default=500, help="write latest.pt every N steps")
+    p.add_argument("--save-every", type=int, default=50, help="keep a milestone copy every N epochs")
+    p.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit at this step (job limits)")
+    p.add_argument("--bench", type=int, default=0, help="time this many steps, write nothing")
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.teacher_weights is None and args.teacher == "standin":
+        args.teacher_weights = "runs/teacher/teacher.pt"
+    return args
+
+
+def main(argv=None):
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
