@@ -837,15 +837,23 @@ class Throughput:
     """images/s since the last report, and peak memory (one log line per interval, no per-step syncs)."""
 
     def __init__(self, device):
-        self.device, self.t0, self.seen = device, time.time(), 0
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        """Start a new interval (a benchmark calls it after its warm-up step)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.t0, self.seen = time.time(), 0
 
     def add(self, n):
         self.seen += n
 
     def report(self):
-        dt = time.time() - self.t0
-        line = f"{self.seen / dt:.1f} img/s peak mem {peak_memory_gb(self.device):.2f} GB"
-        self.t0, self.seen = time.time(), 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # at logging time only, never inside a step
+        line = f"{self.seen / (time.time() - self.t0):.1f} img/s peak mem {peak_memory_gb(self.device):.2f} GB"
+        self.reset()
         return line
 
 

@@ -658,3 +658,128 @@ def test_load_released_tokenizer_layout(parity_sizes, tmp_path):
     latent = model.tokenize(i["x"], i["norm_mean"], i["norm_std"])
     with torch.no_grad():
         assert_close(model.detokenize(latent, i["norm_mean"], i["norm_std"]), d["outputs"]["reconstruction"])
+
+
+#################################################################################
+#          Tokenizer: decoder fine-tuning, evaluation, latent cache             #
+#################################################################################
+
+
+@pytest.fixture(scope="module")
+def stage1_run(standin_teacher, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("stage1"))
+    tokenizer.main(tok_args(standin_teacher, out, "--stop-at", "3"))
+    return os.path.join(out, "latest.pt")
+
+
+def test_finetune_changes_only_the_decoder(stage1_run, tmp_path):
+    out = str(tmp_path / "ft")
+    tokenizer.main(["finetune", "--init", stage1_run, "--out", out, "--num-train", "64", "--batch-size", "16",
+                    "--epochs", "1", "--workers", "0", "--grid-every", "0", "--gan-start-epoch", "0"])
+    s1 = torch.load(stage1_run, weights_only=False)
+    s2 = torch.load(os.path.join(out, "latest.pt"), weights_only=False)
+    assert s2["step"] == 4 and s2["config"]["sem_decoder"] == "none" and s2["config"]["mask_ratio"] == 0
+    assert not any(k.startswith("sem_decoder.") for k in s2["ema"])
+    for part in ("model", "ema"):
+        for k, v in s2[part].items():
+            if k.startswith("encoder."):
+                assert torch.equal(v, s1["ema"][k]), (part, k)  # the stage-1 EMA encoder, frozen
+    changed = [k for k in s2["model"] if k.startswith("decoder.") and not torch.equal(s2["model"][k], s1["ema"][k])]
+    assert len(changed) > 10
+    assert s2["d_optimizer"]["state"]  # a fresh discriminator trained from step 0
+
+
+def test_evaluate_writes_metrics(stage1_run):
+    results = tokenizer.main(["evaluate", "--ckpt", stage1_run, "--num-eval", "24", "--batch-size", "8",
+                              "--workers", "0"])
+    folder = os.path.dirname(stage1_run)
+    with open(os.path.join(folder, "metrics.json")) as f:
+        saved = json.load(f)
+    for weights in ("model", "ema"):
+        assert 0 < saved[weights]["psnr"] < 60 and saved[weights]["num_images"] == 24
+        assert saved[weights]["psnr"] == pytest.approx(results[weights]["psnr"])
+        assert os.path.isfile(os.path.join(folder, f"eval_{weights}.png"))
+    model, _ = tokenizer.load_tokenizer(stage1_run)  # PSNR by hand for the EMA weights
+    data = tokenizer.build_dataset("synthetic", 32, "val", 24)
+    x = torch.stack([data[i][0] for i in range(24)])
+    mse = ((model.reconstruct(x) - (x * 0.5 + 0.5)) ** 2).mean(dim=(1, 2, 3))
+    assert (-10 * torch.log10(mse)).mean().item() == pytest.approx(saved["ema"]["psnr"], rel=1e-4)
+
+
+def encode_args(ckpt, out, *extra):
+    return ["encode", "--ckpt", ckpt, "--out", out, "--num-train", "40", "--batch-size", "16",
+            "--workers", "0", *extra]
+
+
+def read_cache(root):
+    arrays = {n: np.load(os.path.join(root, n + ".npy")) for n in ("moments", "moments_flip", "labels", "done")}
+    arrays.update({f"stats_{k}": v for k, v in np.load(os.path.join(root, "stats.npz")).items()})
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def cache(stage1_run, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cache"))
+    tokenizer.main(encode_args(stage1_run, out))
+    return out
+
+
+def test_cache_is_complete_and_matches_the_model(stage1_run, cache):
+    arrays = read_cache(cache)
+    assert arrays["done"].all() and arrays["moments"].shape == (40, 16, 16)
+    assert arrays["moments"].dtype == np.float16 and arrays["labels"].tolist() == [i % 10 for i in range(40)]
+    model, _ = tokenizer.load_tokenizer(stage1_run)
+    data = tokenizer.build_dataset("synthetic", 32, "train", 40)
+    x = torch.stack([data[i][0] for i in (0, 39)])
+    with torch.no_grad():
+        ref = model.encode(torch.cat([x, x.flip(-1)])).numpy().astype(np.float16)
+    assert np.array_equal(arrays["moments"][[0, 39]], ref[:2])
+    assert np.array_equal(arrays["moments_flip"][[0, 39]], ref[2:])
+    means = arrays["moments"][..., :8].astype(np.float64).reshape(-1, 8)  # float64 reference statistics
+    np.testing.assert_allclose(arrays["stats_mean"], means.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(arrays["stats_std"], means.std(0), rtol=1e-8)
+
+
+def test_cache_same_with_two_processes(stage1_run, cache, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(HERE, "tokenizer.py"), *encode_args(stage1_run, out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = read_cache(cache), read_cache(out)
+    for k in one:
+        np.testing.assert_allclose(one[k], two[k], rtol=1e-12, err_msg=k)
+    assert "KiB per image" in run.stdout and "img/s" in run.stdout
+
+
+def test_interrupted_encode_resumes_to_the_same_files(stage1_run, cache, tmp_path):
+    out = str(tmp_path / "resumed")
+    tokenizer.main(encode_args(stage1_run, out))
+    done = np.load(os.path.join(out, "done.npy"), mmap_mode="r+")
+    moments = np.load(os.path.join(out, "moments.npy"), mmap_mode="r+")
+    done[16:], moments[16:] = False, 0  # as if killed after the first batch
+    done.flush(), moments.flush()
+    os.remove(os.path.join(out, "stats.npz"))
+    tokenizer.main(encode_args(stage1_run, out))
+    one, two = read_cache(cache), read_cache(out)
+    for k in one:
+        np.testing.assert_array_equal(one[k], two[k], err_msg=k)
+
+
+def test_cache_reader(cache, tmp_path):
+    data = tokenizer.LatentCache(cache, seed=3)
+    moments, label = data[5]
+    assert moments.shape == (16, 16) and moments.dtype == torch.float32 and label == 5
+    flips = [torch.equal(data[i][0], torch.from_numpy(data.flipped[i].astype(np.float32))) for i in range(40)]
+    assert 5 < sum(flips) < 35  # about half come from the flipped image
+    again = tokenizer.LatentCache(cache, seed=3)
+    assert all(torch.equal(data[i][0], again[i][0]) for i in range(40))  # a pure function of (seed, epoch, i)
+    batch = torch.stack([data[i][0] for i in range(4)])
+    z = tokenizer.sample_latent(batch, data.mu, data.sigma, grid=4, generator=torch.Generator().manual_seed(0))
+    assert z.shape == (4, 8, 4, 4) and torch.isfinite(z).all()
+    with pytest.raises(ValueError, match="does not match"):
+        tokenizer.LatentCache(cache, expect={"fingerprint": "another tokenizer", "channels": 8})
+    with pytest.raises(ValueError, match="channels: cache has 8, expected 16"):
+        tokenizer.LatentCache(cache, expect={"channels": 16})
+    with pytest.raises(FileNotFoundError, match="encode"):
+        tokenizer.LatentCache(str(tmp_path))

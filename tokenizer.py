@@ -1,17 +1,41 @@
-"""RecTok tokenizer: data, model, losses and training (SPEC.md §1-3).
+"""RecTok tokenizer: data, model, losses and stage-1 training (SPEC.md §1-2.7).
 
-Data (SPEC.md §1): ImageNet-style class folders with the ADM center crop, and a built-in synthetic data set
-of procedurally drawn, class-labelled shapes (deterministic per index, any resolution) so that every stage
-runs offline.
+RecTok encodes an image into a grid of C-channel latent tokens (a KL posterior) and trains on the FORWARD
+FLOW of those latents: the pixel decoder and a small semantic decoder both read
+z_tau = (1 - tau) * z + tau * eps, tau = shift(U(0, 1)), so that the latent a diffusion model later sees
+at every noise level is one the tokenizer was trained to keep meaningful. The semantic decoder predicts a
+frozen teacher's patch features (distill.py) from z_tau: at visible tokens it aligns (flow semantic
+distillation, FSD), at MAE-masked tokens it reconstructs (reconstruction-alignment distillation, RAD).
+
+File layout, top to bottom: data (ImageNet folders with the ADM center crop, and the built-in synthetic
+shapes); the transformer parts with the released 2D RoPE; the encoder, posterior, flow and both decoders;
+loading the authors' checkpoints; the losses (MSE, LPIPS-VGG16, ConvNeXt-S logits, PatchGAN, KL,
+cosine); the stage-1 training loop; main().
+
+Run:
+    python tokenizer.py                                    # built-in data, tiny preset, stand-in teacher
+    python tokenizer.py --sem-decoder none --out runs/tokenizer_nosem      # ablation: no FSD / RAD
+    torchrun --nproc_per_node=8 tokenizer.py --preset paper --data /imagenet/train \
+        --teacher dinov3_vitl16 --teacher-weights /weights/dinov3_vitl16_pretrain_lvd1689m.pth
+    python tokenizer.py --preset paper --bench 10 --batch-size 2        # timed steps, nothing written
+
+Writes OUT/latest.pt (every --ckpt-every steps; a run started in a folder with latest.pt resumes it
+exactly), OUT/epoch_NNNN.pt milestones, and OUT/recon_STEP.png grids (held-out originals above EMA
+reconstructions). A checkpoint is {"config", "model", "ema", "optimizer", "discriminator", "d_optimizer",
+"step", "epoch", "args", "rng", "flip_rng"}; later stages rebuild the tokenizer from "config" and "ema"
+(`load_tokenizer`), which also reads the authors' RecTok.pth / RecTok_decft.pth.
 """
 import argparse
 import contextlib
+import hashlib
+import json
 import math
 import os
 import random
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -742,13 +766,22 @@ PRESETS = {
     # The released recipe: 256 px, base/base, C = 128, DINOv3-L/16, 200 epochs at global batch 1024.
     "paper": dict(image_size=256, patch_size=16, channels=128, encoder_size="base", decoder_size="base",
                   sem_size="tiny", teacher="dinov3_vitl16", epochs=200, batch_size=128, base_lr=1e-4,
-                  gan_start_epoch=100, num_train=None, perceptual_weight=1.0),
+                  gan_start_epoch=100, num_train=None, perceptual_weight=1.0, ema=0.999),
     # Minutes on a 2-core CPU: 32 px built-in shapes, patch 4 (an 8 x 8 grid), C = 16, the stand-in
     # teacher, no perceptual loss (its ImageNet weights need a download). The GAN keeps its epoch-100
-    # start, so it stays off: without the perceptual loss it overpowers a model this small.
+    # start, so it stays off: without the perceptual loss it overpowers a model this small. EMA 0.99:
+    # at 0.999 a few hundred steps would leave the EMA weights close to their initialisation.
     "tiny": dict(image_size=32, patch_size=4, channels=16, encoder_size="mini", decoder_size="mini",
                  sem_size="mini", teacher="standin", epochs=8, batch_size=64, base_lr=2e-3,
-                 gan_start_epoch=100, num_train=3000, perceptual_weight=0.0),
+                 gan_start_epoch=100, num_train=3000, perceptual_weight=0.0, ema=0.99),
+}
+
+
+# Stage 2 (`finetune`) overrides (SPEC.md §2.8): lr 5e-5 x batch/256, 5% warm-up, a fresh discriminator
+# from step 0, 100 epochs. The tiny preset keeps the GAN off, as in its stage 1.
+FINETUNE = {
+    "paper": dict(base_lr=5e-5, warmup=0.05, epochs=100, gan_start_epoch=0),
+    "tiny": dict(base_lr=1e-3, warmup=0.05, epochs=2, gan_start_epoch=100),
 }
 
 
@@ -764,7 +797,19 @@ def build_perceptual(args):
     if args.perceptual_weight <= 0:
         distill.log("perceptual loss OFF (--perceptual-weight 0): recorded in the checkpoint's args")
         return None
+    if args.random_weights:
+        return PerceptualLoss().requires_grad_(False)
     return PerceptualLoss().load_official(args.vgg16_weights, args.lpips_weights, args.convnext_weights)
+
+
+def build_stage1_teacher(args, grid):
+    if args.sem_decoder == "none":
+        return None
+    if args.random_weights and args.teacher in distill.ARCHS:
+        return distill.Teacher(distill.DinoViT(**distill.ARCHS[args.teacher]), "dino", grid,
+                               rope_jitter=not args.no_teacher_jitter)
+    return distill.build_teacher(args.teacher, args.teacher_weights, grid=grid,
+                                 rope_jitter=not args.no_teacher_jitter)
 
 
 def ensure_standin_teacher(args, rank):
@@ -788,35 +833,40 @@ def save_grid(rows, path):
     Image.fromarray(arr).save(path)
 
 
-class Stage1:
-    """Everything a stage-1 run holds, so that the step, checkpointing and resume stay short."""
+class Trainer:
+    """Everything a training run holds, for stage 1 (`train`: the whole tokenizer with the teacher) and
+    stage 2 (`finetune`: the pixel decoder alone, on the clean posterior sample), so that the step,
+    checkpointing and resume are written once."""
 
     def __init__(self, args):
-        self.args = args
+        self.args, self.stage = args, 2 if args.mode == "finetune" else 1
         self.rank, self.world, self.device = distill.setup_distributed()
         torch.manual_seed(args.seed * self.world + self.rank)
         random.seed(args.seed * self.world + self.rank)
-        ensure_standin_teacher(args, self.rank)
-        grid = args.image_size // args.patch_size
-        self.teacher = None
-        if args.sem_decoder != "none":
-            self.teacher = distill.build_teacher(args.teacher, args.teacher_weights, grid=grid,
-                                                 rope_jitter=not args.no_teacher_jitter).to(self.device)
-        self.config = model_config(args, self.teacher.dim if self.teacher else 0)
-        self.model = RecTok(**self.config).to(self.device)
+        if self.stage == 1:
+            ensure_standin_teacher(args, self.rank)
+            self.teacher = build_stage1_teacher(args, args.image_size // args.patch_size)
+            self.config = model_config(args, self.teacher.dim if self.teacher else 0)
+            self.model = RecTok(**self.config).to(self.device)
+        else:
+            self.teacher = None
+            self.model, self.config = stage2_model(args, self.device)
+            args.image_size = self.config["img_size"]
+        if self.teacher is not None:
+            self.teacher.to(self.device)
         self.ema = distill.make_ema(self.model)
         self.ddp = (nn.parallel.DistributedDataParallel(self.model) if dist_ready() else self.model)
         self.loss = TokenizerLoss(build_perceptual(args), perceptual_weight=args.perceptual_weight,
-                                  kl_weight=args.kl_weight, sem_weight=args.sem_weight,
-                                  sem_loss=args.sem_loss, gan_weight=args.gan_weight,
-                                  gan_start_epoch=args.gan_start_epoch).to(self.device)
-        lr = args.base_lr * args.batch_size * args.grad_accum * self.world / 256
-        self.lr = lr
+                                  kl_weight=args.kl_weight if self.stage == 1 else 0.0,
+                                  sem_weight=args.sem_weight, sem_loss=args.sem_loss,
+                                  gan_weight=args.gan_weight, gan_start_epoch=args.gan_start_epoch)
+        self.loss.to(self.device)
+        self.lr = args.base_lr * args.batch_size * args.grad_accum * self.world / 256
         fused = self.device.type == "cuda"
-        self.opt = torch.optim.AdamW(distill.weight_decay_groups(self.model, args.weight_decay), lr=lr,
+        self.opt = torch.optim.AdamW(distill.weight_decay_groups(self.model, args.weight_decay), lr=self.lr,
                                      betas=(0.9, 0.95), fused=fused)
         self.d_opt = torch.optim.AdamW(distill.weight_decay_groups(self.loss.discriminator, args.weight_decay),
-                                       lr=lr, betas=(0.9, 0.95), fused=fused)
+                                       lr=self.lr, betas=(0.9, 0.95), fused=fused)
         self.data = build_dataset(args.data, args.image_size, "train", args.num_train, args.seed)
         self.loader, self.sampler = distill.make_loader(self.data, args.batch_size, args.seed, self.rank,
                                                         self.world, args.workers, self.device)
@@ -843,8 +893,8 @@ class Stage1:
             with (self.ddp.no_sync() if not sync and dist_ready() else contextlib.nullcontext()):
                 with torch.no_grad(), self.autocast:
                     target = self.teacher(x) if self.teacher is not None else None
-                with self.autocast:
-                    out = self.ddp(x)
+                with self.autocast:  # stage 2: no flow noise, the decoder reads the clean sample
+                    out = self.ddp(x) if self.stage == 1 else self.ddp(x, tau=x.new_zeros(len(x), 1, 1))
                 total, terms = self.loss.generator_loss(x, out, target, epoch)
                 (total / len(batches)).backward()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
@@ -922,10 +972,11 @@ def micro_batches(loader, accum):
 
 
 def train(args):
-    run = Stage1(args)
+    run = Trainer(args)
     run.resume()
     log = distill.log
-    log(f"RecTok stage 1: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters "
+    trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    log(f"RecTok stage {run.stage}: {trained / 1e6:.2f}M trained parameters "
         f"(teacher {args.teacher if run.teacher is not None else 'none'}), {len(run.data)} images, "
         f"{run.world} process(es) x batch {args.batch_size} x accum {args.grad_accum}, lr {run.lr:.2e}, "
         f"{run.total_steps} steps")
@@ -942,11 +993,13 @@ def train(args):
             terms = run.train_step(batches, epoch)
             run.step += 1
             meter.add(sum(x.shape[0] for x in batches) * run.world)
-            if run.step % args.log_every == 0 or run.step == stop:
+            if (run.step % args.log_every == 0 or run.step == stop) and not (args.bench and run.step == 1):
                 losses = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
                 log(f"step {run.step}/{run.total_steps} epoch {run.step / run.steps_per_epoch:.2f} {losses} "
                     f"lr {run.opt.param_groups[0]['lr']:.2e} {meter.report()}")
             if args.bench:
+                if run.step == 1:
+                    meter.reset()  # the first step (allocation, autotuning) is warm-up
                 if run.step >= stop:
                     break
                 continue
@@ -965,12 +1018,249 @@ def train(args):
     return run
 
 
+#################################################################################
+#        Stage 2 (SPEC.md §2.8): decoder fine-tuning on the clean latent        #
+#################################################################################
+
+
+def stage2_model(args, device):
+    """The stage-1 EMA tokenizer without its semantic decoder, with everything but the pixel decoder
+    frozen. Its config drops the semantic decoder, masking and flow: the saved checkpoint is the
+    generator-stage layout."""
+    if not os.path.isfile(args.init):
+        raise FileNotFoundError(f"stage-1 checkpoint not found: {args.init}. Train it first with "
+                                f"`python tokenizer.py` (or pass --init)")
+    ckpt = torch.load(args.init, map_location="cpu", weights_only=False)
+    if "config" not in ckpt or "ema" not in ckpt:
+        raise ValueError(f"{args.init} is not a stage-1 checkpoint of this project (no config/ema)")
+    config = dict(ckpt["config"], sem_decoder="none", teacher_dim=0, mask_ratio=0.0)
+    model = RecTok(**config)
+    sd = {k: v for k, v in ckpt["ema"].items() if not k.startswith("sem_decoder.")}
+    distill.load_strict(model, sd, f"stage-1 checkpoint {args.init}")
+    model.encoder.requires_grad_(False)
+    return model.to(device), config
+
+
+#################################################################################
+#             Reconstruction evaluation (SPEC.md §6): PSNR and rFID             #
+#################################################################################
+
+
+def eval_loader(args, rank, world):
+    """Held-out images, center crop, no flip, split over ranks without padding."""
+    data = build_dataset(args.data, args.image_size, "val", args.num_eval, args.seed)
+    shard = torch.utils.data.Subset(data, list(range(rank, len(data), world)))
+    return data, torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers)
+
+
+@torch.no_grad()
+def evaluate(args):
+    """PSNR (per image on [0, 1], averaged) of the raw and EMA weights; writes metrics.json and a grid of
+    originals above reconstructions next to the checkpoint."""
+    rank, world, device = distill.setup_distributed()
+    results, out_dir = {}, os.path.dirname(os.path.abspath(args.ckpt))
+    for weights in ("model", "ema"):
+        model, config = load_tokenizer(args.ckpt, weights, device)
+        args.image_size = config["img_size"]
+        data, loader = eval_loader(args, rank, world)
+        psnr_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for x, _ in loader:
+            x = x.to(device)
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                recon = model.reconstruct(x).float()
+            mse = ((recon - (x * 0.5 + 0.5)) ** 2).mean(dim=(1, 2, 3))
+            psnr_sum += (-10 * torch.log10(mse.clamp(min=1e-10))).double().sum()
+        if world > 1:
+            dist.all_reduce(psnr_sum)
+        results[weights] = {"psnr": psnr_sum.item() / len(data), "num_images": len(data)}
+        distill.log(f"{weights}: PSNR {results[weights]['psnr']:.2f} dB over {len(data)} images")
+        if rank == 0:
+            x = torch.stack([data[i][0] for i in range(min(8, len(data)))]).to(device)
+            save_grid([x * 0.5 + 0.5, model.reconstruct(x)], os.path.join(out_dir, f"eval_{weights}.png"))
+    if rank == 0:
+        write_json(os.path.join(out_dir, "metrics.json"), {"checkpoint": args.ckpt, "data": args.data, **results})
+        distill.log(f"wrote {os.path.join(out_dir, 'metrics.json')}")
+    distill.cleanup_distributed()
+    return results
+
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+#################################################################################
+#              The latent cache (DESIGN.md; SPEC.md §3) and its reader          #
+#################################################################################
+
+CACHE_ARRAYS = ("moments", "moments_flip")
+
+
+def fingerprint(model):
+    """Identifies a tokenizer's weights (not just its architecture): sha1 of its patch embedding and
+    latent head, which any two trainings make different."""
+    h = hashlib.sha1()
+    for t in (model.encoder.patch_embed.weight, model.encoder.latent_head.weight):
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_meta(args, model, config, data):
+    grid = config["img_size"] // config["patch_size"]
+    return {"tokenizer": os.path.abspath(args.ckpt), "fingerprint": fingerprint(model), "config": config,
+            "data": args.data, "num_images": len(data), "num_classes": data.num_classes,
+            "tokens": grid * grid, "channels": config["channels"], "grid": grid,
+            "image_size": config["img_size"], "dtype": "float16"}
+
+
+def open_cache_arrays(root, mode, n=None, tokens=None, channels=None):
+    """The memory-mapped arrays: moments of each image and of its flip (N, L, 2C) float16, labels (N,)
+    int64, and a done flag per index that makes encoding resumable. Mode "w+" creates them (the shape
+    arguments are needed then only)."""
+    layout = {name: (np.float16, (n, tokens, 2 * (channels or 0))) for name in CACHE_ARRAYS}
+    layout.update(labels=(np.int64, (n,)), done=(np.bool_, (n,)))
+    return {name: np.lib.format.open_memmap(os.path.join(root, name + ".npy"), mode=mode, dtype=dtype,
+                                            shape=shape if mode == "w+" else None)
+            for name, (dtype, shape) in layout.items()}
+
+
+@torch.no_grad()
+def encode(args):
+    """Encode a data set into the latent cache. Ranks take contiguous shards of one index space; each
+    batch's rows are flushed before its `done` flags, so a killed run resumes where it stopped and never
+    writes an index twice. stats.npz is computed at the end from the stored means in float64."""
+    rank, world, device = distill.setup_distributed()
+    model, config = load_tokenizer(args.ckpt, "ema", device)
+    data = build_dataset(args.data, config["img_size"], "train", args.num_train, args.seed)
+    meta = cache_meta(args, model, config, data)
+    os.makedirs(args.out, exist_ok=True)
+    meta_path = os.path.join(args.out, "meta.json")
+    if rank == 0:
+        if os.path.isfile(meta_path):
+            check_meta(args.out, {k: meta[k] for k in ("fingerprint", "num_images", "tokens", "channels")})
+        else:
+            open_cache_arrays(args.out, "w+", len(data), meta["tokens"], config["channels"])
+            write_json(meta_path, meta)
+    distill.barrier()
+    arrays = open_cache_arrays(args.out, "r+")
+    lo, hi = rank * len(data) // world, (rank + 1) * len(data) // world
+    todo = [i for i in range(lo, hi) if not arrays["done"][i]]
+    distill.log(f"encoding {len(data)} images into {args.out} with {world} process(es); rank 0: "
+                f"{hi - lo - len(todo)} of its {hi - lo} already done")
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, todo), batch_size=args.batch_size,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    meter, start = distill.Throughput(device), 0
+    for x, y in loader:
+        idx = todo[start:start + len(y)]
+        start += len(y)
+        x = x.to(device, non_blocking=True)
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            both = model.encode(torch.cat([x, x.flip(-1)])).float()
+        moments, flipped = both.chunk(2)
+        arrays["moments"][idx] = moments.cpu().numpy().astype(np.float16)
+        arrays["moments_flip"][idx] = flipped.cpu().numpy().astype(np.float16)
+        arrays["labels"][idx] = y.numpy()
+        for name in CACHE_ARRAYS + ("labels",):
+            arrays[name].flush()
+        arrays["done"][idx] = True
+        arrays["done"].flush()
+        meter.add(len(y) * world)
+        if start % (args.batch_size * args.log_every) < len(y) or start == len(todo):
+            distill.log(f"encoded {start}/{len(todo)} on rank 0 {meter.report()}")
+    distill.barrier()
+    stats = cache_statistics(arrays["moments"], config["channels"], lo, hi, device)
+    if rank == 0:
+        if not arrays["done"].all():
+            raise RuntimeError(f"{args.out}: some indices were not encoded; run encode again to finish")
+        np.savez(os.path.join(args.out, "stats.npz"), mean=stats[0], std=stats[1])
+        size = sum(os.path.getsize(os.path.join(args.out, n + ".npy")) for n in CACHE_ARRAYS + ("labels",))
+        distill.log(f"wrote {args.out}: {len(data)} images, {size / len(data) / 1024:.1f} KiB per image, "
+                    f"stats.npz (latent mean {stats[0].mean():.4f}, std {stats[1].mean():.4f})")
+    distill.cleanup_distributed()
+
+
+def cache_statistics(moments, channels, lo, hi, device, chunk=4096):
+    """Per-channel mean and std of the posterior MEANS over the data set (SPEC.md §3), from float64 sums
+    all-reduced over ranks (no E[x^2] - E[x]^2 cancellation in fp32)."""
+    sums = torch.zeros(3, channels, dtype=torch.float64, device=device)
+    for s in range(lo, hi, chunk):
+        mean = torch.from_numpy(np.asarray(moments[s:min(hi, s + chunk), :, :channels])).double()
+        mean = mean.reshape(-1, channels).to(device)
+        sums += torch.stack([torch.full_like(mean[0], mean.shape[0]), mean.sum(0), (mean ** 2).sum(0)])
+    if dist_ready():
+        dist.all_reduce(sums)
+    count, total, square = sums
+    mu = total / count
+    return mu.cpu().numpy(), (square / count - mu ** 2).clamp(min=0).sqrt().cpu().numpy()
+
+
+def check_meta(root, expect):
+    """Stop with a clear message when a cache does not come from what the caller expects."""
+    path = os.path.join(root, "meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no latent cache at {root} (meta.json missing): write one with "
+                                f"`python tokenizer.py encode --ckpt TOKENIZER --out {root}`")
+    with open(path) as f:
+        meta = json.load(f)
+    wrong = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
+    if wrong:
+        detail = "; ".join(f"{k}: cache has {a!r}, expected {b!r}" for k, (a, b) in wrong.items())
+        raise ValueError(f"latent cache {root} does not match: {detail}. Re-encode with the matching "
+                         f"tokenizer, or point to the right cache")
+    return meta
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """Reader of a latent cache (for dit.py and probe.py): item i is (moments (L, 2C) float32, label), the
+    moments of the image or of its flip, chosen per (seed, epoch, i) so that a resumed run sees the same
+    choice. `expect` is checked against meta.json."""
+
+    def __init__(self, root, expect=None, flip=True, seed=0):
+        self.meta = check_meta(root, expect or {})
+        if not os.path.isfile(os.path.join(root, "stats.npz")):
+            raise FileNotFoundError(f"{root} has no stats.npz: its encoding did not finish; run encode again")
+        arrays = open_cache_arrays(root, "r")
+        self.moments, self.flipped, self.labels = arrays["moments"], arrays["moments_flip"], arrays["labels"]
+        stats = np.load(os.path.join(root, "stats.npz"))
+        self.mu, self.sigma = torch.from_numpy(stats["mean"]).float(), torch.from_numpy(stats["std"]).float()
+        self.flip, self.seed, self.epoch = flip, seed, 0
+        self.num_classes = self.meta["num_classes"]
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        flip = self.flip and np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5
+        moments = (self.flipped if flip else self.moments)[i]
+        return torch.from_numpy(np.asarray(moments, dtype=np.float32)), int(self.labels[i])
+
+
+def sample_latent(moments, mu, sigma, grid, generator=None):
+    """The generator's training input (SPEC.md §3): a posterior SAMPLE, normalised per channel,
+    (B, L, 2C) -> (B, C, h, w)."""
+    post = Posterior(moments)
+    eps = torch.randn(post.mean.shape, generator=generator, device=moments.device)
+    z = (post.sample(eps) - mu.to(moments.device)) / sigma.to(moments.device)
+    return z.transpose(1, 2).reshape(moments.shape[0], -1, grid, grid)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", nargs="?", default="train", choices=["train", "finetune", "evaluate", "encode"],
+                   help="train: stage 1; finetune: stage 2 (decoder); evaluate: PSNR; encode: latent cache")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--data", default="synthetic", help="'synthetic' (built-in) or an ImageNet-style train folder")
-    p.add_argument("--out", default="runs/tokenizer", help="run folder; a folder with latest.pt resumes")
+    p.add_argument("--data", default="synthetic", help="'synthetic' (built-in) or an ImageNet-style folder")
+    p.add_argument("--out", default=None, help="run folder (train: runs/tokenizer, finetune: "
+                   "runs/tokenizer_ft, encode: runs/latents); a run folder with latest.pt resumes")
     p.add_argument("--num-train", type=int, default=None, help="use this many training images")
+    p.add_argument("--init", default="runs/tokenizer/latest.pt", help="finetune: the stage-1 checkpoint")
+    p.add_argument("--ckpt", default="runs/tokenizer_ft/latest.pt", help="evaluate/encode: the tokenizer")
+    p.add_argument("--num-eval", type=int, default=1000, help="evaluate: held-out images")
     # model (SPEC.md §2)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--patch-size", type=int, default=None)
@@ -1008,7 +1298,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=float, default=0.25, help="fraction of training")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--clip", type=float, default=3.0)
-    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--ema", type=float, default=None, help="EMA decay (paper 0.999)")
     # run control
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
@@ -1018,8 +1308,15 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=50, help="keep a milestone copy every N epochs")
     p.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit at this step (job limits)")
     p.add_argument("--bench", type=int, default=0, help="time this many steps, write nothing")
+    p.add_argument("--random-weights", action="store_true",
+                   help="with --bench: random teacher and perceptual weights (no downloads)")
     args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
+    if args.random_weights and not args.bench:
+        p.error("--random-weights is for --bench only: training needs the real teacher")
+    defaults = dict(PRESETS[args.preset], **(FINETUNE[args.preset] if args.mode == "finetune" else {}))
+    defaults["out"] = {"train": "runs/tokenizer", "finetune": "runs/tokenizer_ft", "encode": "runs/latents",
+                       "evaluate": None}[args.mode]
+    for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.teacher_weights is None and args.teacher == "standin":
@@ -1028,7 +1325,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return train(parse_args(argv))
+    args = parse_args(argv)
+    return {"train": train, "finetune": train, "evaluate": evaluate, "encode": encode}[args.mode](args)
 
 
 if __name__ == "__main__":
