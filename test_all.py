@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import distill
+import fid
 import tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -783,3 +784,150 @@ def test_cache_reader(cache, tmp_path):
         tokenizer.LatentCache(cache, expect={"channels": 16})
     with pytest.raises(FileNotFoundError, match="encode"):
         tokenizer.LatentCache(str(tmp_path))
+
+
+#################################################################################
+#                                fid.py                                         #
+#################################################################################
+
+
+@pytest.mark.parametrize("name,mode", [("fid_inception_pytorch_fid", "pytorch-fid"),
+                                       ("fid_inception_torch_fidelity", "tf")])
+def test_fid_inception_parity(name, mode):
+    d, w = parity(name)
+    model = fid.FIDInception()
+    model.load_state_dict(w)
+    model.eval()
+    for size in (64, 299):
+        with torch.no_grad():
+            pool3, logits = model(fid.preprocess(d["inputs"][f"images_{size}"], mode))
+        out = d["outputs"][f"features_{size}"]
+        if isinstance(out, dict):  # torch-fidelity: also the logits with and without the bias
+            assert_close(pool3, out["2048"])
+            assert_close(logits, out["logits_unbiased"])
+            assert_close(logits + model.fc.bias, out["logits"])
+        else:
+            assert_close(pool3, out)
+
+
+def test_tf1_resize_parity():
+    d, _ = parity("fid_inception_torch_fidelity")
+    ref, ramp = d["outputs"]["tf1_resize"], d["inputs"]["tiny_ramp"].float()
+    assert_close(fid.resize_tf1(d["inputs"]["images_64"][:1].float(), (299, 299)), ref["resize_small_to_299"])
+    assert_close(fid.resize_tf1(ramp, (11, 9)), ref["resize_5x7_to_11x9"])
+    assert_close(fid.resize_tf1(ramp, (3, 4)), ref["resize_5x7_to_3x4"])
+
+
+def test_frechet_parity():
+    d, _ = parity("frechet")
+    for pair, ref in d["outputs"]["fid"].items():
+        a, b = (d["inputs"][k].double().numpy() for k in pair.split("__"))
+        value = fid.frechet_distance(*fid.statistics(a), *fid.statistics(b))
+        assert value == pytest.approx(ref["pytorch_fid"], rel=1e-6), pair
+        assert value == pytest.approx(ref["torch_fidelity"], rel=1e-6), pair
+
+
+def test_inception_score_parity():
+    d, _ = parity("inception_score")
+    assert np.array_equal(np.random.RandomState(2020).permutation(100), d["outputs"]["permutation"].numpy())
+    for key in ("logits", "logits_flat"):
+        mean, std = fid.inception_score(d["inputs"][key].numpy())
+        assert mean == pytest.approx(d["outputs"][key]["mean"], rel=1e-6)
+        assert std == pytest.approx(d["outputs"][key]["std"], rel=1e-6)
+
+
+def test_frechet_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 16))
+    mu, sigma = fid.statistics(a)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9  # identical sets
+    shift = rng.normal(size=16)
+    assert fid.frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx((shift ** 2).sum(), rel=1e-9)
+    # 2-D by hand: S1 = diag(1, 4), S2 = diag(4, 1): tr sqrt(S1 S2) = 2 + 2, so FID = |dmu|^2 + 5 + 5 - 8
+    value = fid.frechet_distance(np.zeros(2), np.diag([1.0, 4.0]), np.array([1.0, 1.0]), np.diag([4.0, 1.0]))
+    assert value == pytest.approx(4.0, rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        fid.statistics(a[:1])
+    with pytest.raises(ValueError, match="non-finite"):
+        fid.statistics(np.full((4, 2), np.nan))
+
+
+def test_precision_recall_on_shifted_sets():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(400, 8))
+    assert fid.precision_recall(ref + 0.0, ref)["precision"] == 1.0
+    far = fid.precision_recall(ref + 10.0, ref)
+    assert far["precision"] == 0.0 and far["recall"] == 0.0
+    narrow = fid.precision_recall(rng.normal(size=(400, 8)) * 0.3, ref)  # mode collapse: precise, low recall
+    assert narrow["precision"] > 0.9 and narrow["recall"] < 0.5
+
+
+@pytest.fixture(scope="module")
+def inception_files(tmp_path_factory):
+    """Deterministic Inception weights and two small image sets as .npz and as a folder."""
+    root = tmp_path_factory.mktemp("fid")
+    _, w = parity("fid_inception_torch_fidelity")
+    torch.save(w, root / "inception.pth")
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(12, 48, 48, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, size=(7, 40, 40, 3), dtype=np.uint8)
+    np.savez(root / "a.npz", arr_0=a)
+    np.savez(root / "b.npz", arr_0=b)
+    (root / "a_png").mkdir()
+    for i, img in enumerate(a):
+        Image.fromarray(img).save(root / "a_png" / f"{i:06d}.png")
+    return root
+
+
+def test_fid_cli_and_sources_agree(inception_files):
+    r = inception_files
+    weights = ["--inception-weights", str(r / "inception.pth"), "--batch-size", "4"]
+    m = fid.main([str(r / "a.npz"), str(r / "b.npz"), "--is", "--pr", "--save-stats", str(r / "a_stats.npz"),
+                  "--json", str(r / "m.json"), *weights])
+    assert np.isfinite(m["fid"]) and m["fid"] > 0 and m["inception_score"] >= 1.0
+    assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
+    folder = fid.main([str(r / "a_png"), str(r / "b.npz"), "--json", str(r / "m2.json"), *weights])
+    stats = fid.main([str(r / "a_stats.npz"), str(r / "b.npz"), "--json", str(r / "m3.json"), *weights])
+    assert folder["fid"] == pytest.approx(m["fid"], rel=1e-9) and stats["fid"] == pytest.approx(m["fid"], rel=1e-9)
+    with open(r / "m.json") as f:
+        assert json.load(f)["fid"] == pytest.approx(m["fid"])
+    with pytest.raises(FileNotFoundError):
+        fid.main([str(r / "missing"), *weights])
+    np.savez(r / "bad.npz", mean=np.zeros(3))
+    with pytest.raises(ValueError, match="mu"):
+        fid.load_statistics(str(r / "bad.npz"))
+    with pytest.raises(RuntimeError, match="pt_inception"):
+        fid.FIDInception().load(str(r / "no_weights.pth"))
+
+
+def test_fid_features_two_processes_equal_one(inception_files):
+    r = inception_files
+    weights = ["--inception-weights", str(r / "inception.pth"), "--batch-size", "2", "--is"]
+    one = fid.main([str(r / "a.npz"), "--save-stats", str(r / "one.npz"), "--json", str(r / "one.json"),
+                    *weights])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+           os.path.join(HERE, "fid.py"), str(r / "a.npz"), "--save-stats", str(r / "two.npz"),
+           "--json", str(r / "two.json"), *weights]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(r / "two.json") as f:
+        two = json.load(f)
+    a, b = np.load(r / "one.npz"), np.load(r / "two.npz")  # features gathered in index order
+    np.testing.assert_allclose(a["mu"], b["mu"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a["sigma"], b["sigma"], rtol=1e-5, atol=1e-9)
+    assert two["inception_score"] == pytest.approx(one["inception_score"], rel=1e-6)
+
+
+def test_evaluate_rfid(stage1_run, inception_files, tmp_path):
+    """rFID through fid.py: reference statistics are computed once and then read from the cache."""
+    ref = str(tmp_path / "ref.npz")
+    args = ["evaluate", "--ckpt", stage1_run, "--num-eval", "12", "--batch-size", "6", "--workers", "0",
+            "--rfid", "--inception-weights", str(inception_files / "inception.pth"), "--ref-stats", ref]
+    first = tokenizer.main(args)
+    assert os.path.isfile(ref)
+    mtime = os.path.getmtime(ref)
+    second = tokenizer.main(args)
+    assert os.path.getmtime(ref) == mtime
+    for weights in ("model", "ema"):
+        assert np.isfinite(first[weights]["rfid"]) and first[weights]["rfid"] >= 0
+        assert second[weights]["rfid"] == pytest.approx(first[weights]["rfid"], rel=1e-9)

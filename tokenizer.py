@@ -42,6 +42,7 @@ import torchvision
 from PIL import Image
 
 import distill
+import fid
 
 #################################################################################
 #                                     Data                                      #
@@ -1053,27 +1054,50 @@ def eval_loader(args, rank, world):
     return data, torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers)
 
 
+def to_uint8(images01):
+    """Images in [0, 1] -> uint8 by truncation, as the released evaluation saves them (parity quirk 24)."""
+    return (images01 * 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def reconstruction_pass(model, loader, device, inception):
+    """Sum of per-image PSNRs and, with an Inception, pool3 features of reconstructions and originals."""
+    psnr_sum = torch.zeros((), dtype=torch.float64, device=device)
+    feats = {"recon": [], "real": []}
+    for x, _ in loader:
+        x = x.to(device)
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            recon = model.reconstruct(x).float()
+        real = x * 0.5 + 0.5
+        mse = ((recon - real) ** 2).mean(dim=(1, 2, 3))
+        psnr_sum += (-10 * torch.log10(mse.clamp(min=1e-10))).double().sum()
+        if inception is not None:
+            real_u8 = ((x.float() + 1) * 127.5).round().to(torch.uint8)  # the data's own uint8 pixels
+            for name, images in (("recon", to_uint8(recon)), ("real", real_u8)):
+                feats[name].append(inception(fid.preprocess(images))[0].double().cpu())
+    return psnr_sum, {k: fid.gather(torch.cat(v), device) for k, v in feats.items() if v}
+
+
 @torch.no_grad()
 def evaluate(args):
-    """PSNR (per image on [0, 1], averaged) of the raw and EMA weights; writes metrics.json and a grid of
-    originals above reconstructions next to the checkpoint."""
+    """PSNR (per image on [0, 1], averaged) and, with --rfid, rFID against the statistics of the same
+    held-out images (computed once, cached in --ref-stats), for the raw and EMA weights. Writes
+    metrics.json and grids of originals above reconstructions next to the checkpoint."""
     rank, world, device = distill.setup_distributed()
     results, out_dir = {}, os.path.dirname(os.path.abspath(args.ckpt))
+    inception = fid.FIDInception().load(args.inception_weights).to(device) if args.rfid else None
     for weights in ("model", "ema"):
         model, config = load_tokenizer(args.ckpt, weights, device)
         args.image_size = config["img_size"]
         data, loader = eval_loader(args, rank, world)
-        psnr_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for x, _ in loader:
-            x = x.to(device)
-            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                recon = model.reconstruct(x).float()
-            mse = ((recon - (x * 0.5 + 0.5)) ** 2).mean(dim=(1, 2, 3))
-            psnr_sum += (-10 * torch.log10(mse.clamp(min=1e-10))).double().sum()
+        psnr_sum, feats = reconstruction_pass(model, loader, device, inception)
         if world > 1:
             dist.all_reduce(psnr_sum)
         results[weights] = {"psnr": psnr_sum.item() / len(data), "num_images": len(data)}
-        distill.log(f"{weights}: PSNR {results[weights]['psnr']:.2f} dB over {len(data)} images")
+        if inception is not None:
+            ref = reference_statistics(args, feats["real"], len(data), rank)
+            results[weights]["rfid"] = fid.frechet_distance(*fid.statistics(feats["recon"]), *ref)
+        distill.log(f"{weights}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[weights].items()))
         if rank == 0:
             x = torch.stack([data[i][0] for i in range(min(8, len(data)))]).to(device)
             save_grid([x * 0.5 + 0.5, model.reconstruct(x)], os.path.join(out_dir, f"eval_{weights}.png"))
@@ -1082,6 +1106,23 @@ def evaluate(args):
         distill.log(f"wrote {os.path.join(out_dir, 'metrics.json')}")
     distill.cleanup_distributed()
     return results
+
+
+def reference_statistics(args, real_feats, n, rank):
+    """FID statistics of the evaluation images: read from --ref-stats if it exists, else computed from
+    `real_feats` and written there (atomically, by rank 0)."""
+    path = args.ref_stats or os.path.join(
+        "runs", "fid_stats", f"{os.path.basename(os.path.normpath(args.data))}_{args.image_size}px_{n}.npz")
+    if os.path.isfile(path):
+        return fid.load_statistics(path)
+    mu, sigma = fid.statistics(real_feats)
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}.npz"
+        np.savez(tmp, mu=mu, sigma=sigma)
+        os.replace(tmp, path)
+        distill.log(f"wrote reference statistics {path}")
+    return mu, sigma
 
 
 def write_json(path, obj):
@@ -1261,6 +1302,9 @@ def parse_args(argv=None):
     p.add_argument("--init", default="runs/tokenizer/latest.pt", help="finetune: the stage-1 checkpoint")
     p.add_argument("--ckpt", default="runs/tokenizer_ft/latest.pt", help="evaluate/encode: the tokenizer")
     p.add_argument("--num-eval", type=int, default=1000, help="evaluate: held-out images")
+    p.add_argument("--rfid", action="store_true", help="evaluate: also rFID (needs the FID Inception)")
+    p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 path (default: URL)")
+    p.add_argument("--ref-stats", default=None, help="evaluate: reference statistics cache (.npz)")
     # model (SPEC.md §2)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--patch-size", type=int, default=None)

@@ -1,0 +1,452 @@
+"""FID, Inception Score and precision/recall, from scratch, matching the standard evaluators (SPEC.md §6).
+
+The FID Inception is the 2015-12-05 TensorFlow graph ported to torch (pytorch-fid's and torch-fidelity's
+`pt_inception-2015-12-05-6726825d.pth`, identical key names), with the graph's quirks written where they
+happen: average pools that ignore padding in the A, C and first E blocks, a MAX pool in the last E block,
+a 1008-way classifier. Two input pipelines:
+  * "tf" (default; the ADM evaluator and torch-fidelity): uint8 -> float -> TensorFlow-1 bilinear resize
+    to 299 -> (x - 128) / 128;
+  * "pytorch-fid": uint8 / 255 -> torch bilinear resize to 299 -> 2x - 1.
+The Frechet distance is computed in float64 through symmetric eigendecompositions
+(tr sqrt(S1 S2) = sum sqrt(eig(sqrt(S1) S2 sqrt(S1)))), not scipy's sqrtm; the Inception Score follows
+torch-fidelity (10 splits, rows permuted by RandomState(2020)).
+
+Run:
+    python fid.py samples.npz /refs/VIRTUAL_imagenet256_labeled.npz        # FID (and IS of the first)
+    python fid.py runs/samples/images stats.npz --is --pr                  # a folder; precision/recall
+    python fid.py /imagenet/val --save-stats runs/val_stats.npz            # statistics of a set
+    torchrun --nproc_per_node=8 fid.py samples.npz ref.npz                 # features on many ranks
+
+Each argument is a folder of images, an image .npz (`arr_0`, N x H x W x 3 uint8) or a statistics .npz
+(`mu`, `sigma`, as the ADM reference batches and pytorch-fid). Prints the metrics and writes them to
+--json (default: fid_metrics.json beside the first argument). Imports nothing from the rest of the project.
+"""
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+
+#################################################################################
+#                     The FID Inception (TF graph of 2015-12-05)                #
+#################################################################################
+
+
+class BasicConv2d(nn.Module):
+    """conv (no bias) -> BatchNorm (eps 1e-3, as the TF graph) -> ReLU; torchvision's names."""
+
+    def __init__(self, c_in, c_out, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def avg_pool(x):
+    # The TF graph's 3x3 average pools do not count the zero padding.
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    def __init__(self, c_in, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 64, 1)
+        self.branch5x5_1 = BasicConv2d(c_in, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(c_in, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(avg_pool(x))], dim=1)
+
+
+class InceptionB(nn.Module):
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(c_in, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, stride=2)], dim=1)
+
+
+class InceptionC(nn.Module):
+    def __init__(self, c_in, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 192, 1)
+        self.branch7x7_1 = BasicConv2d(c_in, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(c_in, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = x
+        for i in range(1, 6):
+            d = getattr(self, f"branch7x7dbl_{i}")(d)
+        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(avg_pool(x))], dim=1)
+
+
+class InceptionD(nn.Module):
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(c_in, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(c_in, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = x
+        for i in range(1, 5):
+            b7 = getattr(self, f"branch7x7x3_{i}")(b7)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], dim=1)
+
+
+class InceptionE(nn.Module):
+    """`max_pool`: the graph's LAST E block (Mixed_7c) pools its pool branch with a max, not an average."""
+
+    def __init__(self, c_in, max_pool):
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = BasicConv2d(c_in, 320, 1)
+        self.branch3x3_1 = BasicConv2d(c_in, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(c_in, 192, 1)
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)
+        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
+                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(pool)], dim=1)
+
+
+class FIDInception(nn.Module):
+    """InceptionV3 as the FID graph: 299 x 299 inputs in [-1, 1] -> (pool3 (B, 2048), logits (B, 1008)
+    without the bias, as torch-fidelity's 'logits_unbiased' that the Inception Score uses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, 32)
+        self.Mixed_5c = InceptionA(256, 64)
+        self.Mixed_5d = InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, 128)
+        self.Mixed_6c = InceptionC(768, 160)
+        self.Mixed_6d = InceptionC(768, 160)
+        self.Mixed_6e = InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, max_pool=False)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)
+
+    def forward(self, x):
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
+        x = F.max_pool2d(x, 3, stride=2)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, "Mixed_" + name)(x)
+        pool3 = x.mean(dim=(2, 3))
+        return pool3, pool3 @ self.fc.weight.T
+
+    def load(self, weights=None):
+        """pt_inception-2015-12-05 from a local path or a URL (torch.hub's cache), strict key matching."""
+        weights = weights or FID_WEIGHTS_URL
+        try:
+            if weights.startswith(("http://", "https://")):
+                sd = torch.hub.load_state_dict_from_url(weights, map_location="cpu", progress=False)
+            else:
+                sd = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise RuntimeError(f"could not load the FID Inception weights from {weights} ({e}). Download "
+                               f"{FID_WEIGHTS_URL} and pass its path with --inception-weights") from None
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights} is not the FID Inception: missing {missing[:10]}, "
+                             f"unexpected {unexpected[:10]}")
+        return self.eval().requires_grad_(False)
+
+
+#################################################################################
+#                    Input pipelines: TF1 resize and pytorch-fid                #
+#################################################################################
+
+
+def resize_tf1(x, size):
+    """TensorFlow 1's bilinear resize (align_corners False, no half-pixel centres): source coordinate
+    = output index * in/out, so the grid is anchored at the top-left corner, unlike torch's."""
+    def axis(n_in, n_out, device):
+        src = torch.arange(n_out, dtype=torch.float64, device=device) * (n_in / n_out)
+        lo = src.floor().long().clamp(max=n_in - 1)
+        hi = (lo + 1).clamp(max=n_in - 1)
+        return lo, hi, (src - lo).float()
+
+    y0, y1, fy = axis(x.shape[-2], size[0], x.device)
+    x0, x1, fx = axis(x.shape[-1], size[1], x.device)
+    top = x[..., y0, :] + (x[..., y1, :] - x[..., y0, :]) * fy[:, None]
+    return top[..., x0] + (top[..., x1] - top[..., x0]) * fx
+
+
+def preprocess(images, mode="tf"):
+    """uint8 (B, 3, H, W) -> the network's 299 x 299 input."""
+    x = images.float()
+    if mode == "tf":
+        return (resize_tf1(x, (299, 299)) - 128) / 128
+    if mode == "pytorch-fid":
+        x = F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False)
+        return 2 * x - 1
+    raise ValueError(f"unknown input pipeline {mode!r}: 'tf' or 'pytorch-fid'")
+
+
+#################################################################################
+#                   Features from folders, .npz files and iterators             #
+#################################################################################
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def world_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def list_images(folder):
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise ValueError(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def read_image(path):
+    try:
+        with Image.open(path) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    except Exception as e:
+        raise RuntimeError(f"cannot read image {path}: {e}") from None
+
+
+def image_batches(source, batch_size):
+    """This rank's contiguous shard of a folder or an image .npz, as uint8 (B, 3, H, W) batches; also
+    returns the total count. Any other iterable of uint8 batches passes through (the caller shards it)."""
+    rank, world = world_info()
+    if isinstance(source, str) and os.path.isdir(source):
+        files = list_images(source)
+        n, get = len(files), (lambda lo, hi: torch.stack([read_image(f) for f in files[lo:hi]]))
+    elif isinstance(source, str) and source.endswith(".npz"):
+        arr = np.load(source, mmap_mode="r")
+        if "arr_0" not in arr.files:
+            raise ValueError(f"{source} has no 'arr_0' image array (keys: {arr.files})")
+        images = arr["arr_0"]
+        n, get = len(images), (lambda lo, hi: torch.from_numpy(np.ascontiguousarray(images[lo:hi])).permute(0, 3, 1, 2))
+    elif isinstance(source, str):
+        raise FileNotFoundError(f"{source}: not a folder of images or an .npz file")
+    else:
+        return source, None
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    return (get(s, min(hi, s + batch_size)) for s in range(lo, hi, batch_size)), n
+
+
+@torch.no_grad()
+def features(model, source, batch_size=100, mode="tf", device="cpu"):
+    """pool3 features and unbiased logits of every image, gathered from all ranks in index order."""
+    batches, n = image_batches(source, batch_size)
+    pools, logits = [], []
+    for images in batches:
+        if images.dtype != torch.uint8:
+            raise TypeError("FID inputs must be uint8 images (B, 3, H, W); round and cast them first")
+        pool3, logit = model(preprocess(images.to(device), mode))
+        pools.append(pool3.double().cpu())
+        logits.append(logit.double().cpu())
+    pool = torch.cat(pools) if pools else torch.zeros(0, 2048, dtype=torch.float64)
+    logit = torch.cat(logits) if logits else torch.zeros(0, 1008, dtype=torch.float64)
+    return gather(pool, device), gather(logit, device)
+
+
+def gather(x, device):
+    """Concatenate every rank's rows in rank order (shards may be uneven)."""
+    rank, world = world_info()
+    if world == 1:
+        return x.numpy()
+    parts = [None] * world
+    dist.all_gather_object(parts, x)
+    return torch.cat(parts).numpy()
+
+
+#################################################################################
+#                        Statistics, FID, IS, precision/recall                  #
+#################################################################################
+
+
+def statistics(feats):
+    """mu and sigma (unbiased covariance, as np.cov) in float64."""
+    feats = np.asarray(feats, dtype=np.float64)
+    if len(feats) < 2:
+        raise ValueError(f"FID needs at least 2 images, got {len(feats)}")
+    if not np.isfinite(feats).all():
+        raise ValueError("non-finite Inception features: check the images (NaN pixels?)")
+    mu = feats.mean(axis=0)
+    centred = feats - mu
+    return mu, centred.T @ centred / (len(feats) - 1)
+
+
+def load_statistics(path):
+    stats = np.load(path)
+    if "mu" not in stats.files or "sigma" not in stats.files:
+        raise ValueError(f"{path} is not a statistics file: it needs 'mu' and 'sigma' (has {stats.files})")
+    return stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
+
+
+def sqrt_psd(s):
+    """Square root of a symmetric positive semi-definite matrix; negative rounding noise is clipped."""
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T, w.min()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, diagnostics=False):
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64. sqrt(S1) S2 sqrt(S1) is symmetric
+    and has the eigenvalues of S1 S2, so two eigh calls replace scipy's (much slower) sqrtm."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    root1, min1 = sqrt_psd(sigma1)
+    eig = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    fid = float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+    if not diagnostics:
+        return fid
+    # pytorch-fid's safeguards, reported instead of acted on: negative eigenvalues beyond rounding say
+    # that a covariance is not PSD (too few samples, or corrupted features).
+    return fid, {"min_eig_sigma1": float(min1), "min_eig_product": float(eig.min()),
+                 "negative_mass": float(-np.clip(eig, None, 0).sum())}
+
+
+def inception_score(logits, splits=10, seed=2020):
+    """torch-fidelity's IS: rows permuted by RandomState(seed), float64 softmax, `splits` contiguous
+    splits, exp(mean KL(p(y|x) || p(y))) per split; mean and population std over the splits."""
+    if len(logits) < splits:
+        raise ValueError(f"the Inception Score needs at least {splits} images (one per split), got {len(logits)}")
+    logits = np.asarray(logits, dtype=np.float64)[np.random.RandomState(seed).permutation(len(logits))]
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    n, scores = len(p), []
+    for i in range(splits):
+        part = p[i * n // splits:(i + 1) * n // splits]
+        kl = (part * (np.log(part) - np.log(part.mean(axis=0, keepdims=True)))).sum(axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def knn_radii(feats, k=3, chunk=1024):
+    """Distance of each feature to its k-th nearest neighbour in the same set (itself excluded)."""
+    f = torch.from_numpy(np.asarray(feats, dtype=np.float32))
+    return torch.cat([torch.cdist(f[s:s + chunk], f).kthvalue(k + 1, dim=1).values
+                      for s in range(0, len(f), chunk)])
+
+
+def coverage(queries, reference, radii, chunk=1024):
+    """Fraction of queries inside at least one reference ball (the ADM evaluator's manifold test)."""
+    q, r = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in (queries, reference))
+    inside = [(torch.cdist(q[s:s + chunk], r) <= radii[None]).any(dim=1) for s in range(0, len(q), chunk)]
+    return torch.cat(inside).float().mean().item()
+
+
+def precision_recall(sample_feats, ref_feats, k=3):
+    """Improved precision (samples on the reference manifold) and recall (references on the sample
+    manifold), k = 3 nearest neighbours, as the ADM evaluator."""
+    return {"precision": coverage(sample_feats, ref_feats, knn_radii(ref_feats, k)),
+            "recall": coverage(ref_feats, sample_feats, knn_radii(sample_feats, k))}
+
+
+#################################################################################
+#                                      CLI                                      #
+#################################################################################
+
+
+def describe(source, model, args, device):
+    """A source -> (mu, sigma, features or None, logits or None)."""
+    if isinstance(source, str) and source.endswith(".npz") and "arr_0" not in np.load(source).files:
+        return (*load_statistics(source), None, None)
+    feats, logits = features(model, source, args.batch_size, args.mode, device)
+    return (*statistics(feats), feats, logits)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="+", help="one or two: folder, image .npz, or statistics .npz")
+    p.add_argument("--save-stats", default=None, help="write the first source's mu/sigma to this .npz")
+    p.add_argument("--is", dest="inception_score", action="store_true", help="Inception Score of the first")
+    p.add_argument("--pr", action="store_true", help="precision/recall (k=3) of the first against the second")
+    p.add_argument("--mode", default="tf", choices=["tf", "pytorch-fid"], help="input pipeline")
+    p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 path or URL")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--json", default=None, help="where to write the metrics")
+    args = p.parse_args(argv)
+    if len(args.sources) > 2:
+        p.error("give one source (statistics, IS) or two (FID)")
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, _ = world_info()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    model = FIDInception().load(args.inception_weights).to(device)
+    first = describe(args.sources[0], model, args, device)
+    metrics = {"sources": args.sources, "mode": args.mode}
+    if args.save_stats and rank == 0:
+        np.savez(args.save_stats, mu=first[0], sigma=first[1])
+    if len(args.sources) == 2:
+        second = describe(args.sources[1], model, args, device)
+        metrics["fid"], metrics["fid_diagnostics"] = frechet_distance(*first[:2], *second[:2], diagnostics=True)
+        if args.pr:
+            if first[2] is None or second[2] is None:
+                p.error("--pr needs images (not statistics) on both sides")
+            metrics.update(precision_recall(first[2], second[2]))
+    if args.inception_score and first[3] is not None:
+        metrics["inception_score"], metrics["inception_score_std"] = inception_score(first[3])
+    if rank == 0:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "fid_diagnostics"}, indent=1))
+        out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.sources[0])), "fid_metrics.json")
+        with open(out, "w") as f:
+            json.dump(metrics, f, indent=2)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
