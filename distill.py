@@ -645,13 +645,20 @@ class Teacher(nn.Module):
 
     `rope_jitter`: DINOv3's training-time RoPE coordinate rescale, exp(U(-ln 2, ln 2)) per batch; the
     released stage 1 left the teacher in training mode, so it is on by default there (SPEC.md §2.5).
-    Stand-in teachers see the images as they are (resized only if their grid needs it)."""
+    Stand-in teachers see the images as they are (resized only if their grid needs it), and their tokens
+    are standardised per channel with statistics stored in their checkpoint: a small classifier's
+    final-norm tokens share one large common direction, which the cosine loss would otherwise learn
+    without reading the latent (DINO features do not have that problem)."""
 
-    def __init__(self, vit, kind, grid, rope_jitter=False):
+    def __init__(self, vit, kind, grid, rope_jitter=False, standardize=None):
         super().__init__()
         self.vit = vit.eval().requires_grad_(False)
         self.kind, self.grid, self.rope_jitter = kind, grid, rope_jitter
         self.dim = vit.norm.weight.shape[0]
+        self.standardize = standardize is not None
+        mean, std = standardize if standardize is not None else (torch.zeros(self.dim), torch.ones(self.dim))
+        self.register_buffer("target_mean", mean.float(), persistent=False)
+        self.register_buffer("target_std", std.float(), persistent=False)
 
     def train(self, mode=True):
         # Frozen: a parent's .train() never reaches the ViT (the jitter is the one train-mode effect kept).
@@ -673,7 +680,8 @@ class Teacher(nn.Module):
     def forward(self, x, rope_rescale=None):
         if rope_rescale is None and self.rope_jitter and self.training and self.vit.pos == "rope":
             rope_rescale = self.draw_rope_rescale()
-        return self.vit.patch_tokens(self.preprocess(x), rope_rescale).float()
+        tokens = self.vit.patch_tokens(self.preprocess(x), rope_rescale).float()
+        return (tokens - self.target_mean) / self.target_std if self.standardize else tokens
 
 
 def build_teacher(name, weights=None, grid=16, rope_jitter=True, prefix=""):
@@ -686,7 +694,7 @@ def build_teacher(name, weights=None, grid=16, rope_jitter=True, prefix=""):
         vit = DinoViT(**ckpt["config"]["vit"])
         sd = {k[len("vit."):]: v for k, v in ckpt["ema"].items() if k.startswith("vit.")}
         load_strict(vit, sd, f"stand-in teacher {weights}")
-        return Teacher(vit, "standin", grid)
+        return Teacher(vit, "standin", grid, standardize=(ckpt["target_mean"], ckpt["target_std"]))
     if name not in ARCHS:
         raise ValueError(f"unknown teacher {name!r}; choose 'standin' or one of {sorted(ARCHS)}")
     cfg = dict(ARCHS[name])
@@ -769,7 +777,8 @@ def train_standin(args):
     total_steps = args.epochs * steps_per_epoch
     stop = min(total_steps, args.stop_at or total_steps)
     latest = os.path.join(args.out, "latest.pt")
-    step = 0 if args.bench else resume(latest, model, ema, opt, flip_gen, rank)
+    step = 0 if args.bench else resume(latest, rank, {"model": model, "ema": ema, "optimizer": opt},
+                                       {"flip_rng": flip_gen})
     log(f"stand-in teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{len(train_set)} train / {len(val_set)} val images, {train_set.num_classes} classes, "
         f"{total_steps} steps")
@@ -811,24 +820,41 @@ def train_standin(args):
         barrier()
     if rank == 0 and step >= total_steps:
         final = {k: v for k, v in state.items() if k not in ("optimizer", "rng", "flip_rng")}
+        final["target_mean"], final["target_std"] = token_statistics(ema.vit, train_set, args.batch_size, device)
         atomic_save(final, os.path.join(args.out, "teacher.pt"))
         log(f"wrote {os.path.join(args.out, 'teacher.pt')} (held-out accuracy {acc * 100:.2f}%)")
     cleanup_distributed()
     return state["accuracy"]
 
 
-def resume(path, model, ema, opt, flip_gen, rank):
-    """Restore a run from `path` if it exists; returns the step to continue from (0 for a new run)."""
+@torch.no_grad()
+def token_statistics(vit, dataset, batch_size, device, num=2000):
+    """Per-channel mean and std of the patch tokens over (up to) `num` training images."""
+    subset = torch.utils.data.Subset(dataset, range(min(num, len(dataset))))
+    tokens = torch.cat([vit.patch_tokens(x.to(device)).flatten(0, 1).double().cpu()
+                        for x, _ in torch.utils.data.DataLoader(subset, batch_size=batch_size)])
+    return tokens.mean(0).float(), tokens.std(0).clamp(min=1e-6).float()
+
+
+def resume(path, rank, states, generators=None, config=None):
+    """Restore a run from `path` if it exists; returns the step to continue from (0 for a new run).
+
+    `states` maps checkpoint keys to objects with load_state_dict (model, EMA, optimizers, ...);
+    `generators` maps keys to per-rank torch.Generators; the global RNG streams of this rank are restored
+    too. A checkpoint made with another `config` is refused rather than silently mixed."""
     if not os.path.isfile(path):
         return 0
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    opt.load_state_dict(ckpt["optimizer"])
+    if config is not None and ckpt.get("config") != config:
+        raise ValueError(f"{path} was made with another model config ({ckpt.get('config')}); "
+                         f"use a new --out folder or the same flags")
     if rank >= len(ckpt["rng"]):
         raise ValueError(f"{path} was written by {len(ckpt['rng'])} processes; resume it with as many")
+    for key, obj in states.items():
+        obj.load_state_dict(ckpt[key])
     set_rng_state(ckpt["rng"][rank])
-    flip_gen.set_state(ckpt["flip_rng"][rank])
+    for key, gen in (generators or {}).items():
+        gen.set_state(ckpt[key][rank])
     log(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"]
 

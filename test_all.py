@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dit
 import distill
 import fid
 import tokenizer
@@ -931,3 +932,146 @@ def test_evaluate_rfid(stage1_run, inception_files, tmp_path):
     for weights in ("model", "ema"):
         assert np.isfinite(first[weights]["rfid"]) and first[weights]["rfid"] >= 0
         assert second[weights]["rfid"] == pytest.approx(first[weights]["rfid"], rel=1e-9)
+
+
+#################################################################################
+#                                  dit.py                                       #
+#################################################################################
+
+
+def dit_from_reference(c, w):
+    model = dit.DiTDH(channels=c["token_channels"], grid=c["img_size"] // c["tokenizer_patch_size"],
+                      trunk=(c["hidden_size"][0], c["depth"][0], c["num_heads"][0]),
+                      head=(c["hidden_size"][1], c["depth"][1], c["num_heads"][1]), num_classes=c["num_classes"])
+    model.load_state_dict(w)
+    return model.eval()
+
+
+def test_ditdh_forward_parity():
+    d, w = parity("ditdh_forward")
+    fresh = dit.DiTDH(channels=8, grid=4, trunk=(64, 2, 4), head=(96, 1, 4), num_classes=10)
+    for k in d["fixed_keys"]:  # sin-cos table and RoPE buffers computed as the reference does
+        torch.testing.assert_close(fresh.state_dict()[k], d["fixed_tensors"][k], rtol=0, atol=1e-6)
+    model = dit_from_reference(d["config"], w)
+    i = d["inputs"]
+    with torch.no_grad():
+        assert_close(model(i["x"], i["t"], i["y"]), d["outputs"]["velocity"])
+
+
+def test_transport_parity():
+    d, w = parity("transport")
+    model, i, o = dit_from_reference(d["config"], w), d["inputs"], d["outputs"]
+    for name in ("own_shift", "shift_C128"):
+        ref = o["losses"][name]
+        s = ref["time_dist_shift"]
+        assert_close(dit.train_time(i["u"], s), ref["t"])
+        with torch.no_grad():
+            loss = dit.flow_matching_loss(model, i["x1"], i["y"], s, i["x0"], i["u"])
+        assert_close(loss, ref["loss_per_sample"])
+    for ref in o["time_sampling"].values():
+        assert_close(dit.train_time(i["u_vector"], ref["shift"]), ref["t"])
+    for ref in o["euler_grids"].values():
+        assert_close(dit.euler_grid(ref["N"], ref["shift"]), ref["grid"])
+
+
+def test_sampler_parity():
+    d, w = parity("sampler")
+    model, i, o = dit_from_reference(d["config"], w), d["inputs"], d["outputs"]
+    g = d["extra_models"]["guide"]
+    gw = {k: fill_tensor(k, s, "guide.") for k, s in g["state_dict_shapes"].items() if k not in g["fixed_keys"]}
+    gw.update(g["fixed_tensors"])
+    guide = dit_from_reference(g["config"], gw)
+    s = d["config"]["timestep_shift"]
+    assert_close(dit.euler_grid(8, s), o["grid"])
+    for name, kw in (("cfg1.0", {}), ("cfg1.5", {"cfg": 1.5}), ("autoguidance1.29", {"cfg": 1.29, "guide": guide})):
+        traj = dit.sample(model, i["z0"], i["y"], 8, s, trajectory=True, **kw)
+        assert_close(traj, o[name]["trajectory"][:, :2])  # CFG stores [cond | uncond] halves; ours is cond
+        assert_close(traj[-1], o[name]["samples"])
+
+
+@pytest.mark.parametrize("name,size,params", [("DiTDDT_xl_C128.json", "XL", 835.3e6),
+                                              ("DiTDDT_s_C128.json", "S", 193.6e6)])
+def test_official_dit_keys_load_strictly(name, size, params):
+    keys = official_keys(name)
+    sd = {k: torch.empty(s, device="meta") for k, s in keys["model_state_dict"].items()}
+    assert dit.official_config(sd) == dict(channels=128, grid=16, trunk=dit.SIZES[size][0],
+                                           head=dit.SIZES[size][1], num_classes=1000)
+    with torch.device("meta"):
+        model = dit.DiTDH(**dit.official_config(sd))
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(s) for k, s in
+                                                                          keys["model_state_dict"].items()}
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=1e-3)
+    assert set(keys["model_ema"]) == {k for k, _ in model.named_parameters()}
+
+
+def test_load_official_dit_ema_without_buffers(tmp_path):
+    """The authors' EMA holds parameters only; the RoPE tables are filled in from ours."""
+    d, w = parity("ditdh_forward")
+    ema = {k: v for k, v in w.items() if not k.endswith(("freqs_cos", "freqs_sin"))}
+    torch.save({"model_ema": ema}, tmp_path / "ddt.pth")
+    model = dit.load_official_dit(str(tmp_path / "ddt.pth"), heads=(4, 4))
+    i = d["inputs"]
+    with torch.no_grad():
+        assert_close(model(i["x"], i["t"], i["y"]), d["outputs"]["velocity"])
+
+
+def dit_args(cache, out, *extra):
+    return ["--latents", cache, "--out", out, "--model", "tiny", "--batch-size", "8", "--epochs", "2",
+            "--workers", "0", "--log-every", "1", "--preview-every", "0", *extra]
+
+
+def test_dit_resume_is_exact(cache, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    dit.main(dit_args(cache, a))
+    dit.main(dit_args(cache, b, "--stop-at", "3"))
+    dit.main(dit_args(cache, b))
+    ca, cb = (torch.load(os.path.join(x, "latest.pt"), weights_only=False) for x in (a, b))
+    assert ca["step"] == cb["step"] == 10
+    for part in ("model", "ema"):
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
+    assert os.path.isfile(os.path.join(a, "preview_0000010.png"))  # decoded by the cache's tokenizer
+
+
+def test_dit_loss_falls(cache, tmp_path):
+    out = str(tmp_path / "fall")
+    dit.main(dit_args(cache, out, "--epochs", "12", "--lr", "2e-3", "--hold-epochs", "12"))
+    model, ckpt = dit.load_dit(os.path.join(out, "latest.pt"), weights="model")
+    fresh = dit.DiTDH(**ckpt["config"]).eval()
+    data = tokenizer.LatentCache(cache, flip=False)
+    g = torch.Generator().manual_seed(0)
+    moments = torch.stack([data[i][0] for i in range(40)])
+    y = torch.tensor([data[i][1] for i in range(40)])
+    x1 = tokenizer.sample_latent(moments, data.mu, data.sigma, 4, generator=g)
+    x0, u = torch.randn(x1.shape, generator=g), torch.rand(40, generator=g)
+    s = tokenizer.latent_shift(4, 8)
+    with torch.no_grad():
+        before = dit.flow_matching_loss(fresh, x1, y, s, x0, u).mean().item()
+        after = dit.flow_matching_loss(model, x1, y, s, x0, u).mean().item()
+    assert after < 0.8 * before, (before, after)
+
+
+def test_dit_two_process_gloo(cache, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29535",
+           os.path.join(HERE, "dit.py"), *dit_args(cache, out, "--batch-size", "4")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = torch.load(os.path.join(out, "latest.pt"), weights_only=False)
+    assert ckpt["step"] == 10 and len(ckpt["rng"]) == 2 and "img/s" in run.stdout
+
+
+def test_dit_mismatch_errors(cache, tmp_path, parity_sizes):
+    d, w = parity("tokenizer_full_reconstruct")  # a tokenizer with other weights than the cache's
+    other = str(tmp_path / "other.pth")
+    torch.save({"model_ema": w}, other)
+    with pytest.raises(ValueError, match="does not match"):
+        dit.main(dit_args(cache, str(tmp_path / "x"), "--tokenizer", other))
+    out = str(tmp_path / "run")
+    dit.main(dit_args(cache, out, "--stop-at", "1"))
+    with pytest.raises(ValueError, match="another model config"):
+        dit.main(dit_args(cache, out, "--model", "S"))
+    with pytest.raises(FileNotFoundError, match="encode"):
+        dit.main(dit_args(str(tmp_path / "no_cache"), out))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        dit.load_dit(str(tmp_path / "none.pt"))

@@ -929,24 +929,12 @@ class Trainer:
         distill.barrier()
 
     def resume(self):
-        path = os.path.join(self.args.out, "latest.pt")
-        if self.args.bench or not os.path.isfile(path):
-            return
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if ckpt["config"] != self.config:
-            raise ValueError(f"{path} was made with another model config ({ckpt['config']}); "
-                             f"use a new --out folder or the same flags")
-        if self.rank >= len(ckpt["rng"]):
-            raise ValueError(f"{path} was written by {len(ckpt['rng'])} processes; resume it with as many")
-        self.model.load_state_dict(ckpt["model"])
-        self.ema.load_state_dict(ckpt["ema"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.loss.discriminator.load_state_dict(ckpt["discriminator"])
-        self.d_opt.load_state_dict(ckpt["d_optimizer"])
-        self.step = ckpt["step"]
-        distill.set_rng_state(ckpt["rng"][self.rank])
-        self.flip_gen.set_state(ckpt["flip_rng"][self.rank])
-        distill.log(f"resumed from {path} at step {self.step}")
+        if not self.args.bench:
+            self.step = distill.resume(
+                os.path.join(self.args.out, "latest.pt"), self.rank,
+                {"model": self.model, "ema": self.ema, "optimizer": self.opt,
+                 "discriminator": self.loss.discriminator, "d_optimizer": self.d_opt},
+                {"flip_rng": self.flip_gen}, config=self.config)
 
     @torch.no_grad()
     def save_reconstructions(self):

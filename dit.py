@@ -1,0 +1,513 @@
+"""DiT^DH: the generator trained on RecTok's latents by flow matching (SPEC.md §4-5).
+
+A DiT trunk (adaLN-Zero blocks over the latent grid, conditioned on time and class) hands a per-token
+condition to a wide, shallow head (DDT-style blocks conditioned token-wise), which predicts the velocity
+x1 - x0 of the linear path x_t = t*x1 + (1-t)*x0. Time runs the generator's way: t = 0 is noise, t = 1 is
+data (SPEC.md §0); the training time is t = 1 - shift(u, s) with s = sqrt(h*w*C/4096), so that training
+spends its effort near the noise end. The Euler sampler walks the same shifted grid, with classifier-free
+guidance on all channels or autoguidance by a small model; sample.py uses it too.
+
+Run:
+    python dit.py                                        # tiny preset on runs/latents (built-in data)
+    torchrun --nproc_per_node=8 dit.py --preset paper --model XL --latents /latents/rectok \\
+        --tokenizer FT/latest.pt --out runs/dit_xl
+    python dit.py --model XL --bench 5 --batch-size 2    # timed steps, nothing written
+
+Reads a latent cache written by `tokenizer.py encode` (checked against meta.json) and writes OUT/latest.pt
+(resumable: model, EMA, optimizer, step, RNG), OUT/step_NNNNNNN.pt milestones and OUT/preview_STEP.png
+(EMA samples decoded by --tokenizer). A checkpoint is {"config", "model", "ema", "optimizer", "step",
+"epoch", "args", "rng", "latents"}; sample.py rebuilds the model from "config" and "ema".
+"""
+import argparse
+import json
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import distill
+import tokenizer
+
+#################################################################################
+#                        Embeddings and position codes                          #
+#################################################################################
+
+
+class TimestepEmbedder(nn.Module):
+    """Gaussian-Fourier features of t with FIXED random frequencies W ~ N(0, 1) (256 of them):
+    [sin(2 pi t W), cos(2 pi t W)] -> Linear -> SiLU -> Linear (SPEC.md §4.1)."""
+
+    def __init__(self, width, num_freqs=256):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(num_freqs), requires_grad=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * num_freqs, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t):
+        angles = 2 * math.pi * t[:, None].float() * self.W[None]
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))
+
+
+class LabelEmbedder(nn.Module):
+    """A table of num_classes + 1 rows: the last is the null class, which classifier-free guidance needs;
+    in training a label becomes null with probability `dropout` (SPEC.md §4.2)."""
+
+    def __init__(self, num_classes, width, dropout):
+        super().__init__()
+        self.num_classes, self.dropout = num_classes, dropout
+        self.embedding_table = nn.Embedding(num_classes + 1, width)
+
+    def forward(self, y):
+        if self.training and self.dropout > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return self.embedding_table(y)
+
+
+def sincos_pos_embed(width, grid):
+    """MAE's fixed 2D sin-cos table (L, width): the first half of the channels codes the column, the second
+    the row, each [sin | cos] with omega_k = 1/10000^(k/(width/4)) at integer positions."""
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+
+    def code(pos):
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([code(cols), code(rows)], dim=1).float()
+
+
+def eva_rope(grid, head_dim, theta=10000.0):
+    """EVA-style 2D RoPE (cos, sin), each (grid*grid, head_dim): per axis head_dim/2 channels with
+    frequencies 1/theta^(2j/(head_dim/2)), each repeated for an adjacent pair; rows in the first half of
+    the head dim, columns in the second; integer positions (SPEC.md §4.4)."""
+    dim = head_dim // 2
+    freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    axis = torch.arange(grid, dtype=torch.float32)[:, None] * freqs
+    axis = axis.repeat_interleave(2, dim=-1)  # (grid, dim), pairs share an angle
+    angles = torch.cat([axis[:, None, :].expand(grid, grid, dim), axis[None, :, :].expand(grid, grid, dim)],
+                       dim=-1).reshape(grid * grid, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def rope(x, cos, sin):
+    return x * cos + tokenizer.rotate_adjacent(x) * sin
+
+
+#################################################################################
+#                                DiT^DH blocks                                  #
+#################################################################################
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (eps 1e-6), cast back, then scaled."""
+
+    def __init__(self, width, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, cos, sin):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = rope(q, cos, sin).to(v.dtype), rope(k, cos, sin).to(v.dtype)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Block(nn.Module):
+    """adaLN-Zero block: shift/scale/gate for attention and MLP from Linear(SiLU(c)); c is (B, D) in the
+    trunk and per token (B, L, D) in the head."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.norm1 = RMSNorm(width)
+        self.attn = Attention(width, heads)
+        self.norm2 = RMSNorm(width)
+        self.mlp = tokenizer.SwiGLU(width)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x, c, cos, sin):
+        if c.dim() == 2:
+            c = c[:, None]
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width, channels):
+        super().__init__()
+        self.norm_final = RMSNorm(width)
+        self.linear = nn.Linear(width, channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, s):
+        shift, scale = self.adaLN_modulation(s).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, channels, width):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, width, 1)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+#: trunk (width, depth, heads), head (width, depth, heads) (SPEC.md §4)
+SIZES = {
+    "S": ((384, 12, 6), (2048, 2, 16)),
+    "B": ((768, 12, 12), (2048, 2, 16)),
+    "L": ((1024, 24, 16), (2048, 2, 16)),
+    "XL": ((1152, 28, 16), (2048, 2, 16)),
+    "tiny": ((128, 4, 4), (256, 1, 4)),  # ours, for the CPU demo
+}
+
+
+class DiTDH(nn.Module):
+    """DiT^DH (SPEC.md §4). forward(x (B, C, h, w) noisy normalised latent, t (B,) in [0, 1] with 1 = data,
+    y (B,) labels, num_classes = null) -> velocity (B, C, h, w)."""
+
+    def __init__(self, channels=128, grid=16, trunk=(1152, 28, 16), head=(2048, 2, 16), num_classes=1000,
+                 label_dropout=0.1):
+        super().__init__()
+        (dt, nt, ht), (dh, nh, hh) = trunk, head
+        self.channels, self.grid, self.num_classes, self.num_trunk = channels, grid, num_classes, nt
+        self.s_embedder = PatchEmbed(channels, dt)
+        self.x_embedder = PatchEmbed(channels, dh)
+        self.pos_embed = nn.Parameter(sincos_pos_embed(dt, grid)[None], requires_grad=False)
+        self.t_embedder = TimestepEmbedder(dt)
+        self.y_embedder = LabelEmbedder(num_classes, dt, label_dropout)
+        self.s_projector = nn.Linear(dt, dh)
+        self.blocks = nn.ModuleList([Block(dt, ht) for _ in range(nt)] + [Block(dh, hh) for _ in range(nh)])
+        self.final_layer = FinalLayer(dh, channels)
+        for name, (h, width) in (("enc_feat_rope", (ht, dt)), ("dec_feat_rope", (hh, dh))):
+            cos, sin = eva_rope(grid, width // h)
+            self.register_module(name, nn.Module())
+            getattr(self, name).register_buffer("freqs_cos", cos)
+            getattr(self, name).register_buffer("freqs_sin", sin)
+        self.init_weights()
+
+    def init_weights(self):
+        """Xavier-uniform patch embeddings, N(0, 0.02) label table and time MLP, zero adaLN outputs and final
+        linear (adaLN-Zero), PyTorch's default for the other Linear layers (SPEC.md §4, Init)."""
+        for emb in (self.s_embedder, self.x_embedder):
+            nn.init.xavier_uniform_(emb.proj.weight.view(emb.proj.weight.shape[0], -1))
+            nn.init.zeros_(emb.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for m in [b.adaLN_modulation[1] for b in self.blocks] + [self.final_layer.adaLN_modulation[1],
+                                                                 self.final_layer.linear]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x, t, y):
+        B = x.shape[0]
+        t_emb = self.t_embedder(t)
+        c = F.silu(t_emb + self.y_embedder(y))
+        s = self.s_embedder(x) + self.pos_embed
+        rope_t = (self.enc_feat_rope.freqs_cos, self.enc_feat_rope.freqs_sin)
+        for block in self.blocks[:self.num_trunk]:
+            s = block(s, c, *rope_t)
+        s = self.s_projector(F.silu(t_emb[:, None] + s))  # the hand-off: a per-token condition
+        h = self.x_embedder(x)  # the head re-reads x, with no position embedding
+        rope_h = (self.dec_feat_rope.freqs_cos, self.dec_feat_rope.freqs_sin)
+        for block in self.blocks[self.num_trunk:]:
+            h = block(h, s, *rope_h)
+        out = self.final_layer(h, s)
+        return out.transpose(1, 2).reshape(B, self.channels, self.grid, self.grid)
+
+
+#################################################################################
+#               Flow matching and the Euler sampler (SPEC.md §4-5)              #
+#################################################################################
+
+
+def train_time(u, s):
+    """t = 1 - shift(u, s): training time toward the noise end. As released, the shift applies only when
+    s > 1 (below that t = u)."""
+    return 1 - tokenizer.shift(u, s) if s > 1 else u
+
+
+def flow_matching_loss(model, x1, y, s, x0=None, u=None):
+    """Linear path x_t = t*x1 + (1-t)*x0, velocity target x1 - x0, plain MSE per sample (SPEC.md §4)."""
+    x0 = torch.randn_like(x1) if x0 is None else x0
+    u = torch.rand(x1.shape[0], device=x1.device) if u is None else u
+    t = train_time(u, s)
+    tt = t.view(-1, 1, 1, 1)
+    pred = model(tt * x1 + (1 - tt) * x0, t, y)
+    return ((pred.float() - (x1 - x0)) ** 2).mean(dim=(1, 2, 3))
+
+
+def euler_grid(num_points, s):
+    """N grid points = N-1 Euler steps: sigma(t) = s*t/(1+(s-1)*t) on linspace(0, 1, N) in float32; for
+    s > 1 the grid is flipped, g_i = 1 - sigma(1 - i/(N-1)), dense near t = 0 (noise)."""
+    t = torch.linspace(0, 1, num_points)
+    sigma = s * t / (1 + (s - 1) * t)
+    return (sigma[-1] - sigma).flip(0) if s > 1 else sigma
+
+
+def guided_velocity(model, x, t, y, cfg=1.0, interval=(0.0, 1.0), guide=None):
+    """Classifier-free guidance v_u + w (v_c - v_u) on ALL channels inside the (inclusive) interval, or
+    autoguidance v_g + w (v_main - v_g) with a weaker model on the same labels (SPEC.md §5)."""
+    tb = t.expand(x.shape[0])
+    if guide is not None:
+        v, v_g = model(x, tb, y), guide(x, tb, y)
+        return v_g + cfg * (v - v_g)
+    if cfg == 1.0 or not (interval[0] <= float(t) <= interval[1]):
+        return model(x, tb, y)
+    null = torch.full_like(y, model.num_classes)
+    v_c, v_u = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null])).chunk(2)
+    return v_u + cfg * (v_c - v_u)
+
+
+@torch.no_grad()
+def sample(model, z0, y, num_points=150, s=None, cfg=1.0, interval=(0.0, 1.0), guide=None, trajectory=False):
+    """Euler ODE from t = 0 (noise z0) to 1: x <- x + (g_{i+1} - g_i) v(x, g_i). The last state is returned
+    with no extra denoising step."""
+    s = tokenizer.latent_shift(model.grid, model.channels) if s is None else s
+    grid = euler_grid(num_points, s).to(z0.device)
+    x, states = z0, [z0]
+    for i in range(num_points - 1):
+        v = guided_velocity(model, x, grid[i], y, cfg, interval, guide)
+        x = x + (grid[i + 1] - grid[i]) * v.to(x.dtype)
+        states.append(x)
+    return torch.stack(states) if trajectory else x
+
+
+#################################################################################
+#                     Training on the latent cache (SPEC.md §4)                 #
+#################################################################################
+
+PRESETS = {
+    # The released recipe: DiT^DH-XL, global batch 1024 (8 x 128), lr 2e-4 held 40 epochs then linear to
+    # 2e-5 at epoch 800, EMA 0.9995. (The guide model for autoguidance: --model S --epochs 30.)
+    "paper": dict(model="XL", epochs=800, batch_size=128, lr=2e-4, hold_epochs=40, final_lr=2e-5,
+                  ema=0.9995, latents=None),
+    # Minutes on a 2-core CPU on the built-in data's cache.
+    "tiny": dict(model="tiny", epochs=40, batch_size=64, lr=1e-3, hold_epochs=10, final_lr=1e-4,
+                 ema=0.99, latents="runs/latents"),
+}
+
+
+def hold_then_linear(epoch, args):
+    """lr held for hold_epochs, then linear to final_lr at the last epoch (per step, fractional epochs)."""
+    if epoch < args.hold_epochs:
+        return args.lr
+    frac = min(1.0, (epoch - args.hold_epochs) / max(1e-8, args.epochs - args.hold_epochs))
+    return args.lr + frac * (args.final_lr - args.lr)
+
+
+def open_latents(args):
+    """The cache, checked against the tokenizer used for previews (same weights fingerprint)."""
+    expect = {}
+    tok = None
+    if args.tokenizer:
+        tok, _ = tokenizer.load_tokenizer(args.tokenizer)
+        expect["fingerprint"] = tokenizer.fingerprint(tok)
+    return tokenizer.LatentCache(args.latents, expect=expect, seed=args.seed), tok
+
+
+def build_model(args, cache):
+    trunk, head = SIZES[args.model]
+    config = dict(channels=cache.meta["channels"], grid=cache.meta["grid"], trunk=trunk, head=head,
+                  num_classes=cache.num_classes, label_dropout=args.label_dropout)
+    return DiTDH(**config), config
+
+
+@torch.no_grad()
+def save_preview(ema, tok, cache, path, device, num=8, seed=0):
+    """EMA samples (Euler, 50 points, no guidance) decoded by the tokenizer, classes 0..num-1."""
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(num, ema.channels, ema.grid, ema.grid, generator=g).to(device)
+    y = (torch.arange(num) % ema.num_classes).to(device)
+    latents = sample(ema, z0, y, num_points=50)
+    images = tok.to(device).detokenize(latents, cache.mu.to(device), cache.sigma.to(device))
+    tokenizer.save_grid([images], path)
+
+
+def train(args):
+    rank, world, device = distill.setup_distributed()
+    torch.manual_seed(args.seed * world + rank)
+    cache, tok = open_latents(args)
+    model, config = build_model(args, cache)
+    model.to(device)
+    ema = distill.make_ema(model)
+    ddp = nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
+                            weight_decay=0.0, fused=device.type == "cuda")
+    loader, sampler = distill.make_loader(cache, args.batch_size, args.seed, rank, world, args.workers, device)
+    steps_per_epoch = len(cache) // (args.batch_size * world)
+    total = args.epochs * steps_per_epoch
+    stop = min(total, args.bench or args.stop_at or total)
+    latest = os.path.join(args.out, "latest.pt")
+    step = 0 if args.bench else distill.resume(latest, rank, {"model": model, "ema": ema, "optimizer": opt},
+                                               config=config)
+    s = tokenizer.latent_shift(cache.meta["grid"], cache.meta["channels"])
+    mu, sigma = cache.mu.to(device), cache.sigma.to(device)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    distill.log(f"DiT^DH-{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                f"{len(cache)} latents ({cache.meta['channels']} x {cache.meta['grid']}^2), shift {s:.3f}, "
+                f"{world} process(es) x batch {args.batch_size}, {total} steps")
+    meter = distill.Throughput(device)
+    model.train()
+    while step < stop:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        cache.set_epoch(epoch)
+        sampler.set_position(epoch, in_epoch)
+        for moments, y in loader:
+            moments, y = moments.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for g in opt.param_groups:
+                g["lr"] = hold_then_linear(step / steps_per_epoch, args)
+            x1 = tokenizer.sample_latent(moments, mu, sigma, cache.meta["grid"])
+            with autocast:
+                loss = flow_matching_loss(ddp, x1, y, s).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            distill.update_ema(ema, model, args.ema)
+            step += 1
+            meter.add(len(y) * world)
+            if args.bench and step == 1:
+                meter.reset()
+            elif step % args.log_every == 0 or step == stop:
+                distill.log(f"step {step}/{total} epoch {step / steps_per_epoch:.2f} loss {loss.item():.4f} "
+                            f"grad_norm {grad_norm.item():.3f} lr {opt.param_groups[0]['lr']:.2e} "
+                            f"{meter.report()}")
+            if not args.bench:
+                checkpoint(args, step, stop, steps_per_epoch, rank, world, model, ema, opt, config, cache, tok,
+                           device)
+            if step >= stop or step % steps_per_epoch == 0:
+                break
+    distill.cleanup_distributed()
+    return step
+
+
+def checkpoint(args, step, stop, steps_per_epoch, rank, world, model, ema, opt, config, cache, tok, device):
+    """latest.pt every --ckpt-every steps and at the end, milestones, previews (rank 0 writes, all wait)."""
+    if rank == 0 and tok is not None and args.preview_every and step % args.preview_every == 0:
+        save_preview(ema, tok, cache, os.path.join(args.out, f"preview_{step:07d}.png"), device)
+    if step % args.ckpt_every and step != stop:
+        return
+    state = {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
+             "optimizer": opt.state_dict(), "step": step, "epoch": step / steps_per_epoch, "args": vars(args),
+             "rng": distill._gather(distill.rng_state(), world),
+             "latents": {"root": os.path.abspath(args.latents), "fingerprint": cache.meta["fingerprint"],
+                         "tokenizer": cache.meta["tokenizer"], "mu": cache.mu, "sigma": cache.sigma}}
+    if rank == 0:
+        distill.atomic_save(state, os.path.join(args.out, "latest.pt"))
+        if args.save_every and step % args.save_every == 0:
+            distill.atomic_save(state, os.path.join(args.out, f"step_{step:07d}.pt"))
+        if step == stop and tok is not None:
+            save_preview(ema, tok, cache, os.path.join(args.out, f"preview_{step:07d}.png"), device)
+    distill.barrier()
+
+
+def load_dit(path, device="cpu", weights="ema"):
+    """A generator checkpoint -> (DiTDH in eval mode, checkpoint). Reads ours and the authors' released
+    DiT^DH checkpoints ('ema' or 'model' with their names, which are ours)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"generator checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "config" not in ckpt:
+        raise ValueError(f"{path} has no 'config': pass a checkpoint written by dit.py (the authors' "
+                         f"weights load with load_official_dit)")
+    model = DiTDH(**ckpt["config"])
+    distill.load_strict(model, ckpt[weights], f"generator checkpoint {path}")
+    return model.to(device).eval(), ckpt
+
+
+HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16, 2048: 16}  # head counts of the official widths
+
+
+def official_config(sd, heads=None):
+    """DiTDH arguments read off the authors' DiT^DH state dict (their names are ours). The head counts
+    are not in the weights: the official widths imply them, other widths need `heads`."""
+    dh, dt = sd["s_projector.weight"].shape
+    widths = [sd[k].shape[1] for k in sd if k.startswith("blocks.") and k.endswith("adaLN_modulation.1.weight")]
+    ht, hh = heads or (HEADS[dt], HEADS[dh])
+    return dict(channels=sd["final_layer.linear.weight"].shape[0], grid=math.isqrt(sd["pos_embed"].shape[1]),
+                trunk=(dt, widths.count(dt), ht), head=(dh, widths.count(dh), hh),
+                num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+
+
+def load_official_dit(path, device="cpu", heads=None):
+    """The authors' DiT^DH-XL / DiT^DH-S checkpoint ('model_ema' if present, else 'model'), strictly. Their
+    EMA holds parameters only, so the RoPE tables (persistent buffers) are filled in from our own."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    sd = dict(ckpt.get("model_ema", ckpt.get("model", ckpt)))
+    model = DiTDH(**official_config(sd, heads))
+    for k, v in model.state_dict().items():
+        if k.endswith(("freqs_cos", "freqs_sin")):
+            sd.setdefault(k, v)
+    distill.load_strict(model, sd, f"DiT^DH checkpoint {path}")
+    return model.to(device).eval()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--latents", default=None, help="latent cache folder (tokenizer.py encode)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint for previews (default: the "
+                   "cache's tokenizer, if it still exists)")
+    p.add_argument("--out", default="runs/dit")
+    p.add_argument("--model", default=None, choices=sorted(SIZES))
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="per process")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--hold-epochs", type=float, default=None)
+    p.add_argument("--final-lr", type=float, default=None)
+    p.add_argument("--ema", type=float, default=None)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--ckpt-every", type=int, default=1000)
+    p.add_argument("--save-every", type=int, default=50000, help="keep a milestone copy every N steps")
+    p.add_argument("--preview-every", type=int, default=5000, help="preview PNG every N steps (0: off)")
+    p.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit at this step (job limits)")
+    p.add_argument("--bench", type=int, default=0, help="time this many steps, write nothing")
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.latents is None:
+        p.error("--latents is required with --preset paper")
+    meta = os.path.join(args.latents, "meta.json")
+    if args.tokenizer is None and os.path.isfile(meta):
+        with open(meta) as f:
+            path = json.load(f)["tokenizer"]
+        args.tokenizer = path if os.path.isfile(path) else None
+    return args
+
+
+def main(argv=None):
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
