@@ -20,6 +20,7 @@ from PIL import Image
 import dit
 import distill
 import fid
+import sample
 import tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1075,3 +1076,68 @@ def test_dit_mismatch_errors(cache, tmp_path, parity_sizes):
         dit.main(dit_args(str(tmp_path / "no_cache"), out))
     with pytest.raises(FileNotFoundError, match="not found"):
         dit.load_dit(str(tmp_path / "none.pt"))
+
+
+#################################################################################
+#                                 sample.py                                     #
+#################################################################################
+
+
+@pytest.fixture(scope="module")
+def dit_run(cache, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dit"))
+    dit.main(dit_args(cache, out, "--stop-at", "2"))
+    return os.path.join(out, "latest.pt")
+
+
+def sample_args(ckpt, out, *extra):
+    return ["--dit", ckpt, "--out", out, "--num-images", "14", "--steps", "4", "--batch-size", "4", *extra]
+
+
+def test_sampling_is_the_same_on_two_processes(dit_run, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    sample.main(sample_args(dit_run, one, "--cfg", "1.5"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29536",
+           os.path.join(HERE, "sample.py"), *sample_args(dit_run, two, "--cfg", "1.5")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = np.load(os.path.join(one, "samples.npz")), np.load(os.path.join(two, "samples.npz"))
+    assert a["arr_0"].shape == (14, 32, 32, 3) and a["arr_0"].dtype == np.uint8
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    assert np.bincount(a["labels"], minlength=10).tolist() == [2, 2, 2, 2, 1, 1, 1, 1, 1, 1]
+    assert sorted(os.listdir(os.path.join(one, "images")))[0] == "000000.png"
+    assert os.path.isfile(os.path.join(one, "preview.png")) and "img/s" in run.stdout
+
+
+def test_interrupted_sampling_resumes_to_the_same_set(dit_run, tmp_path):
+    out = str(tmp_path / "s")
+    sample.main(sample_args(dit_run, out))
+    first = np.load(os.path.join(out, "samples.npz"))["arr_0"]
+    for i in (5, 6, 13):  # as if killed mid-run
+        os.remove(os.path.join(out, "images", f"{i:06d}.png"))
+    os.remove(os.path.join(out, "samples.npz"))
+    sample.main(sample_args(dit_run, out))
+    assert np.array_equal(np.load(os.path.join(out, "samples.npz"))["arr_0"], first)
+    assert sample.image_noise(0, 7, (2, 2)).equal(sample.image_noise(0, 7, (2, 2)))
+    assert not sample.image_noise(0, 7, (2, 2)).equal(sample.image_noise(1, 7, (2, 2)))
+
+
+def test_sampling_fid_and_autoguidance(dit_run, inception_files, tmp_path):
+    out, ref = str(tmp_path / "fid"), str(tmp_path / "ref.npz")
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    metrics = sample.main(sample_args(dit_run, out, "--guide", dit_run, "--cfg", "1.29", "--ref-stats", ref,
+                                      "--inception-weights", str(inception_files / "inception.pth")))
+    assert np.isfinite(metrics["fid"]) and metrics["num_samples"] == 14 and metrics["inception_score"] >= 1
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["fid"] == pytest.approx(metrics["fid"])
+
+
+def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path):
+    with pytest.raises(FileNotFoundError, match="generator checkpoint not found"):
+        sample.main(sample_args(str(tmp_path / "none.pt"), str(tmp_path / "a")))
+    with pytest.raises(FileNotFoundError, match="tokenizer checkpoint not found"):
+        sample.main(sample_args(dit_run, str(tmp_path / "b"), "--tokenizer", str(tmp_path / "none.pt")))
+    _, w = parity("tokenizer_full_reconstruct")
+    torch.save({"model_ema": w}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="fingerprint"):
+        sample.main(sample_args(dit_run, str(tmp_path / "c"), "--tokenizer", str(tmp_path / "other.pth")))

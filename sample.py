@@ -1,0 +1,173 @@
+"""Sampling: class-balanced images from a trained DiT^DH, decoded by the RecTok tokenizer, and their FID
+(SPEC.md §5-6).
+
+Image i of a run has label i % num_classes and initial noise drawn from a generator seeded by (seed, i)
+alone; the index space is cut into global batches of --batch-size that are dealt to the ranks in
+contiguous runs, so every image is computed in the same batch whatever the number of processes, and the
+files are the same with 1 GPU or 64. A crash resumes by skipping the batches whose PNGs all exist.
+
+Run:
+    python sample.py                                          # tiny: 100 samples from runs/dit
+    torchrun --nproc_per_node=8 sample.py --dit runs/dit_xl/latest.pt --num-images 50000 --steps 150 \\
+        --ref-stats /refs/VIRTUAL_imagenet256_labeled.npz     # gFID-50K without guidance
+    ... --guide runs/dit_s/latest.pt --cfg 1.29               # autoguidance (the paper's guided numbers)
+    ... --cfg 1.5 --cfg-interval 0.0 0.7                      # classifier-free guidance on an interval
+
+Writes OUT/images/{i:06d}.png, OUT/samples.npz (`arr_0` (N, H, W, 3) uint8 and `labels`, the layout the
+ADM evaluator and fid.py read), OUT/preview.png, and with --ref-stats OUT/metrics.json (FID, IS).
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import dit
+import distill
+import fid
+import tokenizer
+
+
+def image_noise(seed, index, shape):
+    """The initial noise of image `index`: a function of (seed, index) only."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]))
+    return torch.randn(shape, generator=g)
+
+
+def my_batches(num, batch_size, rank, world):
+    """Global batches [k*B, (k+1)*B) dealt to ranks in contiguous runs (uneven shards allowed)."""
+    count = math.ceil(num / batch_size)
+    lo, hi = rank * count // world, (rank + 1) * count // world
+    return [range(k * batch_size, min(num, (k + 1) * batch_size)) for k in range(lo, hi)]
+
+
+def load_models(args, device):
+    """Generator (EMA), optional autoguidance model and the tokenizer, checked against each other."""
+    model, ckpt = dit.load_dit(args.dit, device)
+    latents = ckpt["latents"]
+    tok_path = args.tokenizer or latents["tokenizer"]
+    tok, config = tokenizer.load_tokenizer(tok_path, device=device)
+    if tokenizer.fingerprint(tok) != latents["fingerprint"]:
+        raise ValueError(f"tokenizer {tok_path} is not the one whose latents trained {args.dit} (weights "
+                         f"fingerprint differs); pass the tokenizer checkpoint that wrote its latent cache")
+    if (config["channels"], config["img_size"] // config["patch_size"]) != (model.channels, model.grid):
+        raise ValueError(f"tokenizer latents ({config['channels']} x grid {config['img_size'] // config['patch_size']})"
+                         f" do not match the generator ({model.channels} x grid {model.grid})")
+    guide = dit.load_dit(args.guide, device)[0] if args.guide else None
+    return model, guide, tok, latents["mu"].to(device), latents["sigma"].to(device)
+
+
+@torch.no_grad()
+def generate(args, model, guide, tok, mu, sigma, batch, device):
+    """One batch of indices -> uint8 images (B, H, W, 3) and labels."""
+    labels = torch.tensor([i % model.num_classes for i in batch], device=device)
+    z0 = torch.stack([image_noise(args.seed, i, (model.channels, model.grid, model.grid)) for i in batch])
+    with torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
+        latents = dit.sample(model, z0.to(device), labels, args.steps, cfg=args.cfg,
+                             interval=tuple(args.cfg_interval), guide=guide)
+        images = tok.detokenize(latents.float(), mu, sigma)
+    return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy(), labels.cpu()
+
+
+def save_png(array, path):
+    tmp = path + ".tmp.png"
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)  # a PNG that exists is complete
+
+
+def pack(args, num):
+    """All PNGs -> one .npz (arr_0, labels) and a preview grid."""
+    folder = os.path.join(args.out, "images")
+    arr = np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png"))) for i in range(num)])
+    labels = np.arange(num) % args.num_classes
+    tmp = os.path.join(args.out, "samples.tmp.npz")
+    np.savez(tmp, arr_0=arr, labels=labels)
+    os.replace(tmp, os.path.join(args.out, "samples.npz"))
+    n = min(64, num)
+    cols = min(8, n)
+    rows = [np.concatenate(list(arr[r * cols:(r + 1) * cols]), axis=1) for r in range(n // cols)]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(os.path.join(args.out, "preview.png"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = distill.setup_distributed()
+    model, guide, tok, mu, sigma = load_models(args, device)
+    args.num_classes = model.num_classes
+    folder = os.path.join(args.out, "images")
+    os.makedirs(folder, exist_ok=True)
+    batches = my_batches(args.num_images, args.batch_size, rank, world)
+    todo = [b for b in batches if not all(os.path.isfile(os.path.join(folder, f"{i:06d}.png")) for i in b)]
+    distill.log(f"sampling {args.num_images} images ({args.steps} grid points, cfg {args.cfg}"
+                f"{', autoguidance' if guide else ''}) on {world} process(es); rank 0: "
+                f"{len(batches) - len(todo)} of {len(batches)} batches already done")
+    t0, made = time.time(), 0
+    for k, batch in enumerate(todo):
+        images, _ = generate(args, model, guide, tok, mu, sigma, batch, device)
+        for i, img in zip(batch, images):
+            save_png(img, os.path.join(folder, f"{i:06d}.png"))
+        made += len(batch)
+        if (k + 1) % args.log_every == 0 or k + 1 == len(todo):
+            distill.log(f"{made * world}/{args.num_images} images, {made * world / (time.time() - t0):.1f} img/s "
+                        f"(all ranks), peak mem {distill.peak_memory_gb(device):.2f} GB")
+    distill.barrier()
+    if rank == 0:
+        pack(args, args.num_images)
+        distill.log(f"wrote {args.num_images} PNGs, samples.npz and preview.png in {args.out}")
+    distill.barrier()
+    metrics = evaluate(args, device) if args.ref_stats else None
+    if metrics is None:
+        distill.log("no --ref-stats given: images written, FID not computed")
+    distill.cleanup_distributed()
+    return metrics
+
+
+def evaluate(args, device):
+    """FID and IS of samples.npz against --ref-stats (ADM reference batch or fid.py statistics)."""
+    inception = fid.FIDInception().load(args.inception_weights).to(device)
+    feats, logits = fid.features(inception, os.path.join(args.out, "samples.npz"), args.fid_batch_size,
+                                 args.fid_mode, device)
+    ref = fid.load_statistics(args.ref_stats)
+    metrics = {"fid": fid.frechet_distance(*fid.statistics(feats), *ref), "num_samples": len(feats),
+               "ref_stats": args.ref_stats, "dit": args.dit, "steps": args.steps, "cfg": args.cfg,
+               "cfg_interval": args.cfg_interval, "guide": args.guide, "seed": args.seed}
+    if len(logits) >= 10:
+        metrics["inception_score"], metrics["inception_score_std"] = fid.inception_score(logits)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return metrics
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    distill.log(json.dumps(metrics))
+    return metrics
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dit", default="runs/dit/latest.pt", help="generator checkpoint (EMA weights are used)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one the "
+                   "generator's latent cache came from)")
+    p.add_argument("--guide", default=None, help="autoguidance: the weaker generator (e.g. DiT^DH-S)")
+    # not `--num`: torchrun would take it for an abbreviation of its own --numa-binding
+    p.add_argument("--num-images", type=int, default=100, help="number of images (the paper: 50000)")
+    p.add_argument("--steps", type=int, default=150, help="Euler grid points (steps + 1)")
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (CFG, or autoguidance with --guide)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="CFG time interval")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=50, help="global batch (same images for any ranks)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA")
+    p.add_argument("--out", default="runs/samples")
+    p.add_argument("--ref-stats", default=None, help="reference statistics .npz for FID (mu, sigma)")
+    p.add_argument("--inception-weights", default=None)
+    p.add_argument("--fid-mode", default="tf", choices=["tf", "pytorch-fid"])
+    p.add_argument("--fid-batch-size", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10, help="log every N batches")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main()
