@@ -20,6 +20,7 @@ from PIL import Image
 import dit
 import distill
 import fid
+import probe
 import sample
 import tokenizer
 
@@ -1141,3 +1142,53 @@ def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path):
     torch.save({"model_ema": w}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="fingerprint"):
         sample.main(sample_args(dit_run, str(tmp_path / "c"), "--tokenizer", str(tmp_path / "other.pth")))
+
+
+#################################################################################
+#                                  probe.py                                     #
+#################################################################################
+
+
+def probe_args(**kw):
+    args = probe.parse_args([])
+    args.epochs, args.warmup_epochs = 30, 3
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+@pytest.mark.parametrize("kw", [dict(protocol="mae"),  # one epoch of Adam needs small batches here
+                                dict(protocol="research", probe_batch_size=16, adam_lr=1e-2)])
+def test_probe_finds_planted_linear_structure(kw):
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(10, 32, generator=g) * 2
+    y, yv = torch.arange(2000) % 10, torch.arange(500) % 10
+    x = means[y] + torch.randn(2000, 32, generator=g)
+    xv = means[yv] + torch.randn(500, 32, generator=g)
+    acc = probe.train_linear(x, y, xv, yv, 10, probe_args(**kw))
+    assert acc["top1"] > 90 and acc["top5"] >= acc["top1"]
+
+
+def test_probe_random_labels_stay_near_chance():
+    g = torch.Generator().manual_seed(0)
+    x, xv = torch.randn(2000, 32, generator=g), torch.randn(1000, 32, generator=g)
+    y, yv = torch.randint(0, 10, (2000,), generator=g), torch.randint(0, 10, (1000,), generator=g)
+    acc = probe.train_linear(x, y, xv, yv, 10, probe_args())
+    assert 5 < acc["top1"] < 16 and 40 < acc["top5"] < 60
+
+
+def test_probe_two_processes_equal_one(stage1_run, tmp_path):
+    common = ["--tokenizer", stage1_run, "--num-train", "60", "--num-val", "30", "--batch-size", "16",
+              "--epochs", "5", "--warmup-epochs", "1", "--probe-batch-size", "32", "--sweep-tau", "0", "0.5"]
+    one = probe.main(common + ["--out", str(tmp_path / "one")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+           os.path.join(HERE, "probe.py"), *common, "--out", str(tmp_path / "two")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "two" / "probe.json") as f:
+        two = json.load(f)["results"]
+    assert [(r["tau"], round(r["top1"], 4)) for r in one] == [(r["tau"], round(r["top1"], 4)) for r in two]
+    assert os.path.isfile(tmp_path / "one" / "probe_tau.png")
+    for feature in ("L", "SL"):
+        (res,) = probe.main(common[:-3] + ["--feature", feature, "--out", str(tmp_path / feature)])
+        assert res["feature"] == feature and 0 <= res["top1"] <= 100

@@ -1,0 +1,244 @@
+"""Linear probing of frozen tokenizer features, including along the forward flow (SPEC.md §6-7).
+
+RecTok's claim is that its latents are semantic, and stay so along the flow a generator trains on. This
+stage measures it: token-averaged features of the training images train a linear classifier, evaluated on
+held-out images (top-1, top-5). Features:
+  * "L": the latent, the posterior mean (C-dim);
+  * "SL": the last encoder layer before the latent head (D-dim);
+  * "flow": the noisy latent (1 - tau) * z + tau * eps at --tau (eps a function of (seed, image index)).
+Protocols:
+  * "mae": BatchNorm without affine, then a linear layer; LARS, warm-up then cosine, 90 epochs (MAE's);
+  * "research": the authors' quick protocol: token-averaged logits (for a linear head, the logits of the
+    token-averaged feature), Adam, 1 epoch.
+
+Run:
+    python probe.py                                         # tiny: runs/tokenizer_ft on the built-in data
+    python probe.py --sweep-tau 0 0.1 0.3 0.5 0.7 0.9       # accuracy against tau: JSON + PNG plot
+    torchrun --nproc_per_node=8 probe.py --tokenizer FT/latest.pt --data /imagenet/train \\
+        --val-data /imagenet/val --feature SL
+
+Features are extracted once per run (each rank a shard, gathered) and reused across epochs; the linear
+training is deterministic given --seed and identical on every rank. Writes OUT/probe.json (and, with
+--sweep-tau, OUT/probe_tau.png).
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import distill
+import fid
+import tokenizer
+
+#################################################################################
+#                                   Features                                    #
+#################################################################################
+
+
+def flow_noise(seed, index, shape):
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index, 7]).generate_state(1, np.uint64)[0]))
+    return torch.randn(shape, generator=g)
+
+
+@torch.no_grad()
+def extract(model, data, kind, taus, args, device):
+    """Token-averaged features of every image of `data` for each tau (L and SL use tau = 0): this rank's
+    contiguous shard, gathered in index order. Returns ({tau: (N, dim)}, labels (N,))."""
+    rank, world = fid.world_info()
+    lo, hi = rank * len(data) // world, (rank + 1) * len(data) // world
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(lo, hi)),
+                                         batch_size=args.batch_size, num_workers=args.workers)
+    feats, labels, start = {tau: [] for tau in taus}, [], lo
+    for x, y in loader:
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            moments, hidden = model.encoder(x.to(device), return_features=True)
+        z = tokenizer.Posterior(moments).mean
+        for tau in taus:
+            if kind == "SL":
+                f = hidden.float()
+            elif tau == 0:
+                f = z
+            else:
+                eps = torch.stack([flow_noise(args.seed, start + j, z.shape[1:]) for j in range(len(y))])
+                f = (1 - tau) * z + tau * eps.to(device)
+            feats[tau].append(f.mean(dim=1).double().cpu())
+        labels.append(y)
+        start += len(y)
+    gathered = {tau: torch.from_numpy(fid.gather(torch.cat(v), device)).float() for tau, v in feats.items()}
+    return gathered, torch.from_numpy(fid.gather(torch.cat(labels).double()[:, None], device)[:, 0]).long()
+
+
+#################################################################################
+#                              Linear classifiers                               #
+#################################################################################
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in MAE's linear probing: for weight matrices, the update is scaled by
+    trust = eta * ||w|| / ||g||; momentum SGD; 1-D parameters (biases) are left unscaled."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=g["weight_decay"])
+                    w_norm, d_norm = p.norm(), d.norm()
+                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, torch.ones(()))
+                    d = d * trust
+                buf = self.state[p].setdefault("mu", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+
+
+def make_head(dim, num_classes, protocol):
+    head = nn.Linear(dim, num_classes)
+    nn.init.trunc_normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    if protocol == "mae":  # BatchNorm without affine in front of the linear layer
+        return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), head)
+    return head
+
+
+def train_linear(x, y, xv, yv, num_classes, args):
+    """Train a linear probe on (x, y); top-1 and top-5 accuracy (%) on (xv, yv). Deterministic."""
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    head = make_head(x.shape[1], num_classes, args.protocol)
+    epochs = args.epochs if args.protocol == "mae" else 1
+    batch = min(args.probe_batch_size, len(x))
+    steps_per_epoch = len(x) // batch
+    if args.protocol == "mae":
+        lr = args.blr * batch / 256
+        opt = LARS(head.parameters(), lr=lr, weight_decay=args.weight_decay)
+    else:
+        lr = args.adam_lr
+        opt = torch.optim.Adam(head.parameters(), lr=lr)
+    total = epochs * steps_per_epoch
+    for step in range(total):
+        if step % steps_per_epoch == 0:
+            perm = torch.randperm(len(x), generator=g)
+        idx = perm[(step % steps_per_epoch) * batch:(step % steps_per_epoch + 1) * batch]
+        for group in opt.param_groups:
+            group["lr"] = lr * distill.warmup_cosine(step / total, args.warmup_epochs / epochs)
+        loss = F.cross_entropy(head(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    head.eval()
+    with torch.no_grad():
+        top5 = head(xv).topk(min(5, num_classes), dim=1).indices
+    return {"top1": (top5[:, 0] == yv).float().mean().item() * 100,
+            "top5": (top5 == yv[:, None]).any(dim=1).float().mean().item() * 100}
+
+
+#################################################################################
+#                                 Plot and CLI                                  #
+#################################################################################
+
+
+def plot_tau(results, path, size=(480, 320), margin=48):
+    """Accuracy against tau, drawn with PIL (no plotting package)."""
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    w, h = size[0] - 2 * margin, size[1] - 2 * margin
+    taus = [r["tau"] for r in results]
+    accs = [r["top1"] for r in results]
+
+    def xy(tau, acc):
+        return margin + tau * w, margin + h - acc / 100 * h
+
+    draw.line([(margin, margin), (margin, margin + h), (margin + w, margin + h)], fill="black")
+    for acc in (0, 25, 50, 75, 100):
+        draw.text((4, xy(0, acc)[1] - 6), f"{acc}%", fill="black")
+        draw.line([xy(0, acc), xy(1, acc)], fill=(225, 225, 225))
+    for tau in (0, 0.25, 0.5, 0.75, 1.0):
+        draw.text((xy(tau, 0)[0] - 8, margin + h + 6), f"{tau:g}", fill="black")
+    draw.text((margin + w // 2 - 10, size[1] - 18), "tau", fill="black")
+    draw.text((margin, 12), "linear probe top-1 along the flow", fill="black")
+    points = [xy(t, a) for t, a in zip(taus, accs)]
+    if len(points) > 1:
+        draw.line(points, fill=(30, 90, 200), width=2)
+    for px, py in points:
+        draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(30, 90, 200))
+    img.save(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = distill.setup_distributed()
+    model, config = tokenizer.load_tokenizer(args.tokenizer, device=device)
+    taus = args.sweep_tau or [args.tau if args.feature == "flow" else 0.0]
+    kind = "flow" if args.sweep_tau else args.feature
+    train = tokenizer.build_dataset(args.data, config["img_size"], "train", args.num_train, args.data_seed)
+    val = tokenizer.build_dataset(args.val_data or args.data, config["img_size"], "val", args.num_val,
+                                  args.data_seed)
+    (xs, y), (xvs, yv) = (extract(model, d, kind, taus, args, device) for d in (train, val))
+    results = []
+    for tau in taus:
+        acc = train_linear(xs[tau], y, xvs[tau], yv, train.num_classes, args)
+        results.append({"feature": kind, "tau": tau, **acc})
+        distill.log(f"{kind} tau {tau:.2f}: top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}% "
+                    f"({len(y)} train / {len(yv)} val, {args.protocol} protocol)")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "probe.json"), "w") as f:
+            json.dump({"tokenizer": args.tokenizer, "protocol": args.protocol, "results": results}, f, indent=2)
+        if args.sweep_tau:
+            plot_tau(results, os.path.join(args.out, "probe_tau.png"))
+        distill.log(f"wrote {args.out}/probe.json")
+    distill.cleanup_distributed()
+    return results
+
+
+PRESETS = {
+    # MAE's ImageNet linear probe: blr 0.1 at batch 16384 (lr 6.4), 90 epochs, 10 warm-up.
+    "paper": dict(blr=0.1, probe_batch_size=16384),
+    # A few thousand images: batch 256 gives ~1000 LARS steps, which need a larger base lr.
+    "tiny": dict(blr=1.0, probe_batch_size=256),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", default="runs/tokenizer_ft/latest.pt")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a class-folder train set")
+    p.add_argument("--val-data", default=None, help="class-folder val set (synthetic: its val split)")
+    p.add_argument("--num-train", type=int, default=3000)
+    p.add_argument("--num-val", type=int, default=1000)
+    p.add_argument("--data-seed", type=int, default=1, help="seed of the built-in data (a fresh draw)")
+    p.add_argument("--feature", default="L", choices=["L", "SL", "flow"])
+    p.add_argument("--tau", type=float, default=0.0, help="noise level of the 'flow' feature")
+    p.add_argument("--sweep-tau", type=float, nargs="*", default=None, help="probe 'flow' at these taus")
+    p.add_argument("--protocol", default="mae", choices=["mae", "research"])
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--warmup-epochs", type=float, default=10)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--blr", type=float, default=None, help="mae: lr = blr * batch / 256")
+    p.add_argument("--adam-lr", type=float, default=1e-3, help="research protocol's Adam lr")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--probe-batch-size", type=int, default=None, help="linear-probe batch")
+    p.add_argument("--batch-size", type=int, default=64, help="feature extraction batch per process")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/probe")
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+if __name__ == "__main__":
+    main()
