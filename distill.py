@@ -147,6 +147,17 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.start
 
 
+def add_run_flags(p, ckpt_every, save_every, save_unit):
+    """The run-control flags every training stage shares."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--ckpt-every", type=int, default=ckpt_every, help="write latest.pt every N steps")
+    p.add_argument("--save-every", type=int, default=save_every, help=f"keep a milestone copy every N {save_unit}")
+    p.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit at this step (job limits)")
+    p.add_argument("--bench", type=int, default=0, help="time this many steps, write nothing")
+
+
 def make_loader(dataset, batch_size, seed, rank, world, workers, device):
     """Per-rank loader: the resumable sampler, worker processes and pinned memory."""
     if len(dataset) < batch_size * world:
@@ -271,26 +282,48 @@ def rotate_half(x):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention with one qkv Linear (bias) and scaled_dot_product_attention (flash /
+    memory-efficient kernels on CUDA). `rotate`, if given, is the position code applied to q and k
+    (B, heads, N, head_dim): every net of the project (DINO, RecTok, DiT^DH) shares this module and
+    differs only there."""
+
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x, rope=None, num_prefix=0):
+    def forward(self, x, rotate=None):
         B, N, D = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        if rope is not None:
-            q, k = (torch.cat((t[:, :, :num_prefix], _apply_rope(t[:, :, num_prefix:], *rope)), dim=2)
-                    for t in (q, k))
+        if rotate is not None:
+            q, k = rotate(q).to(v.dtype), rotate(k).to(v.dtype)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
-def _apply_rope(t, cos, sin):
-    # RoPE in fp32 (the references force it), cast back for the bf16 attention.
-    tf = t.float()
-    return (tf * cos + rotate_half(tf) * sin).to(t.dtype)
+def dinov3_rotate(rope, num_prefix):
+    """DINOv3's RoPE on the patch tokens only (CLS and registers pass), in fp32 as the references."""
+    cos, sin = rope
+
+    def rotate(t):
+        patches = t[:, :, num_prefix:].float()
+        return torch.cat((t[:, :, :num_prefix].float(), patches * cos + rotate_half(patches) * sin), dim=2)
+
+    return rotate
+
+
+class SwiGLU(nn.Module):
+    """Linear(D, 2h) split into (a, b), out = Linear(h, D)(silu(a) * b)."""
+
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.w12 = nn.Linear(width, 2 * hidden)
+        self.w3 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
 
 
 class LayerScale(nn.Module):
@@ -312,20 +345,6 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class SwiGLUFFN(nn.Module):
-    """DINOv2 ViT-g's feed-forward: hidden = 2/3 of the MLP width, rounded up to a multiple of 8."""
-
-    def __init__(self, width, hidden):
-        super().__init__()
-        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
-        self.w12 = nn.Linear(width, 2 * hidden)
-        self.w3 = nn.Linear(hidden, width)
-
-    def forward(self, x):
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
-
-
 class Block(nn.Module):
     def __init__(self, width, heads, mlp_ratio, ffn, ln_eps, ls_init):
         super().__init__()
@@ -333,11 +352,13 @@ class Block(nn.Module):
         self.attn = Attention(width, heads)
         self.ls1 = LayerScale(width, ls_init)
         self.norm2 = nn.LayerNorm(width, eps=ln_eps)
-        self.mlp = (SwiGLUFFN if ffn == "swiglu" else Mlp)(width, int(width * mlp_ratio))
+        hidden = int(width * mlp_ratio)
+        # DINOv2 ViT-g's SwiGLU keeps 2/3 of the MLP width, rounded up to a multiple of 8
+        self.mlp = SwiGLU(width, (int(hidden * 2 / 3) + 7) // 8 * 8) if ffn == "swiglu" else Mlp(width, hidden)
         self.ls2 = LayerScale(width, ls_init)
 
-    def forward(self, x, rope=None, num_prefix=0):
-        x = x + self.ls1(self.attn(self.norm1(x), rope, num_prefix))
+    def forward(self, x, rotate=None):
+        x = x + self.ls1(self.attn(self.norm1(x), rotate))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
@@ -411,17 +432,17 @@ class DinoViT(nn.Module):
         gh, gw = H // self.patch_size, W // self.patch_size
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
-        rope = None
+        rotate = None
         if self.pos == "abs":
             x = x + self.interpolate_pos_embed(gh, gw)
         else:
             head_dim = x.shape[-1] // self.heads
             rope = [t.to(x.device) for t in dinov3_rope(gh, gw, head_dim, self.rope_theta, rope_rescale)]
+            rotate = dinov3_rotate(rope, 1 + self.num_registers)
         if self.num_registers:
             x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)
-        num_prefix = 1 + self.num_registers
         for block in self.blocks:
-            x = block(x, rope, num_prefix)
+            x = block(x, rotate)
         return self.norm(x)
 
     def patch_tokens(self, x, rope_rescale=None):

@@ -119,21 +119,6 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-class Attention(nn.Module):
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x, cos, sin):
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = rope(q, cos, sin).to(v.dtype), rope(k, cos, sin).to(v.dtype)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
-
-
 class Block(nn.Module):
     """adaLN-Zero block: shift/scale/gate for attention and MLP from Linear(SiLU(c)); c is (B, D) in the
     trunk and per token (B, L, D) in the head."""
@@ -141,16 +126,16 @@ class Block(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
         self.norm1 = RMSNorm(width)
-        self.attn = Attention(width, heads)
+        self.attn = distill.Attention(width, heads)
         self.norm2 = RMSNorm(width)
-        self.mlp = tokenizer.SwiGLU(width)
+        self.mlp = tokenizer.swiglu(width)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x, c, cos, sin):
         if c.dim() == 2:
             c = c[:, None]
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), lambda t: rope(t, cos, sin))
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -483,14 +468,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=None)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--label-dropout", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--ckpt-every", type=int, default=1000)
-    p.add_argument("--save-every", type=int, default=50000, help="keep a milestone copy every N steps")
+    distill.add_run_flags(p, ckpt_every=1000, save_every=50000, save_unit="steps")
     p.add_argument("--preview-every", type=int, default=5000, help="preview PNG every N steps (0: off)")
-    p.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit at this step (job limits)")
-    p.add_argument("--bench", type=int, default=0, help="time this many steps, write nothing")
     args = p.parse_args(argv)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:

@@ -1192,3 +1192,34 @@ def test_probe_two_processes_equal_one(stage1_run, tmp_path):
     for feature in ("L", "SL"):
         (res,) = probe.main(common[:-3] + ["--feature", feature, "--out", str(tmp_path / feature)])
         assert res["feature"] == feature and 0 <= res["top1"] <= 100
+
+
+#################################################################################
+#                        The whole pipeline, end to end                         #
+#################################################################################
+
+
+def test_pipeline_end_to_end(tmp_path, monkeypatch):
+    """distill -> tokenizer -> finetune -> evaluate -> encode -> dit -> sample -> probe at tiny settings,
+    each stage reading the previous one's default output (as `python FILE.py` does)."""
+    monkeypatch.chdir(tmp_path)
+    quick = ["--workers", "0", "--log-every", "4"]
+    distill.main(["--epochs", "1", "--num-train", "256", "--num-val", "64", *quick])
+    tokenizer.main(["--epochs", "1", "--num-train", "256", "--batch-size", "32", "--grid-every", "4", *quick])
+    tokenizer.main(["finetune", "--epochs", "1", "--num-train", "128", "--batch-size", "32", *quick])
+    metrics = tokenizer.main(["evaluate", "--num-eval", "32", "--batch-size", "16", "--workers", "0"])
+    tokenizer.main(["encode", "--num-train", "128", "--batch-size", "32", "--workers", "0"])
+    dit.main(["--epochs", "1", "--batch-size", "16", *quick])
+    sample.main(["--num-images", "20", "--steps", "10", "--batch-size", "10"])
+    results = probe.main(["--num-train", "200", "--num-val", "100", "--epochs", "10", "--warmup-epochs", "1",
+                          "--sweep-tau", "0", "0.3", "0.7"])
+    runs = tmp_path / "runs"
+    for path in ("teacher/teacher.pt", "tokenizer/latest.pt", "tokenizer/recon_0000004.png",
+                 "tokenizer_ft/latest.pt", "tokenizer_ft/metrics.json", "tokenizer_ft/eval_ema.png",
+                 "latents/stats.npz", "latents/meta.json", "dit/latest.pt", "dit/preview_0000008.png",
+                 "samples/samples.npz", "samples/preview.png", "probe/probe.json", "probe/probe_tau.png"):
+        assert (runs / path).is_file(), path
+    assert np.load(runs / "latents" / "moments.npy").shape == (128, 64, 32)
+    assert np.load(runs / "samples" / "samples.npz")["arr_0"].shape == (20, 32, 32, 3)
+    assert all(np.isfinite(m["psnr"]) for m in metrics.values())
+    assert [r["tau"] for r in results] == [0, 0.3, 0.7] and all(0 <= r["top1"] <= 100 for r in results)

@@ -239,38 +239,12 @@ def apply_rope(x, rope):
     cos, sin = rope.chunk(2, dim=-1)
     if rope.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
-    return (x * cos + rotate_adjacent(x) * sin).to(x.dtype)
+    return x * cos + rotate_adjacent(x) * sin
 
 
-class Attention(nn.Module):
-    """One qkv Linear with bias, 2D RoPE on q and k, SDPA (flash / memory-efficient kernels on CUDA)."""
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x, rope):
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
-
-
-class SwiGLU(nn.Module):
-    """Linear(D, 2h) split into (a, b), out = Linear(h, D)(silu(a) * b), h = int(2/3 * 4D)."""
-
-    def __init__(self, width):
-        super().__init__()
-        hidden = int(2 / 3 * 4 * width)
-        self.w12 = nn.Linear(width, 2 * hidden)
-        self.w3 = nn.Linear(hidden, width)
-
-    def forward(self, x):
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
+def swiglu(width):
+    """SwiGLU with hidden int(2/3 * 4D) (2048 for D = 768), as RecTok and DiT^DH use it."""
+    return distill.SwiGLU(width, int(2 / 3 * 4 * width))
 
 
 class Block(nn.Module):
@@ -279,12 +253,12 @@ class Block(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
         self.norm1 = nn.RMSNorm(width, eps=1e-6)
-        self.attn = Attention(width, heads)
+        self.attn = distill.Attention(width, heads)
         self.norm2 = nn.RMSNorm(width, eps=1e-6)
-        self.mlp = SwiGLU(width)
+        self.mlp = swiglu(width)
 
     def forward(self, x, rope):
-        x = x + self.attn(self.norm1(x), rope)
+        x = x + self.attn(self.norm1(x), lambda t: apply_rope(t, rope))
         return x + self.mlp(self.norm2(x))
 
 
@@ -1332,14 +1306,8 @@ def parse_args(argv=None):
     p.add_argument("--clip", type=float, default=3.0)
     p.add_argument("--ema", type=float, default=None, help="EMA decay (paper 0.999)")
     # run control
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--log-every", type=int, default=20)
+    distill.add_run_flags(p, ckpt_every=500, save_every=50, save_unit="epochs")
     p.add_argument("--grid-every", type=int, default=500, help="reconstruction grid PNG every N steps (0: off)")
-    p.add_argument("--ckpt-every", type=int, default=500, help="write latest.pt every N steps")
-    p.add_argument("--save-every", type=int, default=50, help="keep a milestone copy every N epochs")
-    p.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit at this step (job limits)")
-    p.add_argument("--bench", type=int, default=0, help="time this many steps, write nothing")
     p.add_argument("--random-weights", action="store_true",
                    help="with --bench: random teacher and perceptual weights (no downloads)")
     args = p.parse_args(argv)
