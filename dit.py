@@ -292,7 +292,7 @@ PRESETS = {
     "paper": dict(model="XL", epochs=800, batch_size=128, lr=2e-4, hold_epochs=40, final_lr=2e-5,
                   ema=0.9995, latents=None),
     # Minutes on a 2-core CPU on the built-in data's cache.
-    "tiny": dict(model="tiny", epochs=40, batch_size=64, lr=1e-3, hold_epochs=10, final_lr=1e-4,
+    "tiny": dict(model="tiny", epochs=12, batch_size=64, lr=1e-3, hold_epochs=3, final_lr=1e-4,
                  ema=0.99, latents="runs/latents"),
 }
 
@@ -425,7 +425,7 @@ def load_dit(path, device="cpu", weights="ema"):
     return model.to(device).eval(), ckpt
 
 
-HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16, 2048: 16}  # head counts of the official widths
+HEADS = {w: h for sizes in SIZES.values() for (w, _, h) in sizes}  # head count implied by each width
 
 
 def official_config(sd, heads=None):

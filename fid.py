@@ -7,8 +7,8 @@ a 1008-way classifier. Two input pipelines:
   * "tf" (default; the ADM evaluator and torch-fidelity): uint8 -> float -> TensorFlow-1 bilinear resize
     to 299 -> (x - 128) / 128;
   * "pytorch-fid": uint8 / 255 -> torch bilinear resize to 299 -> 2x - 1.
-The Frechet distance is computed in float64 through symmetric eigendecompositions
-(tr sqrt(S1 S2) = sum sqrt(eig(sqrt(S1) S2 sqrt(S1)))), not scipy's sqrtm; the Inception Score follows
+The Frechet distance is computed in float64 through a symmetric eigenvalue problem
+(tr sqrt(S1 S2) = sum sqrt(eig(F^T S2 F)) with S1 = F F^T), not scipy's sqrtm; the Inception Score follows
 torch-fidelity (10 splits, rows permuted by RandomState(2020)).
 
 Run:
@@ -27,6 +27,7 @@ import math
 import os
 
 import numpy as np
+import scipy.linalg
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -339,15 +340,30 @@ def sqrt_psd(s):
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T, w.min()
 
 
+def congruence(s1, s2):
+    """F^T S2 F for some F with F F^T = S1: the lower Cholesky factor when S1 is positive definite (cheap,
+    and triangular products cost half), else the PSD square root (rank-deficient covariances: fewer
+    samples than dimensions, constant features). Also returns S1's smallest eigenvalue (NaN when the
+    Cholesky succeeded, which proves S1 > 0)."""
+    try:
+        f = np.linalg.cholesky(s1)
+    except np.linalg.LinAlgError:
+        root, min1 = sqrt_psd(s1)
+        return root @ s2 @ root, min1
+    s2f = scipy.linalg.blas.dtrmm(1.0, f, s2, side=1, lower=1)  # S2 F
+    return scipy.linalg.blas.dtrmm(1.0, f, s2f, lower=1, trans_a=1), np.nan  # F^T (S2 F)
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, diagnostics=False):
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64. sqrt(S1) S2 sqrt(S1) is symmetric
-    and has the eigenvalues of S1 S2, so two eigh calls replace scipy's (much slower) sqrtm."""
-    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64. With S1 = F F^T, the symmetric
+    F^T S2 F has the eigenvalues of S1 S2, so a Cholesky and one symmetric eigenvalue solve replace
+    scipy's (much slower, non-symmetric) sqrtm."""
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
-    root1, min1 = sqrt_psd(sigma1)
-    eig = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    product, min1 = congruence(sigma1, sigma2)
+    eig = scipy.linalg.eigh(product, eigvals_only=True, check_finite=False)
     fid = float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
     if not diagnostics:
         return fid

@@ -12,6 +12,8 @@ Run:
         --ref-stats /refs/VIRTUAL_imagenet256_labeled.npz     # gFID-50K without guidance
     ... --guide runs/dit_s/latest.pt --cfg 1.29               # autoguidance (the paper's guided numbers)
     ... --cfg 1.5 --cfg-interval 0.0 0.7                      # classifier-free guidance on an interval
+    sample.py --dit DiTDDT_xl.pth --guide DiTDDT_s.pth --cfg 1.29 --tokenizer RecTok_decft.pth \
+        --latent-stats /latents/rectok/stats.npz ...          # the authors' released weights
 
 Writes OUT/images/{i:06d}.png, OUT/samples.npz (`arr_0` (N, H, W, 3) uint8 and `labels`, the layout the
 ADM evaluator and fid.py read), OUT/preview.png, and with --ref-stats OUT/metrics.json (FID, IS).
@@ -46,20 +48,32 @@ def my_batches(num, batch_size, rank, world):
     return [range(k * batch_size, min(num, (k + 1) * batch_size)) for k in range(lo, hi)]
 
 
+def load_generator(path, device, latent_stats):
+    """Ours (config + EMA + the latent statistics it trained on) or, with --latent-stats, the authors'
+    released DiT^DH checkpoint. Returns (model, latents info or None, mu, sigma)."""
+    if latent_stats:
+        stats = np.load(latent_stats)
+        return (dit.load_official_dit(path, device), None, torch.from_numpy(stats["mean"]).float(),
+                torch.from_numpy(stats["std"]).float())
+    model, ckpt = dit.load_dit(path, device)
+    return model, ckpt["latents"], ckpt["latents"]["mu"], ckpt["latents"]["sigma"]
+
+
 def load_models(args, device):
     """Generator (EMA), optional autoguidance model and the tokenizer, checked against each other."""
-    model, ckpt = dit.load_dit(args.dit, device)
-    latents = ckpt["latents"]
-    tok_path = args.tokenizer or latents["tokenizer"]
+    model, latents, mu, sigma = load_generator(args.dit, device, args.latent_stats)
+    tok_path = args.tokenizer or (latents or {}).get("tokenizer")
+    if tok_path is None:
+        raise ValueError("the authors' generator does not name its tokenizer: pass --tokenizer RecTok_decft.pth")
     tok, config = tokenizer.load_tokenizer(tok_path, device=device)
-    if tokenizer.fingerprint(tok) != latents["fingerprint"]:
+    if latents is not None and tokenizer.fingerprint(tok) != latents["fingerprint"]:
         raise ValueError(f"tokenizer {tok_path} is not the one whose latents trained {args.dit} (weights "
                          f"fingerprint differs); pass the tokenizer checkpoint that wrote its latent cache")
     if (config["channels"], config["img_size"] // config["patch_size"]) != (model.channels, model.grid):
         raise ValueError(f"tokenizer latents ({config['channels']} x grid {config['img_size'] // config['patch_size']})"
                          f" do not match the generator ({model.channels} x grid {model.grid})")
-    guide = dit.load_dit(args.guide, device)[0] if args.guide else None
-    return model, guide, tok, latents["mu"].to(device), latents["sigma"].to(device)
+    guide = load_generator(args.guide, device, args.latent_stats)[0] if args.guide else None
+    return model, guide, tok, mu.to(device), sigma.to(device)
 
 
 @torch.no_grad()
@@ -152,6 +166,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one the "
                    "generator's latent cache came from)")
     p.add_argument("--guide", default=None, help="autoguidance: the weaker generator (e.g. DiT^DH-S)")
+    p.add_argument("--latent-stats", default=None, help="the authors' generators: stats.npz of a cache "
+                   "encoded with their tokenizer (`tokenizer.py encode --ckpt RecTok_decft.pth`)")
     # not `--num`: torchrun would take it for an abbreviation of its own --numa-binding
     p.add_argument("--num-images", type=int, default=100, help="number of images (the paper: 50000)")
     p.add_argument("--steps", type=int, default=150, help="Euler grid points (steps + 1)")

@@ -1223,3 +1223,19 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch):
     assert np.load(runs / "samples" / "samples.npz")["arr_0"].shape == (20, 32, 32, 3)
     assert all(np.isfinite(m["psnr"]) for m in metrics.values())
     assert [r["tau"] for r in results] == [0, 0.3, 0.7] and all(0 <= r["top1"] <= 100 for r in results)
+
+
+def test_sampling_from_released_layout(dit_run, cache, tmp_path):
+    """Authors'-layout generators ({'model_ema'} without RoPE buffers) sample with --latent-stats."""
+    ckpt = torch.load(dit_run, weights_only=False)
+    ema = {k: v for k, v in ckpt["ema"].items() if not k.endswith(("freqs_cos", "freqs_sin"))}
+    torch.save({"model_ema": ema}, tmp_path / "DiTDDT.pth")
+    ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
+    sample.main(sample_args(dit_run, ours))
+    sample.main(sample_args(str(tmp_path / "DiTDDT.pth"), theirs, "--latent-stats",
+                            os.path.join(cache, "stats.npz"), "--tokenizer", ckpt["latents"]["tokenizer"]))
+    a, b = (np.load(os.path.join(x, "samples.npz"))["arr_0"] for x in (ours, theirs))
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="--tokenizer"):
+        sample.main(sample_args(str(tmp_path / "DiTDDT.pth"), theirs, "--latent-stats",
+                                os.path.join(cache, "stats.npz")))
