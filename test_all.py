@@ -813,6 +813,17 @@ def test_fid_inception_parity(name, mode):
             assert_close(pool3, out)
 
 
+def test_fid_inception_loaded_channels_last(tmp_path):
+    """Through load() (channels-last weights, the fast CPU path) the features stay the reference's."""
+    d, w = parity("fid_inception_torch_fidelity")
+    torch.save(w, tmp_path / "inception.pth")
+    model = fid.FIDInception().load(str(tmp_path / "inception.pth"))
+    with torch.no_grad():
+        pool3, logits = model(fid.preprocess(d["inputs"]["images_64"]))
+    assert_close(pool3, d["outputs"]["features_64"]["2048"])
+    assert_close(logits, d["outputs"]["features_64"]["logits_unbiased"])
+
+
 def test_tf1_resize_parity():
     d, _ = parity("fid_inception_torch_fidelity")
     ref, ramp = d["outputs"]["tf1_resize"], d["inputs"]["tiny_ramp"].float()
