@@ -97,6 +97,15 @@ def rng_state():
     return state
 
 
+def gather_objects(obj, world):
+    """Every rank's object on every rank (RNG states differ per rank and all are checkpointed)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
@@ -835,7 +844,8 @@ def train_standin(args):
         state = {"config": {"vit": vit, "num_classes": train_set.num_classes}, "model": model.state_dict(),
                  "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
                  "epoch": step / steps_per_epoch, "args": vars(args), "accuracy": acc,
-                 "rng": _gather(rng_state(), world), "flip_rng": _gather(flip_gen.get_state(), world)}
+                 "rng": gather_objects(rng_state(), world),
+                 "flip_rng": gather_objects(flip_gen.get_state(), world)}
         if rank == 0:
             atomic_save(state, latest)
         barrier()
@@ -917,15 +927,6 @@ def standin_splits(build_dataset, args):
     val = torch.utils.data.Subset(full, np.flatnonzero(held).tolist())
     train.num_classes = val.num_classes = full.num_classes
     return train, val
-
-
-def _gather(obj, world):
-    """Every rank's object on every rank (RNG states differ per rank and all are checkpointed)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 @torch.no_grad()

@@ -399,7 +399,7 @@ def checkpoint(args, step, stop, steps_per_epoch, rank, world, model, ema, opt, 
         return
     state = {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
              "optimizer": opt.state_dict(), "step": step, "epoch": step / steps_per_epoch, "args": vars(args),
-             "rng": distill._gather(distill.rng_state(), world),
+             "rng": distill.gather_objects(distill.rng_state(), world),
              "latents": {"root": os.path.abspath(args.latents), "fingerprint": cache.meta["fingerprint"],
                          "tokenizer": cache.meta["tokenizer"], "mu": cache.mu, "sigma": cache.sigma}}
     if rank == 0:

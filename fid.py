@@ -367,7 +367,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, diagnostics=False):
         raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
     product, min1 = congruence(sigma1, sigma2)
     eig = scipy.linalg.eigh(product, eigvals_only=True, check_finite=False)
-    fid = float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+    tr_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()  # tr sqrt(S1 S2); negative rounding noise clipped
+    fid = float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
     if not diagnostics:
         return fid
     # pytorch-fid's safeguards, reported instead of acted on: negative eigenvalues beyond rounding say
@@ -442,7 +443,8 @@ def main(argv=None):
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, _ = world_info()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     model = FIDInception().load(args.inception_weights).to(device)
     first = describe(args.sources[0], model, args, device)
     metrics = {"sources": args.sources, "mode": args.mode}

@@ -893,8 +893,8 @@ class Trainer:
                 "optimizer": self.opt.state_dict(), "discriminator": self.loss.discriminator.state_dict(),
                 "d_optimizer": self.d_opt.state_dict(), "step": self.step,
                 "epoch": self.step / self.steps_per_epoch, "args": vars(self.args),
-                "rng": distill._gather(distill.rng_state(), self.world),
-                "flip_rng": distill._gather(self.flip_gen.get_state(), self.world)}
+                "rng": distill.gather_objects(distill.rng_state(), self.world),
+                "flip_rng": distill.gather_objects(self.flip_gen.get_state(), self.world)}
 
     def save(self, name="latest.pt"):
         state = self.state()  # every rank joins the RNG gather
