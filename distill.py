@@ -131,10 +131,6 @@ def make_ema(model):
     return ema
 
 
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler whose epoch can be entered at any step: the order of epoch e is fixed by
     (seed, e), and `start` skips the batches a resumed run has already seen."""

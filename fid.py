@@ -23,7 +23,6 @@ Each argument is a folder of images, an image .npz (`arr_0`, N x H x W x 3 uint8
 """
 import argparse
 import json
-import math
 import os
 
 import numpy as np
