@@ -47,12 +47,16 @@ import torch.nn.functional as F
 #################################################################################
 
 
+_SETUPS = [0]  # nesting depth: a stage that runs another (tokenizer.py -> distill.py) shares its group
+
+
 def setup_distributed():
     """Rank, world size and device from the torchrun environment; plain `python FILE.py` is rank 0 of 1.
     NCCL on CUDA, gloo on CPU (DESIGN.md, Conventions)."""
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+    _SETUPS[0] += 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if torch.cuda.is_available():
@@ -65,9 +69,12 @@ def setup_distributed():
 
 
 def cleanup_distributed():
+    """The outermost stage tears the process group down; a nested one only synchronises."""
+    _SETUPS[0] = max(0, _SETUPS[0] - 1)
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if _SETUPS[0] == 0:
+            dist.destroy_process_group()
 
 
 def barrier():

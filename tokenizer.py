@@ -787,7 +787,7 @@ def build_stage1_teacher(args, grid):
                                  rope_jitter=not args.no_teacher_jitter)
 
 
-def ensure_standin_teacher(args, rank):
+def ensure_standin_teacher(args):
     """`python tokenizer.py` with no arguments trains the stand-in teacher first if it is missing."""
     if args.teacher != "standin" or os.path.isfile(args.teacher_weights):
         return
@@ -795,9 +795,7 @@ def ensure_standin_teacher(args, rank):
         raise FileNotFoundError(f"stand-in teacher {args.teacher_weights} not found: train it with "
                                 f"`python distill.py --data {args.data}`")
     distill.log("no stand-in teacher yet: training it first (python distill.py)")
-    if rank == 0:
-        distill.train_standin(distill.parse_args(["--out", "runs/teacher"]))
-    distill.barrier()
+    distill.train_standin(distill.parse_args(["--out", "runs/teacher"]))  # every rank takes part
 
 
 def save_grid(rows, path):
@@ -819,7 +817,7 @@ class Trainer:
         torch.manual_seed(args.seed * self.world + self.rank)
         random.seed(args.seed * self.world + self.rank)
         if self.stage == 1:
-            ensure_standin_teacher(args, self.rank)
+            ensure_standin_teacher(args)
             self.teacher = build_stage1_teacher(args, args.image_size // args.patch_size)
             self.config = model_config(args, self.teacher.dim if self.teacher else 0)
             self.model = RecTok(**self.config).to(self.device)
