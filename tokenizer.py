@@ -351,7 +351,7 @@ class PixelDecoder(Transformer):
             x = unmask(x, self.mask_token, ids_restore)
         x = self.blocks(x + self.positional_embedding, self.rope)
         B, p, g = x.shape[0], self.patch_size, self.grid
-        x = self.to_pixels(x.transpose(1, 2).reshape(B, -1, g, g))
+        x = self.to_pixels(x.transpose(1, 2).reshape(B, -1, g, g).contiguous())  # NCHW strides for DDP buckets
         x = x.reshape(B, p, p, 3, g, g).permute(0, 3, 4, 1, 5, 2).reshape(B, 3, g * p, g * p)
         return self.conv_out(x)
 
