@@ -22,7 +22,6 @@ training is deterministic given --seed and identical on every rank. Writes OUT/p
 --sweep-tau, OUT/probe_tau.png).
 """
 import argparse
-import json
 import os
 
 import numpy as np
@@ -193,8 +192,8 @@ def main(argv=None):
                     f"({len(y)} train / {len(yv)} val, {args.protocol} protocol)")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "probe.json"), "w") as f:
-            json.dump({"tokenizer": args.tokenizer, "protocol": args.protocol, "results": results}, f, indent=2)
+        tokenizer.write_json(os.path.join(args.out, "probe.json"),
+                             {"tokenizer": args.tokenizer, "protocol": args.protocol, "results": results})
         if args.sweep_tau:
             plot_tau(results, os.path.join(args.out, "probe_tau.png"))
         distill.log(f"wrote {args.out}/probe.json")

@@ -154,8 +154,7 @@ def evaluate(args, device):
         metrics["inception_score"], metrics["inception_score_std"] = fid.inception_score(logits)
     if dist.is_initialized() and dist.get_rank() != 0:
         return metrics
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    tokenizer.write_json(os.path.join(args.out, "metrics.json"), metrics)
     distill.log(json.dumps(metrics))
     return metrics
 
