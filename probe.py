@@ -204,8 +204,10 @@ def main(argv=None):
 PRESETS = {
     # MAE's ImageNet linear probe: blr 0.1 at batch 16384 (lr 6.4), 90 epochs, 10 warm-up.
     "paper": dict(blr=0.1, probe_batch_size=16384),
-    # A few thousand images: batch 256 gives ~1000 LARS steps, which need a larger base lr.
-    "tiny": dict(blr=1.0, probe_batch_size=256),
+    # A few thousand images: batch 256 gives ~1000 LARS steps. LARS moves a weight matrix by lr x 0.001 of
+    # its norm per step, so so few steps need a far larger lr (tiny tokenizer, L: blr 1 -> 14.9% top-1,
+    # 5 -> 19.4%, 20 -> 21.2%, 50 -> 20.6%).
+    "tiny": dict(blr=20.0, probe_batch_size=256),
 }
 
 
