@@ -800,7 +800,7 @@ def train_standin(args):
     ema = make_ema(model)
     ddp = nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
     opt = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=args.lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
+                            fused=True)
     loader, sampler = make_loader(train_set, args.batch_size, args.seed, rank, world, args.workers, device)
     val_loader = torch.utils.data.DataLoader(
         val_set, batch_size=args.batch_size, num_workers=args.workers,

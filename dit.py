@@ -342,7 +342,7 @@ def train(args):
     ema = distill.make_ema(model)
     ddp = nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
-                            weight_decay=0.0, fused=device.type == "cuda")
+                            weight_decay=0.0, fused=True)  # CPU too
     loader, sampler = distill.make_loader(cache, args.batch_size, args.seed, rank, world, args.workers, device)
     steps_per_epoch = len(cache) // (args.batch_size * world)
     total = args.epochs * steps_per_epoch
