@@ -505,6 +505,25 @@ def test_convnext_perceptual_parity():
     assert p.mean().item() == pytest.approx(d["outputs"]["perceptual_mean"], rel=1e-4)
 
 
+def test_perceptual_gradient_matches_one_batched_pass():
+    """The perceptual loss runs the target and the reconstruction as separate passes (so autograd never
+    differentiates the target); its gradient must equal that of one pass over the concatenated batch."""
+    d, w = parity("convnext_perceptual")
+    pl = perceptual_from_reference(w)
+    target = d["inputs"]["inputs"]
+    pred = d["inputs"]["pred"].clone().requires_grad_(True)
+    pl(target, pred).mean().backward()
+    ref_pred = d["inputs"]["pred"].clone().requires_grad_(True)
+    both = torch.cat([target, ref_pred])
+    lp = sum(lin((f[:2] - f[2:]) ** 2).mean(dim=(2, 3), keepdim=True)
+             for lin, f in zip(pl.lpips.lins, pl.lpips.taps(both * 2 - 1)))
+    logits = pl.convnext(both)
+    ((lp + 0.1 * torch.nn.functional.mse_loss(logits[:2], logits[2:])) / 1.1).mean().backward()
+    scale = ref_pred.grad.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(pred.grad, ref_pred.grad, rtol=1e-4, atol=1e-5 * scale)
+
+
 def test_patchgan_parity():
     d, w = parity("patchgan")
     disc = tokenizer.PatchGAN()
