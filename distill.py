@@ -88,12 +88,18 @@ def log(*args):
         print(*args, flush=True)
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then os.replace: a crash never leaves a half-written checkpoint."""
+def atomic_write(path, write):
+    """write(f) into a temporary binary file beside `path`, then os.replace: a crash never leaves a
+    half-written checkpoint, cache file or image behind (every stage writes its files through this)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        write(f)
     os.replace(tmp, path)
+
+
+def atomic_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def rng_state():

@@ -89,9 +89,7 @@ def generate(args, model, guide, tok, mu, sigma, batch, device):
 
 
 def save_png(array, path):
-    tmp = path + ".tmp.png"
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)  # a PNG that exists is complete
+    distill.atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))  # one that exists is whole
 
 
 def pack(args, num):
@@ -99,9 +97,7 @@ def pack(args, num):
     folder = os.path.join(args.out, "images")
     arr = np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png"))) for i in range(num)])
     labels = np.arange(num) % args.num_classes
-    tmp = os.path.join(args.out, "samples.tmp.npz")
-    np.savez(tmp, arr_0=arr, labels=labels)
-    os.replace(tmp, os.path.join(args.out, "samples.npz"))
+    distill.atomic_write(os.path.join(args.out, "samples.npz"), lambda f: np.savez(f, arr_0=arr, labels=labels))
     n = min(64, num)
     cols = min(8, n)
     rows = [np.concatenate(list(arr[r * cols:(r + 1) * cols]), axis=1) for r in range(n // cols)]

@@ -208,8 +208,8 @@ def build_dataset(data, size, split="train", num_images=None, seed=0):
 #################################################################################
 
 #: width, layers, heads of each size (SPEC.md §2); "micro" and "mini" are ours, for the CPU demo only
-SIZES = {"micro": (64, 1, 2), "mini": (128, 2, 4), "tiny": (192, 3, 4), "small": (512, 8, 8), "base": (768, 12, 12),
-         "large": (1024, 24, 16)}
+SIZES = {"micro": (64, 1, 2), "mini": (128, 2, 4), "tiny": (192, 3, 4), "small": (512, 8, 8),
+         "base": (768, 12, 12), "large": (1024, 24, 16)}
 
 
 def rope_table(grid, head_dim):
@@ -1082,19 +1082,13 @@ def reference_statistics(args, real_feats, n, rank):
         return fid.load_statistics(path)
     mu, sigma = fid.statistics(real_feats)
     if rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
+        distill.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
         distill.log(f"wrote reference statistics {path}")
     return mu, sigma
 
 
 def write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    distill.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 #################################################################################
@@ -1180,7 +1174,8 @@ def encode(args):
     if rank == 0:
         if not arrays["done"].all():
             raise RuntimeError(f"{args.out}: some indices were not encoded; run encode again to finish")
-        np.savez(os.path.join(args.out, "stats.npz"), mean=stats[0], std=stats[1])
+        distill.atomic_write(os.path.join(args.out, "stats.npz"),
+                             lambda f: np.savez(f, mean=stats[0], std=stats[1]))
         size = sum(os.path.getsize(os.path.join(args.out, n + ".npy")) for n in CACHE_ARRAYS + ("labels",))
         distill.log(f"wrote {args.out}: {len(data)} images, {size / len(data) / 1024:.1f} KiB per image, "
                     f"stats.npz (latent mean {stats[0].mean():.4f}, std {stats[1].mean():.4f})")
