@@ -165,13 +165,16 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.start
 
 
-def add_run_flags(p, ckpt_every, save_every, save_unit):
-    """The run-control flags every training stage shares."""
+def add_run_flags(p, ckpt_every=None, save_every=None, save_unit=None):
+    """The run-control flags every training stage shares; the checkpoint cadence flags only for the
+    stages that checkpoint by step (the stand-in teacher writes one per epoch)."""
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
     p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--ckpt-every", type=int, default=ckpt_every, help="write latest.pt every N steps")
-    p.add_argument("--save-every", type=int, default=save_every, help=f"keep a milestone copy every N {save_unit}")
+    if ckpt_every is not None:
+        p.add_argument("--ckpt-every", type=int, default=ckpt_every, help="write latest.pt every N steps")
+        p.add_argument("--save-every", type=int, default=save_every,
+                       help=f"keep a milestone copy every N {save_unit}")
     p.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit at this step (job limits)")
     p.add_argument("--bench", type=int, default=0, help="time this many steps, write nothing")
 
@@ -960,11 +963,7 @@ def parse_args(argv=None):
               "num_val"):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--bench", type=int, default=0, help="time this many steps, write nothing")
-    p.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit at this step (job limits)")
+    add_run_flags(p)
     p.add_argument("--check", default=None, help="an official teacher to load and run, e.g. dinov3_vitl16")
     p.add_argument("--weights", default=None, help="with --check: a .pth/.safetensors path or URL")
     args = p.parse_args(argv)
