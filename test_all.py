@@ -378,7 +378,7 @@ def test_posterior_and_flow_parity():
     z = post.sample(i["eps_post"])
     assert_close(z, o["z"])
     assert_close(post.kl(), o["kl_per_sample"])
-    assert post.kl().sum().item() / 2 == pytest.approx(o["kl_loss"], rel=1e-5)
+    assert post.kl().sum().item() / 2 == pytest.approx(float(o["kl_loss"]), rel=1e-5)
     s = tokenizer.latent_shift(4, 8)
     assert s == pytest.approx(d["config"]["timestep_shift"])
     tau = tokenizer.shift(i["u"], s)
@@ -442,7 +442,7 @@ def test_semantic_decoder_parity(parity_sizes):
     assert_close(masked, o["features_masked"])
     for kind in ("cosine", "l2", "l1"):  # over ALL tokens, masked ones included
         assert tokenizer.semantic_loss(masked, i["target"], kind).item() == pytest.approx(
-            o[f"sem_loss_{kind}"], rel=1e-5)
+            float(o[f"sem_loss_{kind}"]), rel=1e-5)
 
 
 def test_full_reconstruct_parity(parity_sizes):
@@ -502,7 +502,7 @@ def test_convnext_perceptual_parity():
         assert_close(logits[2:], d["outputs"]["logits_img1"])
         p = pl(a, b)
     assert_close(p, d["outputs"]["perceptual"])
-    assert p.mean().item() == pytest.approx(d["outputs"]["perceptual_mean"], rel=1e-4)
+    assert p.mean().item() == pytest.approx(float(d["outputs"]["perceptual_mean"]), rel=1e-4)
 
 
 def test_perceptual_gradient_matches_one_batched_pass():
@@ -533,13 +533,13 @@ def test_patchgan_parity():
         disc.eval()
         real, fake = disc(i["real"]), disc(i["fake"])
         assert_close(real, o["eval_logits_real"])
-        assert tokenizer.hinge_d_loss(real, fake).item() == pytest.approx(o["eval_d_loss"], rel=1e-5)
+        assert tokenizer.hinge_d_loss(real, fake).item() == pytest.approx(float(o["eval_d_loss"]), rel=1e-5)
         disc.train()  # the released loss module runs BN on batch statistics
         real, fake = disc(i["real"]), disc(i["fake"])
     assert_close(real, o["train_logits_real"])
     assert_close(fake, o["train_logits_fake"])
-    assert tokenizer.hinge_d_loss(real, fake).item() == pytest.approx(o["train_d_loss"], rel=1e-5)
-    assert -fake.mean().item() == pytest.approx(o["train_g_loss"], rel=1e-5)
+    assert tokenizer.hinge_d_loss(real, fake).item() == pytest.approx(float(o["train_d_loss"]), rel=1e-5)
+    assert -fake.mean().item() == pytest.approx(float(o["train_g_loss"]), rel=1e-5)
 
 
 def test_stage1_forward_and_losses_parity(parity_sizes):
