@@ -179,6 +179,27 @@ def add_run_flags(p, ckpt_every=None, save_every=None, save_unit=None):
     p.add_argument("--bench", type=int, default=0, help="time this many steps, write nothing")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help prints the module docstring as written and every flag's value in force (the preset's)."""
+
+    def _format_action(self, action):
+        if action.option_strings and not action.help:
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"  # the defaults formatter skips flags without help
+        return super()._format_action(action)
+
+
+def parse_with_preset(build, preset_defaults, argv=None):
+    """The one preset mechanism of every stage: `build(add_help)` makes the stage's parser; a first pass
+    reads the choices that pick a preset (--preset, a mode), `preset_defaults(first)` gives the preset's
+    values, and they become the parser's defaults: an explicit flag overrides them, and --help prints them.
+    Returns (parser, args)."""
+    first, _ = build(add_help=False).parse_known_args(argv)
+    parser = build(add_help=True)
+    parser.set_defaults(**preset_defaults(first))
+    return parser, parser.parse_args(argv)
+
+
 def make_loader(dataset, batch_size, seed, rank, world, workers, device):
     """Per-rank loader: the resumable sampler, worker processes and pinned memory."""
     if len(dataset) < batch_size * world:
@@ -201,6 +222,31 @@ def random_flip(x, generator):
     return torch.where(flip, x.flip(-1), x)
 
 
+def broadcast_module(module):
+    """Rank 0's parameters and buffers on every rank. For a module that is not wrapped in DDP (which does
+    this at construction): without it each rank would keep the module its own seed built, and train it."""
+    if dist.is_initialized():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, 0)
+
+
+@torch.no_grad()
+def assert_ranks_agree(modules):
+    """Stop if any rank's parameters differ from rank 0's (checked before each checkpoint, so a checkpoint
+    that keeps rank 0's weights never hides a divergence). One float64 sum per tensor: equal tensors give
+    equal sums, and any difference changes them. BatchNorm running statistics are per rank and unused
+    (train-mode BN reads batch statistics), so only parameters count."""
+    if not dist.is_initialized():
+        return
+    for name, module in modules.items():
+        sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
+        ref = sums.clone()
+        dist.broadcast(ref, 0)
+        if not torch.equal(sums, ref):
+            raise RuntimeError(f"rank {dist.get_rank()} holds other {name} weights than rank 0: every rank "
+                               f"must build the same {name} (broadcast rank 0's) and average its gradients")
+
+
 def allreduce_grads(module):
     """Average gradients over ranks by hand, for a module that is not wrapped in DDP (the discriminator,
     whose two forward calls per step DDP would not accept)."""
@@ -219,17 +265,18 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-NO_DECAY_SUFFIXES = ("positional_embedding", "pos_embed", "mask_token", "mask_embedding", "cls_token",
-                     "register_tokens")
+#: the authors' rule (`utils/builders.py create_optimizer_and_scaler`): no decay for a name that contains
+#: any of these, which covers position embeddings, mask and register tokens and every embedding layer
+NO_DECAY_NAMES = ("ln", "bias", "norm", "gamma", "embed", "token")
 
 
 def weight_decay_groups(model, weight_decay):
-    """AdamW groups (SPEC.md §2.7): decay only tensors with ndim >= 2 that are not position embeddings or
-    learned tokens (norm scales and biases are 1-D)."""
+    """AdamW groups: decay only tensors with ndim >= 2 (norm scales and biases are 1-D) whose name holds
+    none of NO_DECAY_NAMES."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            skip = p.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES)
+            skip = p.ndim < 2 or any(word in name for word in NO_DECAY_NAMES)
             (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -824,8 +871,18 @@ def train_standin(args):
     log(f"stand-in teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{len(train_set)} train / {len(val_set)} val images, {train_set.num_classes} classes, "
         f"{total_steps} steps")
+    final_path = os.path.join(args.out, "teacher.pt")
+    if step >= stop and (step < total_steps or os.path.isfile(final_path)):
+        log(f"{latest} is already at step {step} of {total_steps} (--stop-at {args.stop_at}): nothing to do")
+        cleanup_distributed()
+        return None
+    def weights(acc):
+        return {"config": {"vit": vit, "num_classes": train_set.num_classes}, "model": model.state_dict(),
+                "ema": ema.state_dict(), "step": step, "epoch": step / steps_per_epoch, "args": vars(args),
+                "accuracy": acc}
+
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    meter = Throughput(device)
+    meter, acc = Throughput(device), None
     while step < stop:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         sampler.set_position(epoch, in_epoch)
@@ -853,21 +910,22 @@ def train_standin(args):
                 break
         acc = evaluate(ema, val_loader, device)
         log(f"epoch {epoch + 1} step {step}: held-out accuracy (EMA) {acc * 100:.2f}%")
-        state = {"config": {"vit": vit, "num_classes": train_set.num_classes}, "model": model.state_dict(),
-                 "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                 "epoch": step / steps_per_epoch, "args": vars(args), "accuracy": acc,
-                 "rng": gather_objects(rng_state(), world),
-                 "flip_rng": gather_objects(flip_gen.get_state(), world)}
+        state = dict(weights(acc), optimizer=opt.state_dict(), rng=gather_objects(rng_state(), world),
+                     flip_rng=gather_objects(flip_gen.get_state(), world))
+        assert_ranks_agree({"stand-in teacher": model})
         if rank == 0:
             atomic_save(state, latest)
         barrier()
-    if rank == 0 and step >= total_steps:
-        final = {k: v for k, v in state.items() if k not in ("optimizer", "rng", "flip_rng")}
-        final["target_mean"], final["target_std"] = token_statistics(ema.vit, train_set, args.batch_size, device)
-        atomic_save(final, os.path.join(args.out, "teacher.pt"))
-        log(f"wrote {os.path.join(args.out, 'teacher.pt')} (held-out accuracy {acc * 100:.2f}%)")
+    if step >= total_steps:
+        if acc is None:  # finished before, killed before teacher.pt was written
+            acc = evaluate(ema, val_loader, device)
+        if rank == 0:
+            mean, std = token_statistics(ema.vit, train_set, args.batch_size, device)
+            final = dict(weights(acc), target_mean=mean, target_std=std)
+            atomic_save(final, final_path)
+            log(f"wrote {final_path} (held-out accuracy {acc * 100:.2f}%)")
     cleanup_distributed()
-    return state["accuracy"]
+    return acc
 
 
 @torch.no_grad()
@@ -953,24 +1011,24 @@ def check_teacher(args):
     print(f"{args.check}: targets {tuple(t.shape)}, mean {t.mean():.4f}, std {t.std():.4f}")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(add_help=True):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, add_help=add_help)
     p.add_argument("--data", default="synthetic", help="'synthetic' (built-in) or an ImageNet-style folder")
     p.add_argument("--val-data", default=None, help="held-out class folder (default: every 50th image)")
     p.add_argument("--out", default="runs/teacher", help="run folder (resumes from OUT/latest.pt)")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
     for k in ("image_size", "patch", "width", "depth", "heads", "epochs", "batch_size", "num_train",
               "num_val"):
-        p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+        p.add_argument("--" + k.replace("_", "-"), type=int)
+    p.add_argument("--lr", type=float)
     add_run_flags(p)
     p.add_argument("--check", default=None, help="an official teacher to load and run, e.g. dinov3_vitl16")
     p.add_argument("--weights", default=None, help="with --check: a .pth/.safetensors path or URL")
-    args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+    return p
+
+
+def parse_args(argv=None):
+    return parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)[1]
 
 
 def main(argv=None):

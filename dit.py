@@ -288,20 +288,22 @@ def sample(model, z0, y, num_points=150, s=None, cfg=1.0, interval=(0.0, 1.0), g
 
 PRESETS = {
     # The released recipe: DiT^DH-XL, global batch 1024 (8 x 128), lr 2e-4 held 40 epochs then linear to
-    # 2e-5 at epoch 800, EMA 0.9995. (The guide model for autoguidance: --model S --epochs 30.)
+    # 2e-5 at epoch 800, EMA 0.9995. The schedule's end is fixed: the released 80-epoch model is the first
+    # 80 epochs of it (--epochs 80). (The guide model for autoguidance: --model S --epochs 30.)
     "paper": dict(model="XL", epochs=800, batch_size=128, lr=2e-4, hold_epochs=40, final_lr=2e-5,
-                  ema=0.9995, latents=None),
+                  decay_end_epoch=800, ema=0.9995, latents=None),
     # Minutes on a 2-core CPU on the built-in data's cache.
     "tiny": dict(model="tiny", epochs=12, batch_size=64, lr=1e-3, hold_epochs=3, final_lr=1e-4,
-                 ema=0.99, latents="runs/latents"),
+                 decay_end_epoch=12, ema=0.99, latents="runs/latents"),
 }
 
 
 def hold_then_linear(epoch, args):
-    """lr held for hold_epochs, then linear to final_lr at the last epoch (per step, fractional epochs)."""
+    """lr held for hold_epochs, then linear to final_lr at decay_end_epoch, and final_lr after it (per
+    step, fractional epochs; `utils/misc.py adjust_learning_rate` with its ditdh schedule)."""
     if epoch < args.hold_epochs:
         return args.lr
-    frac = min(1.0, (epoch - args.hold_epochs) / max(1e-8, args.epochs - args.hold_epochs))
+    frac = min(1.0, (epoch - args.hold_epochs) / max(1e-8, args.decay_end_epoch - args.hold_epochs))
     return args.lr + frac * (args.final_lr - args.lr)
 
 
@@ -397,6 +399,7 @@ def checkpoint(args, step, stop, steps_per_epoch, rank, world, model, ema, opt, 
         save_preview(ema, tok, cache, os.path.join(args.out, f"preview_{step:07d}.png"), device)
     if step % args.ckpt_every and step != stop:
         return
+    distill.assert_ranks_agree({"generator": model})
     state = {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
              "optimizer": opt.state_dict(), "step": step, "epoch": step / steps_per_epoch, "args": vars(args),
              "rng": distill.gather_objects(distill.rng_state(), world),
@@ -452,28 +455,30 @@ def load_official_dit(path, device="cpu", heads=None):
     return model.to(device).eval()
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--latents", default=None, help="latent cache folder (tokenizer.py encode)")
+def build_parser(add_help=True):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=distill.HelpFormatter, add_help=add_help)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
+    p.add_argument("--latents", help="latent cache folder (tokenizer.py encode)")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint for previews (default: the "
                    "cache's tokenizer, if it still exists)")
     p.add_argument("--out", default="runs/dit")
-    p.add_argument("--model", default=None, choices=sorted(SIZES))
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="per process")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--hold-epochs", type=float, default=None)
-    p.add_argument("--final-lr", type=float, default=None)
-    p.add_argument("--ema", type=float, default=None)
+    p.add_argument("--model", choices=sorted(SIZES))
+    p.add_argument("--epochs", type=int, help="train this many epochs (of the schedule below)")
+    p.add_argument("--batch-size", type=int, help="per process")
+    p.add_argument("--lr", type=float, help="held for --hold-epochs")
+    p.add_argument("--hold-epochs", type=float)
+    p.add_argument("--final-lr", type=float, help="reached at --decay-end-epoch")
+    p.add_argument("--decay-end-epoch", type=float, help="where the linear decay ends (not --epochs)")
+    p.add_argument("--ema", type=float)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--label-dropout", type=float, default=0.1)
     distill.add_run_flags(p, ckpt_every=1000, save_every=50000, save_unit="steps")
     p.add_argument("--preview-every", type=int, default=5000, help="preview PNG every N steps (0: off)")
-    args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    return p
+
+
+def parse_args(argv=None):
+    p, args = distill.parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)
     if args.latents is None:
         p.error("--latents is required with --preset paper")
     meta = os.path.join(args.latents, "meta.json")

@@ -5,7 +5,8 @@ stage measures it: token-averaged features of the training images train a linear
 held-out images (top-1, top-5). Features:
   * "L": the latent, the posterior mean (C-dim);
   * "SL": the last encoder layer before the latent head (D-dim);
-  * "flow": the noisy latent (1 - tau) * z + tau * eps at --tau (eps a function of (seed, image index)).
+  * "flow": the noisy latent z_tau = (1 - tau) * z + tau * gamma * eps at --tau, along the flow the
+    tokenizer trained on (its gamma; eps a function of (seed, image index)).
 Protocols:
   * "mae": BatchNorm without affine, then a linear layer; LARS, warm-up then cosine, 90 epochs (MAE's);
   * "research": the authors' quick protocol: token-averaged logits (for a linear head, the logits of the
@@ -64,7 +65,7 @@ def extract(model, data, kind, taus, args, device):
                 f = z
             else:
                 eps = torch.stack([flow_noise(args.seed, start + j, z.shape[1:]) for j in range(len(y))])
-                f = (1 - tau) * z + tau * eps.to(device)
+                f = tokenizer.forward_flow(z, tau, eps.to(device), model.gamma)
             feats[tau].append(f.mean(dim=1).double().cpu())
         labels.append(y)
         start += len(y)
@@ -202,22 +203,23 @@ def main(argv=None):
 
 
 PRESETS = {
-    # MAE's ImageNet linear probe: blr 0.1 at batch 16384 (lr 6.4), 90 epochs, 10 warm-up.
-    "paper": dict(blr=0.1, probe_batch_size=16384),
+    # MAE's ImageNet linear probe: blr 0.1 at batch 16384 (lr 6.4), 90 epochs, 10 warm-up, on the whole
+    # train and val sets.
+    "paper": dict(blr=0.1, probe_batch_size=16384, num_train=None, num_val=None),
     # A few thousand images: batch 256 gives ~1000 LARS steps. LARS moves a weight matrix by lr x 0.001 of
     # its norm per step, so so few steps need a far larger lr (tiny tokenizer, L: blr 1 -> 14.9% top-1,
     # 5 -> 19.4%, 20 -> 21.2%, 50 -> 20.6%).
-    "tiny": dict(blr=20.0, probe_batch_size=256),
+    "tiny": dict(blr=20.0, probe_batch_size=256, num_train=3000, num_val=1000),
 }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(add_help=True):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=distill.HelpFormatter, add_help=add_help)
     p.add_argument("--tokenizer", default="runs/tokenizer_ft/latest.pt")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a class-folder train set")
     p.add_argument("--val-data", default=None, help="class-folder val set (synthetic: its val split)")
-    p.add_argument("--num-train", type=int, default=3000)
-    p.add_argument("--num-val", type=int, default=1000)
+    p.add_argument("--num-train", type=int, help="train images (None: all)")
+    p.add_argument("--num-val", type=int, help="val images (None: all)")
     p.add_argument("--data-seed", type=int, default=1, help="seed of the built-in data (a fresh draw)")
     p.add_argument("--feature", default="L", choices=["L", "SL", "flow"])
     p.add_argument("--tau", type=float, default=0.0, help="noise level of the 'flow' feature")
@@ -225,20 +227,20 @@ def parse_args(argv=None):
     p.add_argument("--protocol", default="mae", choices=["mae", "research"])
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--warmup-epochs", type=float, default=10)
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--blr", type=float, default=None, help="mae: lr = blr * batch / 256")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
+    p.add_argument("--blr", type=float, help="mae: lr = blr * batch / 256")
     p.add_argument("--adam-lr", type=float, default=1e-3, help="research protocol's Adam lr")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--probe-batch-size", type=int, default=None, help="linear-probe batch")
+    p.add_argument("--probe-batch-size", type=int, help="linear-probe batch")
     p.add_argument("--batch-size", type=int, default=64, help="feature extraction batch per process")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/probe")
-    args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+    return p
+
+
+def parse_args(argv=None):
+    return distill.parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)[1]
 
 
 if __name__ == "__main__":

@@ -730,12 +730,13 @@ def test_evaluate_writes_metrics(stage1_run):
 
 
 def encode_args(ckpt, out, *extra):
-    return ["encode", "--ckpt", ckpt, "--out", out, "--num-train", "40", "--batch-size", "16",
-            "--workers", "0", *extra]
+    """40 images in shards of 16 (16 + 16 + 8), batches of 12 that straddle shard boundaries."""
+    return ["encode", "--ckpt", ckpt, "--out", out, "--num-train", "40", "--batch-size", "12",
+            "--shard-size", "16", "--workers", "0", *extra]
 
 
 def read_cache(root):
-    arrays = {n: np.load(os.path.join(root, n + ".npy")) for n in ("moments", "moments_flip", "labels", "done")}
+    arrays = {n: tokenizer.read_cache_array(root, n) for n in ("moments", "moments_flip", "labels", "done")}
     arrays.update({f"stats_{k}": v for k, v in np.load(os.path.join(root, "stats.npz")).items()})
     return arrays
 
@@ -778,10 +779,12 @@ def test_cache_same_with_two_processes(stage1_run, cache, tmp_path):
 def test_interrupted_encode_resumes_to_the_same_files(stage1_run, cache, tmp_path):
     out = str(tmp_path / "resumed")
     tokenizer.main(encode_args(stage1_run, out))
-    done = np.load(os.path.join(out, "done.npy"), mmap_mode="r+")
-    moments = np.load(os.path.join(out, "moments.npy"), mmap_mode="r+")
-    done[16:], moments[16:] = False, 0  # as if killed after the first batch
-    done.flush(), moments.flush()
+    for name in ("done", "moments"):  # as if killed in the middle of shard 1, before shard 2
+        a = np.load(os.path.join(out, f"{name}.00001.npy"), mmap_mode="r+")
+        a[6:] = 0
+        a.flush()
+    for name in ("moments", "moments_flip", "labels", "done"):
+        os.remove(os.path.join(out, f"{name}.00002.npy"))
     os.remove(os.path.join(out, "stats.npz"))
     tokenizer.main(encode_args(stage1_run, out))
     one, two = read_cache(cache), read_cache(out)
@@ -793,7 +796,8 @@ def test_cache_reader(cache, tmp_path):
     data = tokenizer.LatentCache(cache, seed=3)
     moments, label = data[5]
     assert moments.shape == (16, 16) and moments.dtype == torch.float32 and label == 5
-    flips = [torch.equal(data[i][0], torch.from_numpy(data.flipped[i].astype(np.float32))) for i in range(40)]
+    flipped = tokenizer.read_cache_array(cache, "moments_flip")
+    flips = [torch.equal(data[i][0], torch.from_numpy(flipped[i].astype(np.float32))) for i in range(40)]
     assert 5 < sum(flips) < 35  # about half come from the flipped image
     again = tokenizer.LatentCache(cache, seed=3)
     assert all(torch.equal(data[i][0], again[i][0]) for i in range(40))  # a pure function of (seed, epoch, i)
@@ -1249,7 +1253,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch):
                  "latents/stats.npz", "latents/meta.json", "dit/latest.pt", "dit/preview_0000008.png",
                  "samples/samples.npz", "samples/preview.png", "probe/probe.json", "probe/probe_tau.png"):
         assert (runs / path).is_file(), path
-    assert np.load(runs / "latents" / "moments.npy").shape == (128, 64, 32)
+    assert tokenizer.read_cache_array(str(runs / "latents"), "moments").shape == (128, 64, 32)
     assert np.load(runs / "samples" / "samples.npz")["arr_0"].shape == (20, 32, 32, 3)
     assert all(np.isfinite(m["psnr"]) for m in metrics.values())
     assert [r["tau"] for r in results] == [0, 0.3, 0.7] and all(0 <= r["top1"] <= 100 for r in results)

@@ -397,6 +397,12 @@ def shift(u, s):
     return s * u / (1 + (s - 1) * u)
 
 
+def forward_flow(z, tau, eps, gamma):
+    """The forward flow the tokenizer trains along (FSD): z_tau = (1 - tau) * z + tau * gamma * eps. Tokenizer
+    time: tau = 0 is the clean latent, tau = 1 noise (the generator's t runs the other way, see dit.py)."""
+    return (1 - tau) * z + tau * gamma * eps
+
+
 def latent_shift(grid, channels):
     """s = sqrt(h*w*C / 4096): 2.828 for C = 128 at a 16 x 16 grid (SPEC.md §0)."""
     return math.sqrt(grid * grid * channels / 4096)
@@ -442,6 +448,13 @@ class RecTok(nn.Module):
         if sem_decoder != "none":
             cls = SemanticDecoder if sem_decoder == "transformer" else MLPSemanticDecoder
             self.sem_decoder = cls(sem_size, img_size, patch_size, channels, teacher_dim)
+        if mask_ratio == 0:
+            # Masking off (stage 2, or the no-RAD ablation): the mask tokens are never read, so they are not
+            # trained, and DDP needs no find_unused_parameters traversal for them.
+            for module in (self.decoder, self.sem_decoder):
+                for name, p in (module.named_parameters() if module is not None else ()):
+                    if name in ("mask_token", "mask_embedding"):
+                        p.requires_grad_(False)
 
     # ----- stage 1 (SPEC.md §2.1-2.2) -----
     def draw_mask_ratio(self):
@@ -469,13 +482,15 @@ class RecTok(nn.Module):
             ids_keep, ids_restore = mae_ids(mask_noise, len_keep)
         posterior = Posterior(self.encoder(x, ids_keep))
         z = posterior.sample(eps_post)
-        tau = self.draw_tau(B, x.device) if tau is None else tau
-        eps_flow = torch.randn_like(z) if eps_flow is None else eps_flow
-        z_tau = (1 - tau) * z + tau * self.gamma * eps_flow  # the forward flow (SPEC.md §2.2)
+        z_tau = z
+        if self.gamma > 0:  # gamma 0 turns the flow off (`models/rectok.py`: `if self.gamma > 0`)
+            tau = self.draw_tau(B, x.device) if tau is None else tau
+            eps_flow = torch.randn_like(z) if eps_flow is None else eps_flow
+            z_tau = forward_flow(z, tau, eps_flow, self.gamma)
         decoded = self.decoder(z_tau.to(x.dtype), ids_restore)  # BOTH decoders read z_tau
         sem = self.sem_decoder(z_tau.to(x.dtype), ids_restore) if self.sem_decoder is not None else None
         return {"decoded": decoded, "posterior": posterior, "ids_restore": ids_restore, "sem_pred": sem,
-                "tau": tau}
+                "z": z, "z_tau": z_tau, "tau": tau}
 
     # ----- evaluation paths (SPEC.md §2.2, §3) -----
     def encode(self, x):
@@ -793,8 +808,9 @@ def build_stage1_teacher(args, grid):
 
 
 def ensure_standin_teacher(args):
-    """`python tokenizer.py` with no arguments trains the stand-in teacher first if it is missing."""
-    if args.teacher != "standin" or os.path.isfile(args.teacher_weights):
+    """`python tokenizer.py` with no arguments trains the stand-in teacher first if it is missing (and only
+    if the run reads a teacher)."""
+    if args.sem_decoder == "none" or args.teacher != "standin" or os.path.isfile(args.teacher_weights):
         return
     if args.teacher_weights != "runs/teacher/teacher.pt" or args.data != "synthetic":
         raise FileNotFoundError(f"stand-in teacher {args.teacher_weights} not found: train it with "
@@ -819,10 +835,11 @@ class Trainer:
     def __init__(self, args):
         self.args, self.stage = args, 2 if args.mode == "finetune" else 1
         self.rank, self.world, self.device = distill.setup_distributed()
+        if self.stage == 1:
+            ensure_standin_teacher(args)  # before seeding: the same run whether or not it had to train one
         torch.manual_seed(args.seed * self.world + self.rank)
         random.seed(args.seed * self.world + self.rank)
         if self.stage == 1:
-            ensure_standin_teacher(args)
             self.teacher = build_stage1_teacher(args, args.image_size // args.patch_size)
             self.config = model_config(args, self.teacher.dim if self.teacher else 0)
             self.model = RecTok(**self.config).to(self.device)
@@ -839,6 +856,7 @@ class Trainer:
                                   sem_weight=args.sem_weight, sem_loss=args.sem_loss,
                                   gan_weight=args.gan_weight, gan_start_epoch=args.gan_start_epoch)
         self.loss.to(self.device)
+        distill.broadcast_module(self.loss.discriminator)  # DDP does this for the tokenizer
         self.lr = args.base_lr * args.batch_size * args.grad_accum * self.world / 256
         # fused AdamW on CUDA and on the CPU too (174M parameters: 0.12 s a step against 0.53 s unfused)
         self.opt = torch.optim.AdamW(distill.weight_decay_groups(self.model, args.weight_decay), lr=self.lr,
@@ -863,9 +881,10 @@ class Trainer:
 
     def train_step(self, batches, epoch):
         """One optimizer step over `grad_accum` micro-batches; returns detached loss terms."""
-        args, gan_on = self.args, self.loss.gan_on(epoch)
+        args = self.args
         self.set_lr()
         self.loss.discriminator.requires_grad_(False)  # the generator step only reads D
+        decoded = []
         for i, x in enumerate(batches):
             sync = i == len(batches) - 1
             with (self.ddp.no_sync() if not sync and dist_ready() else contextlib.nullcontext()):
@@ -875,20 +894,30 @@ class Trainer:
                     out = self.ddp(x) if self.stage == 1 else self.ddp(x, tau=x.new_zeros(len(x), 1, 1))
                 total, terms = self.loss.generator_loss(x, out, target, epoch)
                 (total / len(batches)).backward()
+            decoded.append(out["decoded"].detach())
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         distill.update_ema(self.ema, self.model, args.ema)
-        if gan_on:  # the discriminator's step follows the generator's, on the last micro-batch
-            self.loss.discriminator.requires_grad_(True)
-            d_loss = self.loss.discriminator_loss(x, out["decoded"], epoch)
-            d_loss.backward()
-            distill.allreduce_grads(self.loss.discriminator)
-            self.d_opt.step()
-            self.d_opt.zero_grad(set_to_none=True)
-            terms["disc"] = d_loss.detach()
+        if self.loss.gan_on(epoch):
+            terms["disc"] = self.discriminator_step(batches, decoded, epoch)
         terms["total"], terms["grad_norm"] = total.detach(), grad_norm.detach()
         return terms
+
+    def discriminator_step(self, batches, decoded, epoch):
+        """The discriminator's step follows the generator's, as the authors' loop orders it: its hinge loss
+        on every micro-batch (gradients averaged over micro-batches and ranks), clipped at --clip like the
+        generator's, one optimizer step. Returns the last micro-batch's loss."""
+        disc = self.loss.discriminator
+        disc.requires_grad_(True)
+        for x, fake in zip(batches, decoded):
+            d_loss = self.loss.discriminator_loss(x, fake, epoch)
+            (d_loss / len(batches)).backward()
+        distill.allreduce_grads(disc)
+        nn.utils.clip_grad_norm_(disc.parameters(), self.args.clip)
+        self.d_opt.step()
+        self.d_opt.zero_grad(set_to_none=True)
+        return d_loss.detach()
 
     # ----- checkpoints (DESIGN.md: atomic, rank 0, barrier; resume exactly) -----
     def state(self):
@@ -900,6 +929,7 @@ class Trainer:
                 "flip_rng": distill.gather_objects(self.flip_gen.get_state(), self.world)}
 
     def save(self, name="latest.pt"):
+        distill.assert_ranks_agree({"tokenizer": self.model, "discriminator": self.loss.discriminator})
         state = self.state()  # every rank joins the RNG gather
         if self.rank == 0:
             distill.atomic_save(state, os.path.join(self.args.out, name))
@@ -1112,25 +1142,54 @@ def cache_meta(args, model, config, data):
     return {"tokenizer": os.path.abspath(args.ckpt), "fingerprint": fingerprint(model), "config": config,
             "data": args.data, "num_images": len(data), "num_classes": data.num_classes,
             "tokens": grid * grid, "channels": config["channels"], "grid": grid,
-            "image_size": config["img_size"], "dtype": "float16"}
+            "image_size": config["img_size"], "dtype": "float16", "shard_size": args.shard_size,
+            "num_shards": math.ceil(len(data) / args.shard_size)}
 
 
-def open_cache_arrays(root, mode, n=None, tokens=None, channels=None):
-    """The memory-mapped arrays: moments of each image and of its flip (N, L, 2C) float16, labels (N,)
-    int64, and a done flag per index that makes encoding resumable. Mode "w+" creates them (the shape
-    arguments are needed then only)."""
-    layout = {name: (np.float16, (n, tokens, 2 * (channels or 0))) for name in CACHE_ARRAYS}
-    layout.update(labels=(np.int64, (n,)), done=(np.bool_, (n,)))
-    return {name: np.lib.format.open_memmap(os.path.join(root, name + ".npy"), mode=mode, dtype=dtype,
-                                            shape=shape if mode == "w+" else None)
-            for name, (dtype, shape) in layout.items()}
+def shard_range(meta, k):
+    """The image indices [lo, hi) of shard k."""
+    return k * meta["shard_size"], min(meta["num_images"], (k + 1) * meta["shard_size"])
+
+
+def shard_path(root, name, k):
+    return os.path.join(root, f"{name}.{k:05d}.npy")
+
+
+def open_shard(root, meta, k, mode):
+    """The memory-mapped arrays of shard k: moments of each image and of its flip (n, L, 2C) float16,
+    labels (n,) int64, and a done flag per image that makes encoding resumable. Each shard is written by one
+    process only (its own files, no shared pages), so ranks on several nodes of a network file system
+    never write back over each other. Mode "w+" creates the files (atomically: a kill leaves none half
+    made)."""
+    lo, hi = shard_range(meta, k)
+    layout = {name: (np.float16, (hi - lo, meta["tokens"], 2 * meta["channels"])) for name in CACHE_ARRAYS}
+    layout.update(labels=(np.int64, (hi - lo,)), done=(np.bool_, (hi - lo,)))
+    if mode == "w+":  # "done" is made last: a shard that has it has all its files
+        if os.path.isfile(shard_path(root, "done", k)) and not all(
+                os.path.isfile(shard_path(root, name, k)) for name in layout):
+            raise RuntimeError(f"{root}: shard {k} has lost files; encode into a fresh --out")
+        for name, (dtype, shape) in layout.items():
+            path = shard_path(root, name, k)
+            if not os.path.isfile(path):
+                tmp = f"{path}.tmp{os.getpid()}"
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
+                os.replace(tmp, path)
+        mode = "r+"
+    return {name: np.load(shard_path(root, name, k), mmap_mode=mode) for name in layout}
+
+
+def read_cache_array(root, name):
+    """One array of a latent cache, all shards joined in index order (in memory: for labels and tests)."""
+    meta = check_meta(root, {})
+    return np.concatenate([open_shard(root, meta, k, "r")[name] for k in range(meta["num_shards"])])
 
 
 @torch.no_grad()
 def encode(args):
-    """Encode a data set into the latent cache. Ranks take contiguous shards of one index space; each
-    batch's rows are flushed before its `done` flags, so a killed run resumes where it stopped and never
-    writes an index twice. stats.npz is computed at the end from the stored means in float64."""
+    """Encode a data set into the latent cache. The index space is cut into shards of --shard-size images;
+    ranks take contiguous runs of shards and each writes only its own shard files. Each batch's rows are
+    flushed before its `done` flags, so a killed run resumes where it stopped (on any number of processes)
+    and never writes an index twice. stats.npz is computed at the end from the stored means in float64."""
     rank, world, device = distill.setup_distributed()
     model, config = load_tokenizer(args.ckpt, "ema", device)
     data = build_dataset(args.data, config["img_size"], "train", args.num_train, args.seed)
@@ -1139,57 +1198,63 @@ def encode(args):
     meta_path = os.path.join(args.out, "meta.json")
     if rank == 0:
         if os.path.isfile(meta_path):
-            check_meta(args.out, {k: meta[k] for k in ("fingerprint", "num_images", "tokens", "channels")})
+            check_meta(args.out, {k: meta[k] for k in ("fingerprint", "num_images", "tokens", "channels",
+                                                       "shard_size")})
         else:
-            open_cache_arrays(args.out, "w+", len(data), meta["tokens"], config["channels"])
             write_json(meta_path, meta)
     distill.barrier()
-    arrays = open_cache_arrays(args.out, "r+")
-    lo, hi = rank * len(data) // world, (rank + 1) * len(data) // world
-    todo = [i for i in range(lo, hi) if not arrays["done"][i]]
-    distill.log(f"encoding {len(data)} images into {args.out} with {world} process(es); rank 0: "
-                f"{hi - lo - len(todo)} of its {hi - lo} already done")
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, todo), batch_size=args.batch_size,
+    mine = range(rank * meta["num_shards"] // world, (rank + 1) * meta["num_shards"] // world)
+    shards = {k: open_shard(args.out, meta, k, "w+") for k in mine}
+    todo = [(k, j) for k in mine for j in np.flatnonzero(~shards[k]["done"]).tolist()]
+    distill.log(f"encoding {len(data)} images in {meta['num_shards']} shards into {args.out} with {world} "
+                f"process(es); rank 0: {len(todo)} images to do")
+    index = [shard_range(meta, k)[0] + j for k, j in todo]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, index), batch_size=args.batch_size,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     meter, start = distill.Throughput(device), 0
     for x, y in loader:
-        idx = todo[start:start + len(y)]
+        batch = todo[start:start + len(y)]
         start += len(y)
         x = x.to(device, non_blocking=True)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             both = model.encode(torch.cat([x, x.flip(-1)])).float()
-        moments, flipped = both.chunk(2)
-        arrays["moments"][idx] = moments.cpu().numpy().astype(np.float16)
-        arrays["moments_flip"][idx] = flipped.cpu().numpy().astype(np.float16)
-        arrays["labels"][idx] = y.numpy()
-        for name in CACHE_ARRAYS + ("labels",):
-            arrays[name].flush()
-        arrays["done"][idx] = True
-        arrays["done"].flush()
+        values = {"moments": both[:len(y)].cpu().numpy().astype(np.float16),
+                  "moments_flip": both[len(y):].cpu().numpy().astype(np.float16), "labels": y.numpy()}
+        for k in sorted({k for k, _ in batch}):  # a batch may straddle two shards
+            rows = [r for r, (kk, _) in enumerate(batch) if kk == k]
+            where = [batch[r][1] for r in rows]
+            for name, v in values.items():
+                shards[k][name][where] = v[rows]
+                shards[k][name].flush()
+            shards[k]["done"][where] = True  # only after the rows are on disk
+            shards[k]["done"].flush()
         meter.add(len(y) * world)
         if start % (args.batch_size * args.log_every) < len(y) or start == len(todo):
             distill.log(f"encoded {start}/{len(todo)} on rank 0 {meter.report()}")
     distill.barrier()
-    stats = cache_statistics(arrays["moments"], config["channels"], lo, hi, device)
+    stats = cache_statistics([shards[k]["moments"] for k in mine], config["channels"], device)
     if rank == 0:
-        if not arrays["done"].all():
-            raise RuntimeError(f"{args.out}: some indices were not encoded; run encode again to finish")
+        missing = [k for k in range(meta["num_shards"]) if not open_shard(args.out, meta, k, "r")["done"].all()]
+        if missing:
+            raise RuntimeError(f"{args.out}: shards {missing} were not fully encoded; run encode again to finish")
         distill.atomic_write(os.path.join(args.out, "stats.npz"),
                              lambda f: np.savez(f, mean=stats[0], std=stats[1]))
-        size = sum(os.path.getsize(os.path.join(args.out, n + ".npy")) for n in CACHE_ARRAYS + ("labels",))
+        size = sum(os.path.getsize(shard_path(args.out, n, k)) for n in CACHE_ARRAYS + ("labels",)
+                   for k in range(meta["num_shards"]))
         distill.log(f"wrote {args.out}: {len(data)} images, {size / len(data) / 1024:.1f} KiB per image, "
                     f"stats.npz (latent mean {stats[0].mean():.4f}, std {stats[1].mean():.4f})")
     distill.cleanup_distributed()
 
 
-def cache_statistics(moments, channels, lo, hi, device, chunk=4096):
+def cache_statistics(shards, channels, device, chunk=4096):
     """Per-channel mean and std of the posterior MEANS over the data set (SPEC.md §3), from float64 sums
-    all-reduced over ranks (no E[x^2] - E[x]^2 cancellation in fp32)."""
+    over this rank's shards, all-reduced over ranks (no E[x^2] - E[x]^2 cancellation in fp32)."""
     sums = torch.zeros(3, channels, dtype=torch.float64, device=device)
-    for s in range(lo, hi, chunk):
-        mean = torch.from_numpy(np.asarray(moments[s:min(hi, s + chunk), :, :channels])).double()
-        mean = mean.reshape(-1, channels).to(device)
-        sums += torch.stack([torch.full_like(mean[0], mean.shape[0]), mean.sum(0), (mean ** 2).sum(0)])
+    for moments in shards:
+        for s in range(0, len(moments), chunk):
+            mean = torch.from_numpy(np.asarray(moments[s:s + chunk, :, :channels])).double()
+            mean = mean.reshape(-1, channels).to(device)
+            sums += torch.stack([torch.full_like(mean[0], mean.shape[0]), mean.sum(0), (mean ** 2).sum(0)])
     if dist_ready():
         dist.all_reduce(sums)
     count, total, square = sums
@@ -1222,8 +1287,10 @@ class LatentCache(torch.utils.data.Dataset):
         self.meta = check_meta(root, expect or {})
         if not os.path.isfile(os.path.join(root, "stats.npz")):
             raise FileNotFoundError(f"{root} has no stats.npz: its encoding did not finish; run encode again")
-        arrays = open_cache_arrays(root, "r")
-        self.moments, self.flipped, self.labels = arrays["moments"], arrays["moments_flip"], arrays["labels"]
+        shards = [open_shard(root, self.meta, k, "r") for k in range(self.meta["num_shards"])]
+        self.moments = [a["moments"] for a in shards]
+        self.flipped = [a["moments_flip"] for a in shards]
+        self.labels = np.concatenate([a["labels"] for a in shards])
         stats = np.load(os.path.join(root, "stats.npz"))
         self.mu, self.sigma = torch.from_numpy(stats["mean"]).float(), torch.from_numpy(stats["std"]).float()
         self.flip, self.seed, self.epoch = flip, seed, 0
@@ -1237,7 +1304,8 @@ class LatentCache(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         flip = self.flip and np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5
-        moments = (self.flipped if flip else self.moments)[i]
+        k, j = divmod(i, self.meta["shard_size"])
+        moments = (self.flipped if flip else self.moments)[k][j]
         return torch.from_numpy(np.asarray(moments, dtype=np.float32)), int(self.labels[i])
 
 
@@ -1250,28 +1318,35 @@ def sample_latent(moments, mu, sigma, grid, generator=None):
     return z.transpose(1, 2).reshape(moments.shape[0], -1, grid, grid)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", nargs="?", default="train", choices=["train", "finetune", "evaluate", "encode"],
+#: the default run folder of each mode (evaluate writes next to its checkpoint)
+DEFAULT_OUT = {"train": "runs/tokenizer", "finetune": "runs/tokenizer_ft", "encode": "runs/latents",
+               "evaluate": None}
+
+
+def build_parser(add_help=True):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=distill.HelpFormatter, add_help=add_help)
+    p.add_argument("mode", nargs="?", default="train", choices=sorted(DEFAULT_OUT),
                    help="train: stage 1; finetune: stage 2 (decoder); evaluate: PSNR; encode: latent cache")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="sets the defaults below (finetune adds its stage-2 values)")
     p.add_argument("--data", default="synthetic", help="'synthetic' (built-in) or an ImageNet-style folder")
-    p.add_argument("--out", default=None, help="run folder (train: runs/tokenizer, finetune: "
-                   "runs/tokenizer_ft, encode: runs/latents); a run folder with latest.pt resumes")
-    p.add_argument("--num-train", type=int, default=None, help="use this many training images")
+    p.add_argument("--out", help="run folder (train: runs/tokenizer, finetune: runs/tokenizer_ft, encode: "
+                   "runs/latents); a run folder with latest.pt resumes")
+    p.add_argument("--num-train", type=int, help="use this many training images")
     p.add_argument("--init", default="runs/tokenizer/latest.pt", help="finetune: the stage-1 checkpoint")
     p.add_argument("--ckpt", default="runs/tokenizer_ft/latest.pt", help="evaluate/encode: the tokenizer")
     p.add_argument("--num-eval", type=int, default=1000, help="evaluate: held-out images")
     p.add_argument("--rfid", action="store_true", help="evaluate: also rFID (needs the FID Inception)")
     p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 path (default: URL)")
     p.add_argument("--ref-stats", default=None, help="evaluate: reference statistics cache (.npz)")
+    p.add_argument("--shard-size", type=int, default=4096, help="encode: images per latent-cache shard file")
     # model (SPEC.md §2)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--patch-size", type=int, default=None)
-    p.add_argument("--channels", type=int, default=None, help="latent channels C")
-    p.add_argument("--encoder-size", default=None, choices=sorted(SIZES))
-    p.add_argument("--decoder-size", default=None, choices=sorted(SIZES))
-    p.add_argument("--sem-size", default=None, choices=sorted(SIZES))
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--channels", type=int, help="latent channels C")
+    p.add_argument("--encoder-size", choices=sorted(SIZES))
+    p.add_argument("--decoder-size", choices=sorted(SIZES))
+    p.add_argument("--sem-size", choices=sorted(SIZES))
     p.add_argument("--sem-decoder", default="transformer", choices=["transformer", "mlp", "none"],
                    help="'none' trains without the semantic loss (no FSD, no RAD)")
     p.add_argument("--mask-ratio", type=float, default=0.4, help="0 turns MAE masking (RAD) off")
@@ -1279,44 +1354,48 @@ def parse_args(argv=None):
     p.add_argument("--noise-schedule", default="shift", choices=["shift", "uniform", "lognorm"])
     p.add_argument("--gamma", type=float, default=1.0, help="flow noise scale; 0 turns the flow off")
     # teacher (SPEC.md §2.5)
-    p.add_argument("--teacher", default=None, help="'standin' or an official one, e.g. dinov3_vitl16")
+    p.add_argument("--teacher", help="'standin' or an official one, e.g. dinov3_vitl16")
     p.add_argument("--teacher-weights", default=None,
                    help="checkpoint path or URL (default: runs/teacher/teacher.pt for the stand-in)")
     p.add_argument("--no-teacher-jitter", action="store_true",
                    help="run DINOv3 without the training-mode RoPE rescale the release used")
     # losses (SPEC.md §2.6)
-    p.add_argument("--perceptual-weight", type=float, default=None)
+    p.add_argument("--perceptual-weight", type=float)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--sem-weight", type=float, default=1.0)
     p.add_argument("--sem-loss", default="cosine", choices=["cosine", "l2", "l1"])
     p.add_argument("--gan-weight", type=float, default=0.1)
-    p.add_argument("--gan-start-epoch", type=int, default=None)
+    p.add_argument("--gan-start-epoch", type=int)
     p.add_argument("--vgg16-weights", default=VGG16_URL)
     p.add_argument("--lpips-weights", default=LPIPS_URL)
     p.add_argument("--convnext-weights", default=CONVNEXT_S_URL)
     # optimisation (SPEC.md §2.7)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="per process")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per process")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--base-lr", type=float, default=None, help="lr = base_lr * global_batch / 256")
+    p.add_argument("--base-lr", type=float, help="lr = base_lr * global_batch / 256")
     p.add_argument("--warmup", type=float, default=0.25, help="fraction of training")
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--clip", type=float, default=3.0)
-    p.add_argument("--ema", type=float, default=None, help="EMA decay (paper 0.999)")
+    p.add_argument("--clip", type=float, default=3.0, help="gradient-norm clip, tokenizer and discriminator")
+    p.add_argument("--ema", type=float, help="EMA decay (paper 0.999)")
     # run control
     distill.add_run_flags(p, ckpt_every=500, save_every=50, save_unit="epochs")
     p.add_argument("--grid-every", type=int, default=500, help="reconstruction grid PNG every N steps (0: off)")
     p.add_argument("--random-weights", action="store_true",
                    help="with --bench: random teacher and perceptual weights (no downloads)")
-    args = p.parse_args(argv)
+    return p
+
+
+def preset_defaults(first):
+    """The preset's values for the chosen mode: stage 1's recipe, with stage 2's overrides for finetune."""
+    stage2 = FINETUNE[first.preset] if first.mode == "finetune" else {}
+    return dict(PRESETS[first.preset], **stage2, out=DEFAULT_OUT[first.mode])
+
+
+def parse_args(argv=None):
+    p, args = distill.parse_with_preset(build_parser, preset_defaults, argv)
     if args.random_weights and not args.bench:
         p.error("--random-weights is for --bench only: training needs the real teacher")
-    defaults = dict(PRESETS[args.preset], **(FINETUNE[args.preset] if args.mode == "finetune" else {}))
-    defaults["out"] = {"train": "runs/tokenizer", "finetune": "runs/tokenizer_ft", "encode": "runs/latents",
-                       "evaluate": None}[args.mode]
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
     if args.teacher_weights is None and args.teacher == "standin":
         args.teacher_weights = "runs/teacher/teacher.pt"
     return args
