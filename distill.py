@@ -242,9 +242,11 @@ def assert_ranks_agree(modules):
         sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
         ref = sums.clone()
         dist.broadcast(ref, 0)
-        if not torch.equal(sums, ref):
-            raise RuntimeError(f"rank {dist.get_rank()} holds other {name} weights than rank 0: every rank "
-                               f"must build the same {name} (broadcast rank 0's) and average its gradients")
+        differs = (sums != ref).any().double()
+        dist.all_reduce(differs, op=dist.ReduceOp.MAX)  # every rank stops, none waits for the others
+        if differs.item():
+            raise RuntimeError(f"the ranks hold different {name} weights: every rank must build the same "
+                               f"{name} (broadcast rank 0's) and average its gradients")
 
 
 def allreduce_grads(module):

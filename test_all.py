@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -63,6 +64,26 @@ def parity(name):
 
 def assert_close(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def torchrun(script, args, nproc=2):
+    """`torchrun --nproc_per_node=2 script args` on gloo, as users run a stage; returns the finished run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           script if os.path.isabs(script) else os.path.join(HERE, script), *args]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    return run
+
+
+def assert_same_runs(a, b, parts):
+    """Two run folders whose latest.pt hold bit-identical `parts` (model, ema, ...) at the same step."""
+    ca, cb = (torch.load(os.path.join(x, "latest.pt"), weights_only=False) for x in (a, b))
+    assert ca["step"] == cb["step"]
+    for part in parts:
+        assert ca[part].keys() == cb[part].keys()
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
+    return ca
 
 
 #################################################################################
@@ -311,6 +332,7 @@ def test_standin_resume_is_exact(tmp_path):
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
     distill.main(STANDIN_TINY + ["--out", straight])
     distill.main(STANDIN_TINY + ["--out", split, "--stop-at", "5"])
+    assert distill.main(STANDIN_TINY + ["--out", split, "--stop-at", "5"]) is None  # a no-op, says so
     assert not os.path.exists(os.path.join(split, "teacher.pt"))
     distill.main(STANDIN_TINY + ["--out", split])
     a = torch.load(os.path.join(straight, "teacher.pt"), weights_only=True)
@@ -318,16 +340,16 @@ def test_standin_resume_is_exact(tmp_path):
     assert a["step"] == b["step"] == 16
     for k in a["ema"]:
         assert torch.equal(a["ema"][k], b["ema"][k]), k
+    mtime = os.path.getmtime(os.path.join(straight, "teacher.pt"))
+    assert distill.main(STANDIN_TINY + ["--out", straight]) is None  # a finished run re-run: a no-op
+    assert os.path.getmtime(os.path.join(straight, "teacher.pt")) == mtime
     teacher = distill.build_teacher("standin", os.path.join(straight, "teacher.pt"), grid=4)
     assert teacher(torch.zeros(3, 3, 32, 32)).shape == (3, 16, 32)
 
 
 def test_standin_two_process_gloo(tmp_path):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-           os.path.join(HERE, "distill.py"), *STANDIN_TINY, "--batch-size", "16", "--out", out]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = torchrun("distill.py", [*STANDIN_TINY, "--batch-size", "16", "--out", out])
     ckpt = torch.load(os.path.join(out, "teacher.pt"), weights_only=True)
     assert ckpt["step"] == 16 and 0 <= ckpt["accuracy"] <= 1
     assert "held-out accuracy" in run.stdout and "img/s" in run.stdout
@@ -631,18 +653,140 @@ def test_tokenizer_resume_is_exact(standin_teacher, tmp_path):
     assert os.path.isfile(os.path.join(a, "recon_0000004.png"))
 
 
-def test_tokenizer_two_process_gloo(standin_teacher, tmp_path):
-    out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29532",
-           os.path.join(HERE, "tokenizer.py"), *tok_args(standin_teacher, out, "--batch-size", "8",
-                                                          "--gan-start-epoch", "0")]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
-    assert run.returncode == 0, run.stderr[-3000:]
-    ckpt = torch.load(os.path.join(out, "latest.pt"), weights_only=False)
+def test_tokenizer_two_processes_resume_exactly(standin_teacher, tmp_path):
+    """Stage 1 on 2 gloo processes with the GAN on from step 0 and 2 micro-batches: the ranks hold the same
+    tokenizer and discriminator (every checkpoint checks it, or the run stops), and a stop at step 2 plus a
+    resume ends bit-identical to the uninterrupted 2-process run, discriminator included."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    extra = ["--batch-size", "4", "--grad-accum", "2", "--gan-start-epoch", "0"]
+    run = torchrun("tokenizer.py", tok_args(standin_teacher, a, *extra))
+    torchrun("tokenizer.py", tok_args(standin_teacher, b, *extra, "--stop-at", "2"))
+    torchrun("tokenizer.py", tok_args(standin_teacher, b, *extra))
+    ckpt = assert_same_runs(a, b, ("model", "ema", "discriminator"))
     assert ckpt["step"] == 8 and len(ckpt["rng"]) == 2
     assert "img/s" in run.stdout and "disc" in run.stdout
-    model, config = tokenizer.load_tokenizer(os.path.join(out, "latest.pt"))
+    model, config = tokenizer.load_tokenizer(os.path.join(a, "latest.pt"))
     assert config["channels"] == 8 and model.reconstruct(torch.zeros(2, 3, 32, 32)).shape == (2, 3, 32, 32)
+
+
+def test_tokenizer_without_masking_on_two_processes(standin_teacher, tmp_path):
+    """--mask-ratio 0: the mask token and mask embedding are never read, so they are frozen (DDP would
+    otherwise stop at step 2 waiting for their gradients)."""
+    out = str(tmp_path / "nomask")
+    torchrun("tokenizer.py", tok_args(standin_teacher, out, "--batch-size", "8", "--mask-ratio", "0"))
+    ckpt = torch.load(os.path.join(out, "latest.pt"), weights_only=False)
+    assert ckpt["step"] == 8
+    model = tokenizer.RecTok(**ckpt["config"])
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["decoder.mask_token", "sem_decoder.mask_embedding"]
+    mask = ckpt["model"]["sem_decoder.mask_embedding"]
+    assert torch.equal(mask, torch.zeros_like(mask))  # zero-init, never trained
+
+
+def test_ranks_agree_check_and_broadcast(tmp_path):
+    """A module built from each rank's own seed differs across ranks: the checkpoint check refuses it, and
+    broadcasting rank 0's weights makes the ranks agree."""
+    script = tmp_path / "agree.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import distill\n"
+        "dist.init_process_group('gloo')\n"
+        "torch.manual_seed(dist.get_rank())\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))\n"
+        "try:\n"
+        "    distill.assert_ranks_agree({'net': m})\n"
+        "    print('not caught')\n"
+        "except RuntimeError as e:\n"
+        "    print('caught:', e)\n"
+        "distill.broadcast_module(m)\n"
+        "distill.assert_ranks_agree({'net': m})\n"
+        "print('agree after broadcast')\n"
+        "dist.destroy_process_group()\n")
+    run = torchrun(str(script), [])
+    assert run.stdout.count("agree after broadcast") == 2 and "not caught" not in run.stdout
+    assert run.stdout.count("caught: the ranks hold different net weights") == 2  # every rank stops
+
+
+def tiny_trainer(teacher, tmp_path, *extra):
+    return tokenizer.Trainer(tokenizer.parse_args(tok_args(teacher, str(tmp_path / "unit"), *extra)))
+
+
+def test_discriminator_step_reads_every_micro_batch_and_is_clipped(standin_teacher, tmp_path):
+    """The authors' order: D's hinge loss on every micro-batch, gradients averaged, clipped at --clip like
+    the generator's, one step."""
+    run = tiny_trainer(standin_teacher, tmp_path, "--gan-start-epoch", "0", "--grad-accum", "2", "--clip", "0.01")
+    calls, seen = [], {}
+    loss_fn = run.loss.discriminator_loss
+    run.loss.discriminator_loss = lambda x, fake, epoch: calls.append((x, fake)) or loss_fn(x, fake, epoch)
+    before = {k: v.clone() for k, v in run.loss.discriminator.state_dict().items()}
+    step = run.d_opt.step
+    run.d_opt.step = lambda: seen.update(grads=[p.grad.clone() for p in run.loss.discriminator.parameters()]) or step()
+    torch.manual_seed(0)
+    batches = [torch.rand(4, 3, 32, 32) * 2 - 1 for _ in range(2)]
+    run.model.train()
+    run.train_step(batches, epoch=0)
+    assert len(calls) == 2 and all(torch.equal(x, b) for (x, _), b in zip(calls, batches))
+    ref = tokenizer.PatchGAN()
+    ref.load_state_dict(before)
+    loss = sum(tokenizer.hinge_d_loss(ref(x.float() * 0.5 + 0.5), ref(f.float() * 0.5 + 0.5)) for x, f in calls) / 2
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.01)
+    assert norm > 0.01  # the clip is active
+    for got, want in zip(seen["grads"], (p.grad for p in ref.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
+    assert torch.stack([g.norm() for g in seen["grads"]]).norm() == pytest.approx(0.01, rel=1e-3)
+
+
+def test_weight_decay_skips_embeddings_and_tokens():
+    """The authors' groups: no decay for 1-D tensors or any name containing embed or token."""
+    model = tokenizer.RecTok(32, 8, 8, "micro", "micro", sem_size="micro", teacher_dim=16)
+    decay, no_decay = distill.weight_decay_groups(model, 1e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    for name in ("encoder.patch_embed.weight", "decoder.decoder_embed.weight", "sem_decoder.token_embedding.weight",
+                 "encoder.positional_embedding", "decoder.mask_token", "sem_decoder.mask_embedding"):
+        assert name in skipped, name
+    decayed = [names[id(p)] for p in decay["params"]]
+    assert decayed and all(p.ndim >= 2 for p in decay["params"])
+    assert not [n for n in decayed if "embed" in n or "token" in n]
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0
+
+
+def test_gamma_zero_turns_the_flow_off():
+    """--gamma 0: both decoders read the posterior sample z itself, not a randomly shrunk (1 - tau) z."""
+    model = tokenizer.RecTok(32, 8, 8, "micro", "micro", sem_size="micro", teacher_dim=16, gamma=0.0)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    eps = torch.randn(3, 16, 8)
+    with torch.no_grad():
+        out = model(x, ratio=0.0, eps_post=eps)
+        assert torch.equal(out["z_tau"], out["z"])
+        assert torch.equal(out["decoded"], model.decoder(out["z"], out["ids_restore"]))
+        flow = tokenizer.RecTok(32, 8, 8, "micro", "micro", sem_size="micro", teacher_dim=16)
+        flow.load_state_dict(model.state_dict())
+        noisy = flow(x, ratio=0.0, eps_post=eps, tau=torch.full((3, 1, 1), 0.5))
+    assert not torch.equal(noisy["z_tau"], noisy["z"])
+
+
+def test_same_tokenizer_whether_or_not_the_teacher_existed(tmp_path, monkeypatch):
+    """`python tokenizer.py` trains a missing stand-in teacher first without touching the tokenizer's
+    random streams: the same command gives the same tokenizer in a fresh folder and in one that has the
+    teacher. With --sem-decoder none it trains no teacher at all."""
+    monkeypatch.setitem(distill.PRESETS, "tiny", dict(distill.PRESETS["tiny"], patch=8, width=32, depth=1,
+                                                      heads=2, epochs=1, num_train=64, num_val=32,
+                                                      batch_size=32))
+    flags = tok_args("runs/teacher/teacher.pt", "runs/tokenizer", "--stop-at", "3")
+    fresh, ready, nosem = (tmp_path / d for d in ("fresh", "ready", "nosem"))
+    monkeypatch.chdir(fresh.mkdir() or fresh)
+    tokenizer.main(flags)
+    (ready / "runs" / "teacher").mkdir(parents=True)
+    shutil.copy(fresh / "runs" / "teacher" / "teacher.pt", ready / "runs" / "teacher" / "teacher.pt")
+    monkeypatch.chdir(ready)
+    tokenizer.main(flags)
+    assert_same_runs(str(fresh / "runs" / "tokenizer"), str(ready / "runs" / "tokenizer"), ("model", "ema"))
+    monkeypatch.chdir(nosem.mkdir() or nosem)
+    tokenizer.main(flags + ["--sem-decoder", "none"])
+    assert (nosem / "runs" / "tokenizer" / "latest.pt").is_file() and not (nosem / "runs" / "teacher").exists()
 
 
 def test_tokenizer_bench_writes_nothing(standin_teacher, tmp_path):
@@ -667,6 +811,36 @@ def test_tokenizer_bad_inputs(standin_teacher, tmp_path):
         tokenizer.main(tok_args(standin_teacher, out, "--channels", "4"))
     with pytest.raises(FileNotFoundError, match="not found"):
         tokenizer.load_tokenizer(str(tmp_path / "none.pt"))
+
+
+PRESET_STAGES = [(distill, distill.PRESETS, []), (tokenizer, tokenizer.PRESETS, []),
+                 (dit, dit.PRESETS, ["--latents", "x"]), (probe, probe.PRESETS, [])]
+
+
+@pytest.mark.parametrize("module,presets,extra", PRESET_STAGES, ids=lambda v: getattr(v, "__name__", ""))
+def test_presets_are_the_parser_defaults(module, presets, extra, capsys):
+    """Every preset value is in force unless a flag overrides it, and --help prints it."""
+    for name, values in presets.items():
+        args = module.parse_args(["--preset", name, *extra])
+        for k, v in values.items():
+            if k != "latents" or not extra:
+                assert getattr(args, k) == v, (module.__name__, name, k)
+        k, v = next((k, v) for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool))
+        assert getattr(module.parse_args(["--preset", name, *extra, "--" + k.replace("_", "-"), str(v + 1)]), k) == v + 1
+        with pytest.raises(SystemExit):
+            module.parse_args(["--preset", name, *extra, "--help"])
+        assert f"(default: {v})" in capsys.readouterr().out
+
+
+def test_finetune_preset_is_the_released_stage2_recipe(capsys):
+    args = tokenizer.parse_args(["finetune", "--preset", "paper"])
+    assert (args.warmup, args.base_lr, args.epochs, args.gan_start_epoch) == (0.05, 5e-5, 100, 0)
+    assert tokenizer.parse_args(["--preset", "paper"]).warmup == 0.25  # stage 1
+    assert tokenizer.parse_args(["finetune", "--preset", "paper", "--warmup", "0.1"]).warmup == 0.1
+    with pytest.raises(SystemExit):
+        tokenizer.parse_args(["finetune", "--preset", "paper", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "fraction of training (default: 0.05)" in help_text and "(default: 5e-05)" in help_text
 
 
 def test_load_released_tokenizer_layout(parity_sizes, tmp_path):
@@ -712,6 +886,19 @@ def test_finetune_changes_only_the_decoder(stage1_run, tmp_path):
     assert s2["d_optimizer"]["state"]  # a fresh discriminator trained from step 0
 
 
+def test_finetune_two_processes_resume_exactly(stage1_run, tmp_path):
+    """Stage 2 on 2 gloo processes with its fresh discriminator from step 0: no unused trainable parameter
+    (the mask token is frozen), ranks agree, and stop-and-resume equals the uninterrupted run."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["finetune", "--init", stage1_run, "--num-train", "64", "--batch-size", "8", "--epochs", "1",
+              "--workers", "0", "--grid-every", "0", "--gan-start-epoch", "0", "--log-every", "1"]
+    run = torchrun("tokenizer.py", [*common, "--out", a])
+    torchrun("tokenizer.py", [*common, "--out", b, "--stop-at", "2"])
+    torchrun("tokenizer.py", [*common, "--out", b])
+    ckpt = assert_same_runs(a, b, ("model", "ema", "discriminator"))
+    assert ckpt["step"] == 4 and "disc" in run.stdout
+
+
 def test_evaluate_writes_metrics(stage1_run):
     results = tokenizer.main(["evaluate", "--ckpt", stage1_run, "--num-eval", "24", "--batch-size", "8",
                               "--workers", "0"])
@@ -751,6 +938,10 @@ def cache(stage1_run, tmp_path_factory):
 def test_cache_is_complete_and_matches_the_model(stage1_run, cache):
     arrays = read_cache(cache)
     assert arrays["done"].all() and arrays["moments"].shape == (40, 16, 16)
+    # one file per shard and array, each written by one process only (no pages shared across ranks)
+    assert sorted(f for f in os.listdir(cache) if f.startswith("moments.")) == [
+        "moments.00000.npy", "moments.00001.npy", "moments.00002.npy"]
+    assert [len(np.load(os.path.join(cache, f"done.{k:05d}.npy"))) for k in range(3)] == [16, 16, 8]
     assert arrays["moments"].dtype == np.float16 and arrays["labels"].tolist() == [i % 10 for i in range(40)]
     model, _ = tokenizer.load_tokenizer(stage1_run)
     data = tokenizer.build_dataset("synthetic", 32, "train", 40)
@@ -1087,14 +1278,25 @@ def test_dit_loss_falls(cache, tmp_path):
     assert after < 0.8 * before, (before, after)
 
 
-def test_dit_two_process_gloo(cache, tmp_path):
-    out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29535",
-           os.path.join(HERE, "dit.py"), *dit_args(cache, out, "--batch-size", "4")]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
-    assert run.returncode == 0, run.stderr[-3000:]
-    ckpt = torch.load(os.path.join(out, "latest.pt"), weights_only=False)
+def test_dit_two_processes_resume_exactly(cache, tmp_path):
+    """2 gloo processes: ranks agree (checked at every checkpoint), and a stop at step 3 plus a resume ends
+    bit-identical to the uninterrupted 2-process run."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run = torchrun("dit.py", dit_args(cache, a, "--batch-size", "4"))
+    torchrun("dit.py", dit_args(cache, b, "--batch-size", "4", "--stop-at", "3"))
+    torchrun("dit.py", dit_args(cache, b, "--batch-size", "4"))
+    ckpt = assert_same_runs(a, b, ("model", "ema"))
     assert ckpt["step"] == 10 and len(ckpt["rng"]) == 2 and "img/s" in run.stdout
+
+
+def test_dit_lr_decay_ends_at_its_own_epoch():
+    """`--preset paper --epochs 80` is the first 80 epochs of the released 800-epoch schedule."""
+    args = dit.parse_args(["--preset", "paper", "--epochs", "80", "--latents", "x"])
+    assert args.decay_end_epoch == 800 and args.epochs == 80
+    assert dit.hold_then_linear(40, args) == args.lr == 2e-4
+    assert dit.hold_then_linear(80, args) == pytest.approx(2e-4 - 40 / 760 * 1.8e-4)
+    assert dit.hold_then_linear(800, args) == pytest.approx(2e-5)
+    assert dit.hold_then_linear(900, args) == pytest.approx(2e-5)
 
 
 def test_dit_mismatch_errors(cache, tmp_path, parity_sizes):
