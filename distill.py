@@ -32,6 +32,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import random
 import struct
 import time
@@ -103,8 +104,12 @@ def atomic_save(obj, path):
 
 
 def rng_state():
-    """Every random stream a training step consumes, so a resumed run continues bit for bit."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every random stream a training step consumes, so a resumed run continues bit for bit; as tensors,
+    numbers and lists only, so that checkpoints load with weights_only=True."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, python, _ = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       gauss], "python": [version, list(python)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -121,8 +126,9 @@ def gather_objects(obj, world):
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((state["python"][0], tuple(state["python"][1]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -701,7 +707,7 @@ def read_state_dict(path, prefix=""):
     if path.endswith(".safetensors"):
         sd = load_safetensors(path)
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = load_checkpoint(path, ("teacher",), "teacher weights (.pth or .safetensors)")
         for key in ("model", "teacher", "state_dict"):
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]
@@ -781,7 +787,10 @@ def build_teacher(name, weights=None, grid=16, rope_jitter=True, prefix=""):
         if not weights or not os.path.isfile(weights):
             raise FileNotFoundError(f"stand-in teacher checkpoint not found: {weights}. Train one with "
                                     f"`python distill.py` (or --data DIR), or pick an official teacher")
-        ckpt = torch.load(weights, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(weights, ("teacher",), "stand-in teacher checkpoint (distill.py's teacher.pt)")
+        if "target_mean" not in ckpt:
+            raise ValueError(f"{weights} is a stand-in teacher's run checkpoint, not its final teacher.pt: "
+                             f"let `python distill.py` finish, then pass OUT/teacher.pt")
         vit = DinoViT(**ckpt["config"]["vit"])
         sd = {k[len("vit."):]: v for k, v in ckpt["ema"].items() if k.startswith("vit.")}
         load_strict(vit, sd, f"stand-in teacher {weights}")
@@ -868,8 +877,10 @@ def train_standin(args):
     total_steps = args.epochs * steps_per_epoch
     stop = min(total_steps, args.stop_at or total_steps)
     latest = os.path.join(args.out, "latest.pt")
-    step = 0 if args.bench else resume(latest, rank, {"model": model, "ema": ema, "optimizer": opt},
-                                       {"flip_rng": flip_gen})
+    config = {"vit": vit, "num_classes": train_set.num_classes}
+    step = 0 if args.bench else resume(latest, "teacher", rank, world,
+                                       {"model": model, "ema": ema, "optimizer": opt}, {"flip_rng": flip_gen},
+                                       match={"config": config, "global_batch": args.batch_size * world})
     log(f"stand-in teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{len(train_set)} train / {len(val_set)} val images, {train_set.num_classes} classes, "
         f"{total_steps} steps")
@@ -879,9 +890,9 @@ def train_standin(args):
         cleanup_distributed()
         return None
     def weights(acc):
-        return {"config": {"vit": vit, "num_classes": train_set.num_classes}, "model": model.state_dict(),
-                "ema": ema.state_dict(), "step": step, "epoch": step / steps_per_epoch, "args": vars(args),
-                "accuracy": acc}
+        return {"kind": "teacher", "config": config, "model": model.state_dict(), "ema": ema.state_dict(),
+                "step": step, "epoch": step / steps_per_epoch, "global_batch": args.batch_size * world,
+                "args": vars(args), "accuracy": acc}
 
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     meter, acc = Throughput(device), None
@@ -939,27 +950,67 @@ def token_statistics(vit, dataset, batch_size, device, num=2000):
     return tokens.mean(0).float(), tokens.std(0).clamp(min=1e-6).float()
 
 
-def resume(path, rank, states, generators=None, config=None):
+def load_checkpoint(path, kinds, what):
+    """A checkpoint file as plain data: torch.load with weights_only=True, so nothing in the file runs (a
+    pickle can call any function; these files are downloaded and shared). Every error names the file and
+    what was expected: missing, damaged (empty, truncated, not a torch file), holding objects other than
+    tensors, numbers, strings, lists and dicts, or a `kind` other than `kinds` (our checkpoints record one;
+    the authors' files have none and are told apart by their keys)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1][:200]
+        raise ValueError(f"{path}: refused: it holds objects other than tensors, numbers, strings, lists and "
+                         f"dicts, which could run code when loaded ({reason}). Expected a {what}; re-save "
+                         f"the weights alone (a state dict) from a copy you trust") from None
+    except Exception as e:
+        raise ValueError(f"{path} is damaged or not a PyTorch checkpoint (empty, truncated or another "
+                         f"format: {type(e).__name__}: {str(e)[:200]}); expected a {what}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; expected a {what}")
+    if ckpt.get("kind", kinds[0]) not in kinds:
+        raise ValueError(f"{path} is a {ckpt['kind']} checkpoint; expected a {what}")
+    return ckpt
+
+
+def resume(path, kind, rank, world, states, generators=None, match=None):
     """Restore a run from `path` if it exists; returns the step to continue from (0 for a new run).
 
     `states` maps checkpoint keys to objects with load_state_dict (model, EMA, optimizers, ...);
     `generators` maps keys to per-rank torch.Generators; the global RNG streams of this rank are restored
-    too. A checkpoint made with another `config` is refused rather than silently mixed."""
+    too. `match` maps checkpoint keys to the values this run has (its model config, global batch, data):
+    a checkpoint made with others is refused rather than silently mixed. On another number of processes
+    (same global batch) the run continues, but not bit for bit: each rank's random streams are re-seeded."""
     if not os.path.isfile(path):
         return 0
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if config is not None and ckpt.get("config") != config:
-        raise ValueError(f"{path} was made with another model config ({ckpt.get('config')}); "
-                         f"use a new --out folder or the same flags")
-    if rank >= len(ckpt["rng"]):
-        raise ValueError(f"{path} was written by {len(ckpt['rng'])} processes; resume it with as many")
+    ckpt = load_checkpoint(path, (kind,), f"{kind} run checkpoint to resume")
+    for key, value in (match or {}).items():
+        if ckpt.get(key) != value:
+            raise ValueError(f"{path} was made with another {key.replace('_', ' ')} ({ckpt.get(key)}, this run: "
+                             f"{value}); resume it with the same flags and processes, or use a new --out")
     for key, obj in states.items():
         obj.load_state_dict(ckpt[key])
-    set_rng_state(ckpt["rng"][rank])
-    for key, gen in (generators or {}).items():
-        gen.set_state(ckpt[key][rank])
+    if len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank])
+        for key, gen in (generators or {}).items():
+            gen.set_state(ckpt[key][rank])
+    else:
+        log(f"{path} was written by {len(ckpt['rng'])} processes, this run has {world}: same global batch, so "
+            f"it continues, with re-seeded random streams (not bit-identical to an uninterrupted run)")
+        reseed(ckpt["step"] * world + rank, generators)
     log(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"]
+
+
+def reseed(seed, generators=None):
+    """Seed every random stream of this process (and `generators`) from one number."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    for gen in (generators or {}).values():
+        gen.manual_seed(seed)
 
 
 class Throughput:

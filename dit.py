@@ -317,6 +317,11 @@ def open_latents(args):
     return tokenizer.LatentCache(args.latents, expect=expect, seed=args.seed), tok
 
 
+def latent_source(args, cache):
+    """What a run trains on: a resumed run must read the same latents (the same cache of the same tokenizer)."""
+    return {"latents": os.path.abspath(args.latents), "fingerprint": cache.meta["fingerprint"]}
+
+
 def build_model(args, cache):
     trunk, head = SIZES[args.model]
     config = dict(channels=cache.meta["channels"], grid=cache.meta["grid"], trunk=trunk, head=head,
@@ -350,8 +355,9 @@ def train(args):
     total = args.epochs * steps_per_epoch
     stop = min(total, args.bench or args.stop_at or total)
     latest = os.path.join(args.out, "latest.pt")
-    step = 0 if args.bench else distill.resume(latest, rank, {"model": model, "ema": ema, "optimizer": opt},
-                                               config=config)
+    step = 0 if args.bench else distill.resume(
+        latest, "generator", rank, world, {"model": model, "ema": ema, "optimizer": opt},
+        match={"config": config, "global_batch": args.batch_size * world, "source": latent_source(args, cache)})
     s = tokenizer.latent_shift(cache.meta["grid"], cache.meta["channels"])
     mu, sigma = cache.mu.to(device), cache.sigma.to(device)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
@@ -400,8 +406,9 @@ def checkpoint(args, step, stop, steps_per_epoch, rank, world, model, ema, opt, 
     if step % args.ckpt_every and step != stop:
         return
     distill.assert_ranks_agree({"generator": model})
-    state = {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
-             "optimizer": opt.state_dict(), "step": step, "epoch": step / steps_per_epoch, "args": vars(args),
+    state = {"kind": "generator", "config": config, "model": model.state_dict(), "ema": ema.state_dict(),
+             "optimizer": opt.state_dict(), "step": step, "epoch": step / steps_per_epoch,
+             "global_batch": args.batch_size * world, "source": latent_source(args, cache), "args": vars(args),
              "rng": distill.gather_objects(distill.rng_state(), world),
              "latents": {"root": os.path.abspath(args.latents), "fingerprint": cache.meta["fingerprint"],
                          "tokenizer": cache.meta["tokenizer"], "mu": cache.mu, "sigma": cache.sigma}}
@@ -417,9 +424,7 @@ def checkpoint(args, step, stop, steps_per_epoch, rank, world, model, ema, opt, 
 def load_dit(path, device="cpu", weights="ema"):
     """A generator checkpoint -> (DiTDH in eval mode, checkpoint). Reads ours and the authors' released
     DiT^DH checkpoints ('ema' or 'model' with their names, which are ours)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"generator checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = distill.load_checkpoint(path, ("generator",), "generator checkpoint")
     if "config" not in ckpt:
         raise ValueError(f"{path} has no 'config': pass a checkpoint written by dit.py (the authors' "
                          f"weights load with load_official_dit)")
@@ -445,8 +450,11 @@ def official_config(sd, heads=None):
 def load_official_dit(path, device="cpu", heads=None):
     """The authors' DiT^DH-XL / DiT^DH-S checkpoint ('model_ema' if present, else 'model'), strictly. Their
     EMA holds parameters only, so the RoPE tables (persistent buffers) are filled in from our own."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = distill.load_checkpoint(path, ("generator",), "generator checkpoint (the authors' DiT^DH)")
     sd = dict(ckpt.get("model_ema", ckpt.get("model", ckpt)))
+    if "s_projector.weight" not in sd:
+        raise ValueError(f"{path} is not a DiT^DH checkpoint (no s_projector): pass the authors' "
+                         f"DiTDDT_*.pth, or one of ours without --latent-stats")
     model = DiTDH(**official_config(sd, heads))
     for k, v in model.state_dict().items():
         if k.endswith(("freqs_cos", "freqs_sin")):

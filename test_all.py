@@ -77,7 +77,7 @@ def torchrun(script, args, nproc=2):
 
 def assert_same_runs(a, b, parts):
     """Two run folders whose latest.pt hold bit-identical `parts` (model, ema, ...) at the same step."""
-    ca, cb = (torch.load(os.path.join(x, "latest.pt"), weights_only=False) for x in (a, b))
+    ca, cb = (torch.load(os.path.join(x, "latest.pt"), weights_only=True) for x in (a, b))
     assert ca["step"] == cb["step"]
     for part in parts:
         assert ca[part].keys() == cb[part].keys()
@@ -642,10 +642,10 @@ def test_tokenizer_resume_is_exact(standin_teacher, tmp_path):
     extra = ["--gan-start-epoch", "0", "--grad-accum", "2"]
     tokenizer.main(tok_args(standin_teacher, a, *extra))
     tokenizer.main(tok_args(standin_teacher, b, *extra, "--stop-at", "2"))
-    assert torch.load(os.path.join(b, "latest.pt"), weights_only=False)["step"] == 2
+    assert torch.load(os.path.join(b, "latest.pt"), weights_only=True)["step"] == 2
     tokenizer.main(tok_args(standin_teacher, b, *extra))
-    ca = torch.load(os.path.join(a, "latest.pt"), weights_only=False)
-    cb = torch.load(os.path.join(b, "latest.pt"), weights_only=False)
+    ca = torch.load(os.path.join(a, "latest.pt"), weights_only=True)
+    cb = torch.load(os.path.join(b, "latest.pt"), weights_only=True)
     assert ca["step"] == cb["step"] == 4
     for part in ("model", "ema", "discriminator"):
         for k in ca[part]:
@@ -674,7 +674,7 @@ def test_tokenizer_without_masking_on_two_processes(standin_teacher, tmp_path):
     otherwise stop at step 2 waiting for their gradients)."""
     out = str(tmp_path / "nomask")
     torchrun("tokenizer.py", tok_args(standin_teacher, out, "--batch-size", "8", "--mask-ratio", "0"))
-    ckpt = torch.load(os.path.join(out, "latest.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(out, "latest.pt"), weights_only=True)
     assert ckpt["step"] == 8
     model = tokenizer.RecTok(**ckpt["config"])
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
@@ -807,7 +807,7 @@ def test_tokenizer_bad_inputs(standin_teacher, tmp_path):
         tokenizer.main(tok_args(standin_teacher, out, "--perceptual-weight", "1",
                                 "--vgg16-weights", "http://127.0.0.1:9/vgg16.pth"))
     tokenizer.main(tok_args(standin_teacher, out, "--stop-at", "1"))
-    with pytest.raises(ValueError, match="another model config"):
+    with pytest.raises(ValueError, match="was made with another config"):
         tokenizer.main(tok_args(standin_teacher, out, "--channels", "4"))
     with pytest.raises(FileNotFoundError, match="not found"):
         tokenizer.load_tokenizer(str(tmp_path / "none.pt"))
@@ -873,8 +873,8 @@ def test_finetune_changes_only_the_decoder(stage1_run, tmp_path):
     out = str(tmp_path / "ft")
     tokenizer.main(["finetune", "--init", stage1_run, "--out", out, "--num-train", "64", "--batch-size", "16",
                     "--epochs", "1", "--workers", "0", "--grid-every", "0", "--gan-start-epoch", "0"])
-    s1 = torch.load(stage1_run, weights_only=False)
-    s2 = torch.load(os.path.join(out, "latest.pt"), weights_only=False)
+    s1 = torch.load(stage1_run, weights_only=True)
+    s2 = torch.load(os.path.join(out, "latest.pt"), weights_only=True)
     assert s2["step"] == 4 and s2["config"]["sem_decoder"] == "none" and s2["config"]["mask_ratio"] == 0
     assert not any(k.startswith("sem_decoder.") for k in s2["ema"])
     for part in ("model", "ema"):
@@ -1252,7 +1252,7 @@ def test_dit_resume_is_exact(cache, tmp_path):
     dit.main(dit_args(cache, a))
     dit.main(dit_args(cache, b, "--stop-at", "3"))
     dit.main(dit_args(cache, b))
-    ca, cb = (torch.load(os.path.join(x, "latest.pt"), weights_only=False) for x in (a, b))
+    ca, cb = (torch.load(os.path.join(x, "latest.pt"), weights_only=True) for x in (a, b))
     assert ca["step"] == cb["step"] == 10
     for part in ("model", "ema"):
         for k in ca[part]:
@@ -1289,6 +1289,19 @@ def test_dit_two_processes_resume_exactly(cache, tmp_path):
     assert ckpt["step"] == 10 and len(ckpt["rng"]) == 2 and "img/s" in run.stdout
 
 
+def test_dit_resume_refuses_other_latents_or_global_batch(cache, tmp_path):
+    """A generator run resumes only on the latents it trained on and with its global batch (lr, epoch
+    position); written by 2 processes, it continues on 1 with the same global batch."""
+    out, other = str(tmp_path / "run"), str(tmp_path / "other_cache")
+    shutil.copytree(cache, other)
+    torchrun("dit.py", dit_args(cache, out, "--batch-size", "4", "--stop-at", "2"))
+    with pytest.raises(ValueError, match="another source"):
+        dit.main(dit_args(other, out, "--batch-size", "8"))
+    with pytest.raises(ValueError, match="another global batch .8, this run: 4"):
+        dit.main(dit_args(cache, out, "--batch-size", "4"))  # 1 process: half the global batch
+    assert dit.main(dit_args(cache, out, "--batch-size", "8")) == 10  # same global batch: continues
+
+
 def test_dit_lr_decay_ends_at_its_own_epoch():
     """`--preset paper --epochs 80` is the first 80 epochs of the released 800-epoch schedule."""
     args = dit.parse_args(["--preset", "paper", "--epochs", "80", "--latents", "x"])
@@ -1307,7 +1320,7 @@ def test_dit_mismatch_errors(cache, tmp_path, parity_sizes):
         dit.main(dit_args(cache, str(tmp_path / "x"), "--tokenizer", other))
     out = str(tmp_path / "run")
     dit.main(dit_args(cache, out, "--stop-at", "1"))
-    with pytest.raises(ValueError, match="another model config"):
+    with pytest.raises(ValueError, match="was made with another config"):
         dit.main(dit_args(cache, out, "--model", "S"))
     with pytest.raises(FileNotFoundError, match="encode"):
         dit.main(dit_args(str(tmp_path / "no_cache"), out))
@@ -1431,6 +1444,83 @@ def test_probe_two_processes_equal_one(stage1_run, tmp_path):
 
 
 #################################################################################
+#                  Checkpoint safety and wrong files (every loader)             #
+#################################################################################
+
+
+class Payload:
+    """Pickles as a call of os.system: what a malicious checkpoint carries."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_no_loader_runs_code_from_a_checkpoint(stage1_run, dit_run, cache, tmp_path):
+    """A file whose pickle calls os.system is refused by every entry point that reads a file, and its payload
+    never runs (torch.load with weights_only=True everywhere)."""
+    marker = tmp_path / "payload_ran"
+    evil = str(tmp_path / "evil.pt")
+    torch.save({"kind": "tokenizer", "config": {}, "model": {}, "ema": {"w": Payload(marker)}, "step": 1,
+                "rng": [Payload(marker)], "model_ema": {"w": Payload(marker)}}, evil)
+    runs = {name: tmp_path / name for name in ("tok", "dit", "teacher")}
+    for folder in runs.values():
+        folder.mkdir()
+        shutil.copy(evil, folder / "latest.pt")
+    entry_points = [
+        lambda: tokenizer.load_tokenizer(evil),
+        lambda: tokenizer.main(["evaluate", "--ckpt", evil, "--num-eval", "4", "--workers", "0"]),
+        lambda: tokenizer.main(encode_args(evil, str(tmp_path / "enc"))),
+        lambda: tokenizer.main(["finetune", "--init", evil, "--out", str(tmp_path / "ft"), "--workers", "0"]),
+        lambda: tokenizer.main(tok_args(evil, str(runs["tok"]), "--sem-decoder", "none")),  # resume
+        lambda: dit.load_dit(evil),
+        lambda: dit.load_official_dit(evil),
+        lambda: dit.main(dit_args(cache, str(runs["dit"]))),  # resume
+        lambda: dit.main(dit_args(cache, str(tmp_path / "d2"), "--tokenizer", evil)),
+        lambda: distill.main(STANDIN_TINY + ["--out", str(runs["teacher"])]),  # resume
+        lambda: distill.build_teacher("standin", evil),
+        lambda: distill.read_state_dict(evil),
+        lambda: sample.main(sample_args(evil, str(tmp_path / "s1"))),
+        lambda: sample.main(sample_args(evil, str(tmp_path / "s2"), "--latent-stats",
+                                        os.path.join(cache, "stats.npz"), "--tokenizer", stage1_run)),
+        lambda: sample.main(sample_args(dit_run, str(tmp_path / "s3"), "--guide", evil)),
+        lambda: sample.main(sample_args(dit_run, str(tmp_path / "s4"), "--tokenizer", evil)),
+        lambda: probe.main(["--tokenizer", evil, "--num-train", "10", "--num-val", "10"]),
+    ]
+    for i, call in enumerate(entry_points):
+        with pytest.raises(ValueError, match="refused: it holds objects other than tensors"):
+            call()
+        assert not marker.exists(), f"entry point {i} ran the payload"
+
+
+def test_wrong_or_damaged_checkpoints_say_what_they_are(stage1_run, dit_run, standin_teacher, tmp_path):
+    with pytest.raises(ValueError, match="is a generator checkpoint; expected a tokenizer checkpoint"):
+        tokenizer.load_tokenizer(dit_run)
+    with pytest.raises(ValueError, match="is a tokenizer checkpoint; expected a generator checkpoint"):
+        dit.load_dit(stage1_run)
+    with pytest.raises(ValueError, match="is a teacher checkpoint; expected a tokenizer checkpoint"):
+        tokenizer.load_tokenizer(standin_teacher)
+    with pytest.raises(ValueError, match="is a tokenizer checkpoint; expected a stand-in teacher"):
+        distill.build_teacher("standin", stage1_run)
+    empty, cut = tmp_path / "empty.pt", tmp_path / "cut.pt"
+    empty.write_bytes(b"")
+    cut.write_bytes(open(stage1_run, "rb").read()[:5000])
+    for path in (empty, cut):
+        with pytest.raises(ValueError, match=f"{path} is damaged or not a PyTorch checkpoint"):
+            tokenizer.load_tokenizer(str(path))
+    _, w = parity("ditdh_forward")  # the authors' generator layout is not a tokenizer
+    torch.save({"model_ema": w}, tmp_path / "DiTDDT.pth")
+    with pytest.raises(ValueError, match="not a tokenizer checkpoint"):
+        tokenizer.load_tokenizer(str(tmp_path / "DiTDDT.pth"))
+    _, w = parity("tokenizer_full_reconstruct")  # nor is the authors' tokenizer a generator
+    torch.save({"model_ema": w}, tmp_path / "RecTok.pth")
+    with pytest.raises(ValueError, match="not a DiT\\^DH checkpoint"):
+        dit.load_official_dit(str(tmp_path / "RecTok.pth"))
+
+
+#################################################################################
 #                        The whole pipeline, end to end                         #
 #################################################################################
 
@@ -1463,7 +1553,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch):
 
 def test_sampling_from_released_layout(dit_run, cache, tmp_path):
     """Authors'-layout generators ({'model_ema'} without RoPE buffers) sample with --latent-stats."""
-    ckpt = torch.load(dit_run, weights_only=False)
+    ckpt = torch.load(dit_run, weights_only=True)
     ema = {k: v for k, v in ckpt["ema"].items() if not k.endswith(("freqs_cos", "freqs_sin"))}
     torch.save({"model_ema": ema}, tmp_path / "DiTDDT.pth")
     ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")

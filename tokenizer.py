@@ -568,13 +568,14 @@ def official_config(sd):
 def load_tokenizer(path, weights="ema", device="cpu"):
     """A tokenizer checkpoint -> (RecTok in eval mode, its config). Reads ours ({'config', 'ema', ...}) and
     the authors' RecTok.pth / RecTok_decft.pth ('model_ema' or 'model'), strictly."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = distill.load_checkpoint(path, ("tokenizer",), "tokenizer checkpoint")
     if "config" in ckpt:
         config, sd = ckpt["config"], ckpt[weights]
     else:
         sd = from_official(ckpt.get({"ema": "model_ema", "model": "model"}[weights], ckpt.get("model", ckpt)))
+        if "encoder.latent_head.weight" not in sd:
+            raise ValueError(f"{path} is not a tokenizer checkpoint: neither ours (with 'kind' and 'config') "
+                             f"nor the authors' RecTok layout (no encoder.latent_head)")
         config = official_config(sd)
     model = RecTok(**config)
     distill.load_strict(model, sd, f"tokenizer checkpoint {path}")
@@ -857,7 +858,8 @@ class Trainer:
                                   gan_weight=args.gan_weight, gan_start_epoch=args.gan_start_epoch)
         self.loss.to(self.device)
         distill.broadcast_module(self.loss.discriminator)  # DDP does this for the tokenizer
-        self.lr = args.base_lr * args.batch_size * args.grad_accum * self.world / 256
+        self.global_batch = args.batch_size * args.grad_accum * self.world
+        self.lr = args.base_lr * self.global_batch / 256
         # fused AdamW on CUDA and on the CPU too (174M parameters: 0.12 s a step against 0.53 s unfused)
         self.opt = torch.optim.AdamW(distill.weight_decay_groups(self.model, args.weight_decay), lr=self.lr,
                                      betas=(0.9, 0.95), fused=True)
@@ -921,10 +923,11 @@ class Trainer:
 
     # ----- checkpoints (DESIGN.md: atomic, rank 0, barrier; resume exactly) -----
     def state(self):
-        return {"config": self.config, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.opt.state_dict(), "discriminator": self.loss.discriminator.state_dict(),
-                "d_optimizer": self.d_opt.state_dict(), "step": self.step,
-                "epoch": self.step / self.steps_per_epoch, "args": vars(self.args),
+        return {"kind": "tokenizer", "config": self.config, "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "discriminator": self.loss.discriminator.state_dict(), "d_optimizer": self.d_opt.state_dict(),
+                "step": self.step, "epoch": self.step / self.steps_per_epoch,
+                "global_batch": self.global_batch, "args": vars(self.args),
                 "rng": distill.gather_objects(distill.rng_state(), self.world),
                 "flip_rng": distill.gather_objects(self.flip_gen.get_state(), self.world)}
 
@@ -938,10 +941,10 @@ class Trainer:
     def resume(self):
         if not self.args.bench:
             self.step = distill.resume(
-                os.path.join(self.args.out, "latest.pt"), self.rank,
+                os.path.join(self.args.out, "latest.pt"), "tokenizer", self.rank, self.world,
                 {"model": self.model, "ema": self.ema, "optimizer": self.opt,
                  "discriminator": self.loss.discriminator, "d_optimizer": self.d_opt},
-                {"flip_rng": self.flip_gen}, config=self.config)
+                {"flip_rng": self.flip_gen}, match={"config": self.config, "global_batch": self.global_batch})
 
     @torch.no_grad()
     def save_reconstructions(self):
@@ -1026,7 +1029,7 @@ def stage2_model(args, device):
     if not os.path.isfile(args.init):
         raise FileNotFoundError(f"stage-1 checkpoint not found: {args.init}. Train it first with "
                                 f"`python tokenizer.py` (or pass --init)")
-    ckpt = torch.load(args.init, map_location="cpu", weights_only=False)
+    ckpt = distill.load_checkpoint(args.init, ("tokenizer",), "stage-1 tokenizer checkpoint")
     if "config" not in ckpt or "ema" not in ckpt:
         raise ValueError(f"{args.init} is not a stage-1 checkpoint of this project (no config/ema)")
     config = dict(ckpt["config"], sem_decoder="none", teacher_dim=0, mask_ratio=0.0)
