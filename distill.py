@@ -255,6 +255,27 @@ def assert_ranks_agree(modules):
                                f"{name} (broadcast rank 0's) and average its gradients")
 
 
+class FiniteGuard:
+    """Watches every step's loss on the device (no host sync in the step) and is checked, one sync, when
+    logging and before every checkpoint: a run that diverged stops with a clear message before anything
+    non-finite is saved, and the last good latest.pt survives."""
+
+    def __init__(self, device):
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+
+    def add(self, loss):
+        self.bad |= ~torch.isfinite(loss.detach())
+
+    def check(self, step):
+        bad = self.bad.double()
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
+        if bad.item():
+            raise FloatingPointError(f"the loss became nan or inf at or before step {step}; stopping before "
+                                     f"anything non-finite is saved (the last good latest.pt is kept). Lower "
+                                     f"the learning rate or lengthen the warm-up, then resume from it")
+
+
 def allreduce_grads(module):
     """Average gradients over ranks by hand, for a module that is not wrapped in DDP (the discriminator,
     whose two forward calls per step DDP would not accept)."""
@@ -895,7 +916,7 @@ def train_standin(args):
                 "args": vars(args), "accuracy": acc}
 
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    meter, acc = Throughput(device), None
+    meter, guard, acc = Throughput(device), FiniteGuard(device), None
     while step < stop:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         sampler.set_position(epoch, in_epoch)
@@ -912,8 +933,10 @@ def train_standin(args):
             opt.step()
             update_ema(ema, model, 0.99)
             step += 1
+            guard.add(loss)
             meter.add(x.shape[0] * world)
             if step % args.log_every == 0 or step == stop:
+                guard.check(step)
                 log(f"step {step}/{total_steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
                     f"{meter.report()}")
             if args.bench and step >= args.bench:
@@ -925,6 +948,7 @@ def train_standin(args):
         log(f"epoch {epoch + 1} step {step}: held-out accuracy (EMA) {acc * 100:.2f}%")
         state = dict(weights(acc), optimizer=opt.state_dict(), rng=gather_objects(rng_state(), world),
                      flip_rng=gather_objects(flip_gen.get_state(), world))
+        guard.check(step)
         assert_ranks_agree({"stand-in teacher": model})
         if rank == 0:
             atomic_save(state, latest)

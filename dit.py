@@ -364,7 +364,7 @@ def train(args):
     distill.log(f"DiT^DH-{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                 f"{len(cache)} latents ({cache.meta['channels']} x {cache.meta['grid']}^2), shift {s:.3f}, "
                 f"{world} process(es) x batch {args.batch_size}, {total} steps")
-    meter = distill.Throughput(device)
+    meter, guard = distill.Throughput(device), distill.FiniteGuard(device)
     model.train()
     while step < stop:
         epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -383,28 +383,32 @@ def train(args):
             opt.step()
             distill.update_ema(ema, model, args.ema)
             step += 1
+            guard.add(loss)
             meter.add(len(y) * world)
             if args.bench and step == 1:
                 meter.reset()
             elif step % args.log_every == 0 or step == stop:
+                guard.check(step)
                 distill.log(f"step {step}/{total} epoch {step / steps_per_epoch:.2f} loss {loss.item():.4f} "
                             f"grad_norm {grad_norm.item():.3f} lr {opt.param_groups[0]['lr']:.2e} "
                             f"{meter.report()}")
             if not args.bench:
                 checkpoint(args, step, stop, steps_per_epoch, rank, world, model, ema, opt, config, cache, tok,
-                           device)
+                           device, guard)
             if step >= stop or step % steps_per_epoch == 0:
                 break
     distill.cleanup_distributed()
     return step
 
 
-def checkpoint(args, step, stop, steps_per_epoch, rank, world, model, ema, opt, config, cache, tok, device):
+def checkpoint(args, step, stop, steps_per_epoch, rank, world, model, ema, opt, config, cache, tok, device,
+               guard):
     """latest.pt every --ckpt-every steps and at the end, milestones, previews (rank 0 writes, all wait)."""
     if rank == 0 and tok is not None and args.preview_every and step % args.preview_every == 0:
         save_preview(ema, tok, cache, os.path.join(args.out, f"preview_{step:07d}.png"), device)
     if step % args.ckpt_every and step != stop:
         return
+    guard.check(step)
     distill.assert_ranks_agree({"generator": model})
     state = {"kind": "generator", "config": config, "model": model.state_dict(), "ema": ema.state_dict(),
              "optimizer": opt.state_dict(), "step": step, "epoch": step / steps_per_epoch,

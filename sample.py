@@ -84,6 +84,9 @@ def generate(args, model, guide, tok, mu, sigma, batch, device):
     with torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
         latents = dit.sample(model, z0.to(device), labels, args.steps, cfg=args.cfg,
                              interval=tuple(args.cfg_interval), guide=guide)
+        if not torch.isfinite(latents).all():
+            raise FloatingPointError(f"{args.dit} generated nan or inf latents: the generator is broken "
+                                     f"(diverged?); sample from a checkpoint that trained with finite losses")
         images = tok.detokenize(latents.float(), mu, sigma)
     return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy(), labels.cpu()
 

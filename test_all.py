@@ -1520,6 +1520,20 @@ def test_wrong_or_damaged_checkpoints_say_what_they_are(stage1_run, dit_run, sta
         dit.load_official_dit(str(tmp_path / "RecTok.pth"))
 
 
+def test_divergence_stops_before_anything_is_saved(standin_teacher, cache, tmp_path):
+    """An absurd learning rate: the run stops with a clear message at the first check, before any
+    checkpoint, and the last good latest.pt is kept as it was."""
+    for main, args, lr in ((tokenizer.main, tok_args(standin_teacher, str(tmp_path / "tok")), "--base-lr"),
+                           (dit.main, dit_args(cache, str(tmp_path / "dit")), "--lr")):
+        main(args + ["--stop-at", "1"])
+        latest = args[args.index("--out") + 1] + "/latest.pt"
+        good = open(latest, "rb").read()
+        with pytest.raises(FloatingPointError, match="nan or inf at or before step"):
+            main(args + [lr, "1e12", "--log-every", "1000"])
+        assert open(latest, "rb").read() == good
+        assert not [f for f in os.listdir(os.path.dirname(latest)) if f.endswith(".pt") and f != "latest.pt"]
+
+
 #################################################################################
 #                        The whole pipeline, end to end                         #
 #################################################################################

@@ -872,6 +872,7 @@ class Trainer:
         self.steps_per_epoch = len(self.data) // (args.batch_size * self.world * args.grad_accum)
         self.total_steps = args.epochs * self.steps_per_epoch
         self.step = 0
+        self.guard = distill.FiniteGuard(self.device)
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
 
     # ----- one optimisation step (SPEC.md §2.6-2.7) -----
@@ -904,6 +905,7 @@ class Trainer:
         if self.loss.gan_on(epoch):
             terms["disc"] = self.discriminator_step(batches, decoded, epoch)
         terms["total"], terms["grad_norm"] = total.detach(), grad_norm.detach()
+        self.guard.add(terms["total"])
         return terms
 
     def discriminator_step(self, batches, decoded, epoch):
@@ -932,6 +934,7 @@ class Trainer:
                 "flip_rng": distill.gather_objects(self.flip_gen.get_state(), self.world)}
 
     def save(self, name="latest.pt"):
+        self.guard.check(self.step)
         distill.assert_ranks_agree({"tokenizer": self.model, "discriminator": self.loss.discriminator})
         state = self.state()  # every rank joins the RNG gather
         if self.rank == 0:
@@ -993,6 +996,7 @@ def train(args):
             run.step += 1
             meter.add(sum(x.shape[0] for x in batches) * run.world)
             if (run.step % args.log_every == 0 or run.step == stop) and not (args.bench and run.step == 1):
+                run.guard.check(run.step)
                 losses = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
                 log(f"step {run.step}/{run.total_steps} epoch {run.step / run.steps_per_epoch:.2f} {losses} "
                     f"lr {run.opt.param_groups[0]['lr']:.2e} {meter.report()}")
