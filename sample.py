@@ -15,8 +15,10 @@ Run:
     sample.py --dit DiTDDT_xl.pth --guide DiTDDT_s.pth --cfg 1.29 --tokenizer RecTok_decft.pth \
         --latent-stats /latents/rectok/stats.npz ...          # the authors' released weights
 
-Writes OUT/images/{i:06d}.png, OUT/samples.npz (`arr_0` (N, H, W, 3) uint8 and `labels`, the layout the
-ADM evaluator and fid.py read), OUT/preview.png, and with --ref-stats OUT/metrics.json (FID, IS).
+Writes OUT/images/{i:06d}.png, OUT/provenance.json (what made them: the generator, guide and tokenizer
+weights' fingerprints, seed, steps, guidance, count; a folder resumes only when all of it matches),
+OUT/samples.npz (`arr_0` (N, H, W, 3) uint8 and `labels`, the layout the ADM evaluator and fid.py read),
+OUT/preview.png, and with --ref-stats OUT/metrics.json (FID, IS).
 """
 import argparse
 import json
@@ -107,18 +109,47 @@ def pack(args, num):
     Image.fromarray(np.concatenate(rows, axis=0)).save(os.path.join(args.out, "preview.png"))
 
 
+def provenance(args, model, guide, tok, mu, sigma):
+    """Everything that decides the images: a folder of samples resumes only if all of it matches."""
+    return {"generator": distill.weights_fingerprint(model), "tokenizer": distill.weights_fingerprint(tok),
+            "guide": distill.weights_fingerprint(guide) if guide is not None else None,
+            "latent_stats": distill.weights_fingerprint({"mu": mu, "sigma": sigma}), "seed": args.seed,
+            "steps": args.steps, "cfg": args.cfg, "cfg_interval": list(args.cfg_interval),
+            "num_images": args.num_images, "batch_size": args.batch_size, "bf16": args.bf16}
+
+
+def check_provenance(args, made):
+    """Refuse to mix images made otherwise into this run's folder; record what makes them otherwise."""
+    path = os.path.join(args.out, "provenance.json")
+    folder = os.path.join(args.out, "images")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        wrong = [f"{k}: {old.get(k)} there, {v} now" for k, v in made.items() if old.get(k) != v]
+        if wrong:
+            raise ValueError(f"{args.out} holds samples made with other settings ({'; '.join(wrong)}): sample "
+                             f"into a fresh --out, or delete {folder} and {path}")
+    elif os.path.isdir(folder) and os.listdir(folder):
+        raise ValueError(f"{folder} holds images but no provenance.json saying what made them: sample into a "
+                         f"fresh --out, or delete {folder}")
+    elif not dist.is_initialized() or dist.get_rank() == 0:
+        tokenizer.write_json(path, made)
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = distill.setup_distributed()
     model, guide, tok, mu, sigma = load_models(args, device)
     args.num_classes = model.num_classes
+    check_provenance(args, provenance(args, model, guide, tok, mu, sigma))
+    distill.barrier()
     folder = os.path.join(args.out, "images")
     os.makedirs(folder, exist_ok=True)
     batches = my_batches(args.num_images, args.batch_size, rank, world)
     todo = [b for b in batches if not all(os.path.isfile(os.path.join(folder, f"{i:06d}.png")) for i in b)]
+    before = len([f for f in os.listdir(folder) if f.endswith(".png")])
     distill.log(f"sampling {args.num_images} images ({args.steps} grid points, cfg {args.cfg}"
-                f"{', autoguidance' if guide else ''}) on {world} process(es); rank 0: "
-                f"{len(batches) - len(todo)} of {len(batches)} batches already done")
+                f"{', autoguidance' if guide else ''}) on {world} process(es); {before} already in {folder}")
     t0, made = time.time(), 0
     for k, batch in enumerate(todo):
         images, _ = generate(args, model, guide, tok, mu, sigma, batch, device)
@@ -126,8 +157,9 @@ def main(argv=None):
             save_png(img, os.path.join(folder, f"{i:06d}.png"))
         made += len(batch)
         if (k + 1) % args.log_every == 0 or k + 1 == len(todo):
-            distill.log(f"{made * world}/{args.num_images} images, {made * world / (time.time() - t0):.1f} img/s "
-                        f"(all ranks), peak mem {distill.peak_memory_gb(device):.2f} GB")
+            distill.log(f"{min(args.num_images, before + made * world)}/{args.num_images} images, "
+                        f"{made * world / (time.time() - t0):.1f} img/s (all ranks), "
+                        f"peak mem {distill.peak_memory_gb(device):.2f} GB")
     distill.barrier()
     if rank == 0:
         pack(args, args.num_images)
@@ -179,7 +211,7 @@ def parse_args(argv=None):
     p.add_argument("--inception-weights", default=None)
     p.add_argument("--fid-mode", default="tf", choices=["tf", "pytorch-fid"])
     p.add_argument("--fid-batch-size", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=10, help="log every N batches")
+    p.add_argument("--log-every", type=int, default=1, help="log every N batches")
     return p.parse_args(argv)
 
 

@@ -983,6 +983,19 @@ def test_interrupted_encode_resumes_to_the_same_files(stage1_run, cache, tmp_pat
         np.testing.assert_array_equal(one[k], two[k], err_msg=k)
 
 
+def test_encode_refuses_to_resume_into_a_cache_of_other_images(stage1_run, cache, tmp_path):
+    out = str(tmp_path / "c")
+    shutil.copytree(cache, out)
+    with pytest.raises(ValueError, match="seed: cache has 0, expected 1.*encode into a fresh --out"):
+        tokenizer.main(encode_args(stage1_run, out, "--seed", "1"))
+    with pytest.raises(ValueError, match="num_images: cache has 40, expected 30"):
+        tokenizer.main(encode_args(stage1_run, out, "--num-train", "30"))
+    with open(os.path.join(cache, "meta.json")) as f:
+        meta = json.load(f)
+    assert (meta["data"], meta["split"], meta["seed"], meta["num_images"]) == ("synthetic", "train", 0, 40)
+    assert "center crop 32 px" in meta["crop"]
+
+
 def test_cache_reader(cache, tmp_path):
     data = tokenizer.LatentCache(cache, seed=3)
     moments, label = data[5]
@@ -1370,6 +1383,19 @@ def test_interrupted_sampling_resumes_to_the_same_set(dit_run, tmp_path):
     assert np.array_equal(np.load(os.path.join(out, "samples.npz"))["arr_0"], first)
     assert sample.image_noise(0, 7, (2, 2)).equal(sample.image_noise(0, 7, (2, 2)))
     assert not sample.image_noise(0, 7, (2, 2)).equal(sample.image_noise(1, 7, (2, 2)))
+
+
+def test_sampling_refuses_a_folder_made_otherwise(dit_run, tmp_path):
+    """Images made with another seed (or generator, guidance, steps...) are never reused as this run's."""
+    out = str(tmp_path / "s")
+    sample.main(sample_args(dit_run, out))
+    for flags, what in ((["--seed", "1"], "seed: 0 there, 1 now"), (["--steps", "5"], "steps: 4 there, 5 now"),
+                        (["--guide", dit_run, "--cfg", "1.5"], "guide: None there")):
+        with pytest.raises(ValueError, match=f"other settings .*{what}.*sample into a fresh --out"):
+            sample.main(sample_args(dit_run, out, *flags))
+    os.remove(os.path.join(out, "provenance.json"))
+    with pytest.raises(ValueError, match="no provenance.json"):
+        sample.main(sample_args(dit_run, out))
 
 
 def test_sampling_fid_and_autoguidance(dit_run, inception_files, tmp_path):

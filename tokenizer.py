@@ -1147,10 +1147,15 @@ def fingerprint(model):
 def cache_meta(args, model, config, data):
     grid = config["img_size"] // config["patch_size"]
     return {"tokenizer": os.path.abspath(args.ckpt), "fingerprint": fingerprint(model), "config": config,
-            "data": args.data, "num_images": len(data), "num_classes": data.num_classes,
+            "data": args.data if args.data == "synthetic" else os.path.abspath(args.data), "num_images": len(data), "num_classes": data.num_classes,
             "tokens": grid * grid, "channels": config["channels"], "grid": grid,
             "image_size": config["img_size"], "dtype": "float16", "shard_size": args.shard_size,
-            "num_shards": math.ceil(len(data) / args.shard_size)}
+            "num_shards": math.ceil(len(data) / args.shard_size), "split": "train", "seed": args.seed,
+            "crop": f"ADM center crop {config['img_size']} px, no flip (the flip is stored beside it)"}
+
+
+#: what must match for an encode to resume into an existing cache: the same tokenizer, the same images
+RESUME_KEYS = ("fingerprint", "data", "split", "seed", "num_images", "crop", "tokens", "channels", "shard_size")
 
 
 def shard_range(meta, k):
@@ -1205,8 +1210,9 @@ def encode(args):
     meta_path = os.path.join(args.out, "meta.json")
     if rank == 0:
         if os.path.isfile(meta_path):
-            check_meta(args.out, {k: meta[k] for k in ("fingerprint", "num_images", "tokens", "channels",
-                                                       "shard_size")})
+            check_meta(args.out, {k: meta[k] for k in RESUME_KEYS},
+                       fix=f"It holds other latents than this command would write: encode into a fresh "
+                           f"--out (or delete {args.out})")
         else:
             write_json(meta_path, meta)
     distill.barrier()
@@ -1269,8 +1275,9 @@ def cache_statistics(shards, channels, device, chunk=4096):
     return mu.cpu().numpy(), (square / count - mu ** 2).clamp(min=0).sqrt().cpu().numpy()
 
 
-def check_meta(root, expect):
-    """Stop with a clear message when a cache does not come from what the caller expects."""
+def check_meta(root, expect, fix="Re-encode with the matching tokenizer, or point to the right cache"):
+    """Stop with a clear message (the differences, then `fix`) when a cache does not come from what the
+    caller expects."""
     path = os.path.join(root, "meta.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no latent cache at {root} (meta.json missing): write one with "
@@ -1280,8 +1287,7 @@ def check_meta(root, expect):
     wrong = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
     if wrong:
         detail = "; ".join(f"{k}: cache has {a!r}, expected {b!r}" for k, (a, b) in wrong.items())
-        raise ValueError(f"latent cache {root} does not match: {detail}. Re-encode with the matching "
-                         f"tokenizer, or point to the right cache")
+        raise ValueError(f"latent cache {root} does not match: {detail}. {fix}")
     return meta
 
 
