@@ -193,7 +193,8 @@ def add_run_flags(p, ckpt_every=None, save_every=None, save_unit=None):
     p.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
     p.add_argument("--log-every", type=int, default=20)
     if ckpt_every is not None:
-        p.add_argument("--ckpt-every", type=int, default=ckpt_every, help="write latest.pt every N steps")
+        p.add_argument("--ckpt-every", type=int, default=ckpt_every,
+                       help="write latest.pt every N steps, and at the end of every epoch")
         p.add_argument("--save-every", type=int, default=save_every,
                        help=f"keep a milestone copy every N {save_unit}")
     p.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit at this step (job limits)")

@@ -403,10 +403,11 @@ def train(args):
 
 def checkpoint(args, step, stop, steps_per_epoch, rank, world, model, ema, opt, config, cache, tok, device,
                guard):
-    """latest.pt every --ckpt-every steps and at the end, milestones, previews (rank 0 writes, all wait)."""
+    """latest.pt every --ckpt-every steps, at each epoch's end and at the end, milestones, previews (rank 0
+    writes, all wait)."""
     if rank == 0 and tok is not None and args.preview_every and step % args.preview_every == 0:
         save_preview(ema, tok, cache, os.path.join(args.out, f"preview_{step:07d}.png"), device)
-    if step % args.ckpt_every and step != stop:
+    if step % args.ckpt_every and step % steps_per_epoch and step != stop:
         return
     guard.check(step)
     distill.assert_ranks_agree({"generator": model})

@@ -54,7 +54,8 @@ def extract(model, data, kind, taus, args, device):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(lo, hi)),
                                          batch_size=args.batch_size, num_workers=args.workers)
     feats, labels, start = {tau: [] for tau in taus}, [], lo
-    for x, y in loader:
+    meter = distill.Throughput(device)
+    for k, (x, y) in enumerate(loader):
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             moments, hidden = model.encoder(x.to(device), return_features=True)
         z = tokenizer.Posterior(moments).mean
@@ -69,6 +70,9 @@ def extract(model, data, kind, taus, args, device):
             feats[tau].append(f.mean(dim=1).double().cpu())
         labels.append(y)
         start += len(y)
+        meter.add(len(y) * world)
+        if (k + 1) % args.log_every == 0 or k + 1 == len(loader):
+            distill.log(f"features: {start - lo}/{hi - lo} images on rank 0, {meter.report()}")
     gathered = {tau: torch.from_numpy(fid.gather(torch.cat(v), device)).float() for tau, v in feats.items()}
     return gathered, torch.from_numpy(fid.gather(torch.cat(labels).double()[:, None], device)[:, 0]).long()
 
@@ -235,6 +239,7 @@ def build_parser(add_help=True):
     p.add_argument("--batch-size", type=int, default=64, help="feature extraction batch per process")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=20, help="log feature extraction every N batches")
     p.add_argument("--out", default="runs/probe")
     return p
 

@@ -789,6 +789,17 @@ def test_same_tokenizer_whether_or_not_the_teacher_existed(tmp_path, monkeypatch
     assert (nosem / "runs" / "tokenizer" / "latest.pt").is_file() and not (nosem / "runs" / "teacher").exists()
 
 
+def test_checkpoints_at_every_epoch_end(standin_teacher, cache, tmp_path, monkeypatch):
+    """A default run that is killed loses at most an epoch: latest.pt is written at each epoch's end even
+    when --ckpt-every is longer than the run."""
+    saved = []
+    atomic_save = distill.atomic_save
+    monkeypatch.setattr(distill, "atomic_save", lambda state, path: saved.append(state["step"]) or atomic_save(state, path))
+    tokenizer.main(tok_args(standin_teacher, str(tmp_path / "tok"), "--epochs", "2", "--ckpt-every", "1000"))
+    dit.main(dit_args(cache, str(tmp_path / "dit"), "--ckpt-every", "1000"))
+    assert saved == [8, 16, 5, 10]
+
+
 def test_tokenizer_bench_writes_nothing(standin_teacher, tmp_path):
     out = str(tmp_path / "bench")
     tokenizer.main(tok_args(standin_teacher, out, "--bench", "2"))

@@ -19,7 +19,7 @@ Run:
         --teacher dinov3_vitl16 --teacher-weights /weights/dinov3_vitl16_pretrain_lvd1689m.pth
     python tokenizer.py --preset paper --bench 10 --batch-size 2        # timed steps, nothing written
 
-Writes OUT/latest.pt (every --ckpt-every steps; a run started in a folder with latest.pt resumes it
+Writes OUT/latest.pt (every --ckpt-every steps and every epoch; a run started in a folder with latest.pt resumes it
 exactly), OUT/epoch_NNNN.pt milestones, and OUT/recon_STEP.png grids (held-out originals above EMA
 reconstructions). A checkpoint is {"config", "model", "ema", "optimizer", "discriminator", "d_optimizer",
 "step", "epoch", "args", "rng", "flip_rng"}; later stages rebuild the tokenizer from "config" and "ema"
@@ -1008,7 +1008,7 @@ def train(args):
                 continue
             if run.rank == 0 and args.grid_every and run.step % args.grid_every == 0:
                 run.save_reconstructions()
-            if run.step % args.ckpt_every == 0 or run.step == stop:
+            if run.step % args.ckpt_every == 0 or run.step % run.steps_per_epoch == 0 or run.step == stop:
                 run.save()
             if args.save_every and run.step % (args.save_every * run.steps_per_epoch) == 0:
                 run.save(f"epoch_{run.step // run.steps_per_epoch:04d}.pt")
