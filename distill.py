@@ -29,12 +29,14 @@ checkpoints, the resumable sampler, EMA, logging); later stages import them from
 """
 import argparse
 import copy
+import errno
 import hashlib
 import json
 import math
 import os
 import pickle
 import random
+import re
 import struct
 import time
 
@@ -92,12 +94,47 @@ def log(*args):
 
 def atomic_write(path, write):
     """write(f) into a temporary binary file beside `path`, then os.replace: a crash never leaves a
-    half-written checkpoint, cache file or image behind (every stage writes its files through this)."""
+    half-written checkpoint, cache file or image behind (every stage writes its files through this). A
+    failed write removes its temporary; a full disk says so."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if getattr(e, "errno", None) == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on device writing {path}: free some space (or pick "
+                                        f"another --out) and run again; the previous file is untouched") from None
+        raise
     os.replace(tmp, path)
+
+
+STALE_TEMPORARY = re.compile(r".+\.tmp\d+")
+
+
+def prepare_out_dir(folder):
+    """Before a run spends any time (rank 0): the output folder exists and takes a write, so a read-only
+    or full disk fails now, not after training; temporaries that a killed write left are removed."""
+    probe = os.path.join(folder, f".write_test{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(1 << 16))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write to {folder} ({e.strerror}): pick a writable --out with free "
+                               f"space") from None
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+    stale = [f for f in os.listdir(folder) if STALE_TEMPORARY.fullmatch(f)]
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) that an interrupted write left in {folder}")
 
 
 def atomic_save(obj, path):
@@ -896,6 +933,8 @@ def train_standin(args):
     from tokenizer import build_dataset
 
     rank, world, device = setup_distributed()
+    if rank == 0 and not args.bench:
+        prepare_out_dir(args.out)
     torch.manual_seed(args.seed * world + rank)
     train_set, val_set = standin_splits(build_dataset, args)
     vit = dict(img_size=args.image_size, patch_size=args.patch, width=args.width, depth=args.depth,
@@ -1081,10 +1120,11 @@ def standin_splits(build_dataset, args):
     """Train and held-out sets: the built-in data has its own val split; a folder holds out every 50th
     image unless --val-data names a separate folder."""
     if args.data == "synthetic" or args.val_data:
-        train = build_dataset(args.data, args.image_size, "train", args.num_train, seed=args.seed)
-        val = build_dataset(args.val_data or args.data, args.image_size, "val", args.num_val, seed=args.seed)
+        train = build_dataset(args.data, args.image_size, "train", args.num_train, args.seed, args.skip_bad_images)
+        val = build_dataset(args.val_data or args.data, args.image_size, "val", args.num_val, args.seed,
+                            args.skip_bad_images)
         return train, val
-    full = build_dataset(args.data, args.image_size)
+    full = build_dataset(args.data, args.image_size, skip_bad=args.skip_bad_images)
     held = np.arange(len(full)) % 50 == 0
     train = torch.utils.data.Subset(full, np.flatnonzero(~held).tolist())
     val = torch.utils.data.Subset(full, np.flatnonzero(held).tolist())
@@ -1108,6 +1148,7 @@ def build_parser(add_help=True):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, add_help=add_help)
     p.add_argument("--data", default="synthetic", help="'synthetic' (built-in) or an ImageNet-style folder")
     p.add_argument("--val-data", default=None, help="held-out class folder (default: every 50th image)")
+    p.add_argument("--skip-bad-images", action="store_true", help="leave out (and count) unreadable files")
     p.add_argument("--out", default="runs/teacher", help="run folder (resumes from OUT/latest.pt)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
     for k in ("image_size", "patch", "width", "depth", "heads", "epochs", "batch_size", "num_train",

@@ -342,6 +342,8 @@ def save_preview(ema, tok, cache, path, device, num=8, seed=0):
 
 def train(args):
     rank, world, device = distill.setup_distributed()
+    if rank == 0 and not args.bench:
+        distill.prepare_out_dir(args.out)
     torch.manual_seed(args.seed * world + rank)
     cache, tok = open_latents(args)
     model, config = build_model(args, cache)

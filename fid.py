@@ -24,6 +24,7 @@ Each argument is a folder of images, an image .npz (`arr_0`, N x H x W x 3 uint8
 import argparse
 import json
 import os
+import warnings
 
 import numpy as np
 import scipy.linalg
@@ -324,6 +325,11 @@ def statistics(feats):
         raise ValueError(f"FID needs at least 2 images, got {len(feats)}")
     if not np.isfinite(feats).all():
         raise ValueError("non-finite Inception features: check the images (NaN pixels?)")
+    if len(feats) <= feats.shape[1]:
+        warnings.warn(f"Frechet statistics from {len(feats)} samples of {feats.shape[1]}-d features: the "
+                      f"covariance is singular and the distance is strongly biased (upward, and it shrinks "
+                      f"as samples are added); compare numbers only at equal counts, and use >= 10,000 "
+                      f"(the standard is 50,000)", stacklevel=2)
     mu = feats.mean(axis=0)
     centred = feats - mu
     return mu, centred.T @ centred / (len(feats) - 1)

@@ -185,9 +185,10 @@ def main(argv=None):
     model, config = tokenizer.load_tokenizer(args.tokenizer, device=device)
     taus = args.sweep_tau or [args.tau if args.feature == "flow" else 0.0]
     kind = "flow" if args.sweep_tau else args.feature
-    train = tokenizer.build_dataset(args.data, config["img_size"], "train", args.num_train, args.data_seed)
+    train = tokenizer.build_dataset(args.data, config["img_size"], "train", args.num_train, args.data_seed,
+                                    args.skip_bad_images)
     val = tokenizer.build_dataset(args.val_data or args.data, config["img_size"], "val", args.num_val,
-                                  args.data_seed)
+                                  args.data_seed, args.skip_bad_images)
     (xs, y), (xvs, yv) = (extract(model, d, kind, taus, args, device) for d in (train, val))
     results = []
     for tau in taus:
@@ -222,6 +223,7 @@ def build_parser(add_help=True):
     p.add_argument("--tokenizer", default="runs/tokenizer_ft/latest.pt")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a class-folder train set")
     p.add_argument("--val-data", default=None, help="class-folder val set (synthetic: its val split)")
+    p.add_argument("--skip-bad-images", action="store_true", help="leave out (and count) unreadable files")
     p.add_argument("--num-train", type=int, help="train images (None: all)")
     p.add_argument("--num-val", type=int, help="val images (None: all)")
     p.add_argument("--data-seed", type=int, default=1, help="seed of the built-in data (a fresh draw)")

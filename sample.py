@@ -139,6 +139,8 @@ def check_provenance(args, made):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = distill.setup_distributed()
+    if rank == 0:
+        distill.prepare_out_dir(os.path.join(args.out, "images"))
     model, guide, tok, mu, sigma = load_models(args, device)
     args.num_classes = model.num_classes
     check_provenance(args, provenance(args, model, guide, tok, mu, sigma))

@@ -6,11 +6,13 @@ see its README), map them to our names, feed the stored inputs and compare with 
 import json
 import math
 import os
+import errno
 import random
 import shutil
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 
 import numpy as np
@@ -314,12 +316,26 @@ def test_image_folder_errors(tmp_path):
         tokenizer.ImageFolder(str(tmp_path), 32)
     Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(tmp_path / "cat" / "ok.png")
     (tmp_path / "cat" / "bad.jpg").write_bytes(b"not an image")
-    data = tokenizer.ImageFolder(str(tmp_path), 32)
-    assert len(data) == 2 and data.num_classes == 1
-    with pytest.raises(RuntimeError, match="bad.jpg"):
-        data[0]
-    x, y = data[1]
+    with pytest.raises(ValueError, match="1 of 2 files .* not readable images .*bad.jpg.*--skip-bad-images"):
+        tokenizer.ImageFolder(str(tmp_path), 32)  # found when the folder is listed, not mid-run
+    data = tokenizer.ImageFolder(str(tmp_path), 32, skip_bad=True)
+    assert len(data) == 1 and data.num_classes == 1
+    x, y = data[0]
     assert x.shape == (3, 32, 32) and y == 0
+    good = tmp_path / "cat" / "ok.png"
+    good.write_bytes(good.read_bytes()[:60])  # the header reads, the pixels do not
+    with pytest.raises(RuntimeError, match="cannot read image .*ok.png"):
+        tokenizer.ImageFolder(str(tmp_path), 32, skip_bad=True)[0]
+
+
+def test_sixteen_bit_greyscale_is_scaled(tmp_path):
+    """A 16-bit greyscale PNG at mid-grey loads as mid-grey, not clipped to white."""
+    (tmp_path / "g").mkdir()
+    Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(tmp_path / "g" / "deep.png")
+    with Image.open(tmp_path / "g" / "deep.png") as im:
+        assert im.mode.startswith("I")
+    x, _ = tokenizer.ImageFolder(str(tmp_path), 32)[0]
+    assert x.shape == (3, 32, 32) and abs(x.mean().item()) < 0.01  # 128/255 in [-1, 1]
 
 
 STANDIN_TINY = ["--image-size", "32", "--patch", "8", "--width", "32", "--depth", "1", "--heads", "2",
@@ -694,18 +710,21 @@ def test_ranks_agree_check_and_broadcast(tmp_path):
         "dist.init_process_group('gloo')\n"
         "torch.manual_seed(dist.get_rank())\n"
         "m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))\n"
+        f"out = open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.txt', 'w')\n"
         "try:\n"
         "    distill.assert_ranks_agree({'net': m})\n"
-        "    print('not caught')\n"
+        "    out.write('not caught\\n')\n"
         "except RuntimeError as e:\n"
-        "    print('caught:', e)\n"
+        "    out.write(f'caught: {e}\\n')\n"
         "distill.broadcast_module(m)\n"
         "distill.assert_ranks_agree({'net': m})\n"
-        "print('agree after broadcast')\n"
+        "out.write('agree after broadcast\\n')\n"
         "dist.destroy_process_group()\n")
-    run = torchrun(str(script), [])
-    assert run.stdout.count("agree after broadcast") == 2 and "not caught" not in run.stdout
-    assert run.stdout.count("caught: the ranks hold different net weights") == 2  # every rank stops
+    torchrun(str(script), [])
+    for rank in (0, 1):  # every rank stops, none is left waiting
+        lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        assert lines[0].startswith("caught: the ranks hold different net weights"), lines
+        assert lines[1] == "agree after broadcast"
 
 
 def tiny_trainer(teacher, tmp_path, *extra):
@@ -787,6 +806,26 @@ def test_same_tokenizer_whether_or_not_the_teacher_existed(tmp_path, monkeypatch
     monkeypatch.chdir(nosem.mkdir() or nosem)
     tokenizer.main(flags + ["--sem-decoder", "none"])
     assert (nosem / "runs" / "tokenizer" / "latest.pt").is_file() and not (nosem / "runs" / "teacher").exists()
+
+
+def test_unwritable_out_and_full_disk(standin_teacher, tmp_path):
+    """A folder that cannot be written fails at the start, not after training; a write that runs out of
+    space says so and leaves no temporary; temporaries of a killed write are removed at the next start."""
+    with pytest.raises(OSError, match="cannot write to /proc/rectok_out"):
+        tokenizer.main(tok_args(standin_teacher, "/proc/rectok_out"))
+
+    def full(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="no space left on device writing .*x.pt"):
+        distill.atomic_write(str(tmp_path / "x.pt"), full)
+    assert os.listdir(tmp_path) == []
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "latest.pt.tmp12345").write_bytes(b"left by a kill")
+    tokenizer.main(tok_args(standin_teacher, str(out), "--stop-at", "1"))
+    assert "latest.pt.tmp12345" not in os.listdir(out) and "latest.pt" in os.listdir(out)
 
 
 def test_checkpoints_at_every_epoch_end(standin_teacher, cache, tmp_path, monkeypatch):
@@ -914,17 +953,33 @@ def test_evaluate_writes_metrics(stage1_run):
     results = tokenizer.main(["evaluate", "--ckpt", stage1_run, "--num-eval", "24", "--batch-size", "8",
                               "--workers", "0"])
     folder = os.path.dirname(stage1_run)
-    with open(os.path.join(folder, "metrics.json")) as f:
+    with open(os.path.join(folder, "metrics_synthetic.json")) as f:
         saved = json.load(f)
     for weights in ("model", "ema"):
         assert 0 < saved[weights]["psnr"] < 60 and saved[weights]["num_images"] == 24
         assert saved[weights]["psnr"] == pytest.approx(results[weights]["psnr"])
-        assert os.path.isfile(os.path.join(folder, f"eval_{weights}.png"))
+        assert os.path.isfile(os.path.join(folder, f"eval_synthetic_{weights}.png"))
     model, _ = tokenizer.load_tokenizer(stage1_run)  # PSNR by hand for the EMA weights
     data = tokenizer.build_dataset("synthetic", 32, "val", 24)
     x = torch.stack([data[i][0] for i in range(24)])
     mse = ((model.reconstruct(x) - (x * 0.5 + 0.5)) ** 2).mean(dim=(1, 2, 3))
     assert (-10 * torch.log10(mse)).mean().item() == pytest.approx(saved["ema"]["psnr"], rel=1e-4)
+
+
+def test_evaluate_on_another_data_set_keeps_the_first(stage1_run, tmp_path):
+    """Outputs are named by the data set, and --out puts them elsewhere."""
+    for c in ("a", "b"):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (36, 40, 3), np.uint8)).save(
+                tmp_path / "val" / c / f"{i}.png")
+    tokenizer.main(["evaluate", "--ckpt", stage1_run, "--num-eval", "8", "--workers", "0", "--out", str(tmp_path)])
+    first = (tmp_path / "metrics_synthetic.json").read_bytes()
+    tokenizer.main(["evaluate", "--ckpt", stage1_run, "--data", str(tmp_path / "val"), "--workers", "0",
+                    "--out", str(tmp_path)])
+    assert (tmp_path / "metrics_synthetic.json").read_bytes() == first
+    assert json.loads((tmp_path / "metrics_val.json").read_text())["ema"]["num_images"] == 4
+    assert (tmp_path / "eval_val_ema.png").is_file()
 
 
 def encode_args(ckpt, out, *extra):
@@ -1102,6 +1157,14 @@ def test_frechet_closed_forms():
         fid.statistics(a[:1])
     with pytest.raises(ValueError, match="non-finite"):
         fid.statistics(np.full((4, 2), np.nan))
+
+
+def test_too_few_samples_for_a_covariance_warn():
+    with pytest.warns(UserWarning, match="from 20 samples of 32-d features: the covariance is singular"):
+        fid.statistics(np.random.default_rng(0).normal(size=(20, 32)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fid.statistics(np.random.default_rng(0).normal(size=(40, 32)))
 
 
 def test_precision_recall_on_shifted_sets():
@@ -1592,7 +1655,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch):
                           "--sweep-tau", "0", "0.3", "0.7"])
     runs = tmp_path / "runs"
     for path in ("teacher/teacher.pt", "tokenizer/latest.pt", "tokenizer/recon_0000004.png",
-                 "tokenizer_ft/latest.pt", "tokenizer_ft/metrics.json", "tokenizer_ft/eval_ema.png",
+                 "tokenizer_ft/latest.pt", "tokenizer_ft/metrics_synthetic.json", "tokenizer_ft/eval_synthetic_ema.png",
                  "latents/stats.npz", "latents/meta.json", "dit/latest.pt", "dit/preview_0000008.png",
                  "samples/samples.npz", "samples/preview.png", "probe/probe.json", "probe/probe_tau.png"):
         assert (runs / path).is_file(), path

@@ -26,6 +26,7 @@ reconstructions). A checkpoint is {"config", "model", "ema", "optimizer", "discr
 (`load_tokenizer`), which also reads the authors' RecTok.pth / RecTok_decft.pth.
 """
 import argparse
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -65,14 +66,34 @@ def center_crop_adm(image, size):
 
 def to_tensor(arr):
     """uint8 HWC -> float CHW in [-1, 1], the range every network here reads (SPEC.md §0)."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1.0  # a writable copy
+
+
+def readable(path):
+    """A quick header check (PIL reads the header only): a file that fails it would stop a run mid-epoch."""
+    try:
+        with Image.open(path) as im:
+            return im.size[0] > 0 and im.size[1] > 0
+    except Exception:
+        return False
+
+
+def load_rgb(path):
+    """An image file as 8-bit RGB. 16-bit greyscale (PNG mode I;16, or I) is scaled to 8 bits first:
+    PIL's own conversion clips it, which turns almost every pixel white."""
+    with Image.open(path) as im:
+        if im.mode.startswith("I"):
+            deep = np.asarray(im, dtype=np.float64)
+            return Image.fromarray((deep * (255 / 65535)).round().clip(0, 255).astype(np.uint8)).convert("RGB")
+        return im.convert("RGB")
 
 
 class ImageFolder(torch.utils.data.Dataset):
     """root/<class>/<image>, classes sorted by name (ImageNet's train/val layout). Returns (image, label);
-    the random flip is applied in the training loop, from a checkpointed generator."""
+    the random flip is applied in the training loop, from a checkpointed generator. Files whose header does
+    not read are reported when the folder is listed, or left out (and counted) with skip_bad."""
 
-    def __init__(self, root, size):
+    def __init__(self, root, size, skip_bad=False):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder not found: {root} (expected root/<class>/<image files>)")
         self.size = size
@@ -85,6 +106,15 @@ class ImageFolder(torch.utils.data.Dataset):
                         if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not self.samples:
             raise ValueError(f"{root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:  # file opens: I/O bound
+            ok = list(pool.map(readable, [path for path, _ in self.samples]))
+        bad = [path for (path, _), good in zip(self.samples, ok) if not good]
+        if bad and not skip_bad:
+            raise ValueError(f"{len(bad)} of {len(self.samples)} files in {root} are not readable images (e.g. "
+                             f"{', '.join(bad[:3])}): remove or replace them, or pass --skip-bad-images")
+        if bad:
+            self.samples = [s for s, good in zip(self.samples, ok) if good]
+            distill.log(f"left out {len(bad)} unreadable file(s) of {root} (--skip-bad-images)")
         self.num_classes = len(self.classes)
 
     def __len__(self):
@@ -93,8 +123,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
+            image = load_rgb(path)
         except Exception as e:
             raise RuntimeError(f"cannot read image {path}: {e}. Remove or replace the file.") from None
         return to_tensor(center_crop_adm(image, self.size)), label
@@ -189,12 +218,12 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return to_tensor(arr), label
 
 
-def build_dataset(data, size, split="train", num_images=None, seed=0):
+def build_dataset(data, size, split="train", num_images=None, seed=0, skip_bad=False):
     """'synthetic' -> the built-in data set (num_images of them, default 10,000 train / 1,000 val);
     anything else is a class-folder root (num_images, if set, keeps an evenly spaced subset)."""
     if data == "synthetic":
         return SyntheticShapes(num_images or (10000 if split == "train" else 1000), size, split, seed)
-    dataset = ImageFolder(data, size)
+    dataset = ImageFolder(data, size, skip_bad)
     if num_images and num_images < len(dataset):
         keep = np.linspace(0, len(dataset) - 1, num_images).round().astype(int).tolist()
         subset = torch.utils.data.Subset(dataset, keep)
@@ -836,6 +865,8 @@ class Trainer:
     def __init__(self, args):
         self.args, self.stage = args, 2 if args.mode == "finetune" else 1
         self.rank, self.world, self.device = distill.setup_distributed()
+        if self.rank == 0 and not args.bench:
+            distill.prepare_out_dir(args.out)
         if self.stage == 1:
             ensure_standin_teacher(args)  # before seeding: the same run whether or not it had to train one
         torch.manual_seed(args.seed * self.world + self.rank)
@@ -865,7 +896,8 @@ class Trainer:
                                      betas=(0.9, 0.95), fused=True)
         self.d_opt = torch.optim.AdamW(distill.weight_decay_groups(self.loss.discriminator, args.weight_decay),
                                        lr=self.lr, betas=(0.9, 0.95), fused=True)
-        self.data = build_dataset(args.data, args.image_size, "train", args.num_train, args.seed)
+        self.data = build_dataset(args.data, args.image_size, "train", args.num_train, args.seed,
+                                  args.skip_bad_images)
         self.loader, self.sampler = distill.make_loader(self.data, args.batch_size, args.seed, self.rank,
                                                         self.world, args.workers, self.device)
         self.flip_gen = torch.Generator().manual_seed(args.seed * self.world + self.rank)
@@ -952,7 +984,8 @@ class Trainer:
     @torch.no_grad()
     def save_reconstructions(self):
         """Originals above EMA reconstructions, for a fixed set of held-out images."""
-        val = build_dataset(self.args.data, self.args.image_size, "val", 8, self.args.seed)
+        val = build_dataset(self.args.data, self.args.image_size, "val", 8, self.args.seed,
+                            self.args.skip_bad_images)
         x = torch.stack([val[i][0] for i in range(min(8, len(val)))]).to(self.device)
         with self.autocast:
             recon = self.ema.reconstruct(x)
@@ -1051,7 +1084,7 @@ def stage2_model(args, device):
 
 def eval_loader(args, rank, world):
     """Held-out images, center crop, no flip, split over ranks without padding."""
-    data = build_dataset(args.data, args.image_size, "val", args.num_eval, args.seed)
+    data = build_dataset(args.data, args.image_size, "val", args.num_eval, args.seed, args.skip_bad_images)
     shard = torch.utils.data.Subset(data, list(range(rank, len(data), world)))
     return data, torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers)
 
@@ -1084,9 +1117,13 @@ def reconstruction_pass(model, loader, device, inception):
 def evaluate(args):
     """PSNR (per image on [0, 1], averaged) and, with --rfid, rFID against the statistics of the same
     held-out images (computed once, cached in --ref-stats), for the raw and EMA weights. Writes
-    metrics.json and grids of originals above reconstructions next to the checkpoint."""
+    metrics_DATA.json and grids of originals above reconstructions, eval_DATA_WEIGHTS.png, named by the
+    data set (so evaluating on another one keeps the first), into --out (default: next to the checkpoint)."""
     rank, world, device = distill.setup_distributed()
-    results, out_dir = {}, os.path.dirname(os.path.abspath(args.ckpt))
+    results, out_dir = {}, args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    tag = os.path.basename(os.path.normpath(args.data))
+    if rank == 0:
+        distill.prepare_out_dir(out_dir)
     inception = fid.FIDInception().load(args.inception_weights).to(device) if args.rfid else None
     for weights in ("model", "ema"):
         model, config = load_tokenizer(args.ckpt, weights, device)
@@ -1102,10 +1139,11 @@ def evaluate(args):
         distill.log(f"{weights}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[weights].items()))
         if rank == 0:
             x = torch.stack([data[i][0] for i in range(min(8, len(data)))]).to(device)
-            save_grid([x * 0.5 + 0.5, model.reconstruct(x)], os.path.join(out_dir, f"eval_{weights}.png"))
+            save_grid([x * 0.5 + 0.5, model.reconstruct(x)], os.path.join(out_dir, f"eval_{tag}_{weights}.png"))
     if rank == 0:
-        write_json(os.path.join(out_dir, "metrics.json"), {"checkpoint": args.ckpt, "data": args.data, **results})
-        distill.log(f"wrote {os.path.join(out_dir, 'metrics.json')}")
+        path = os.path.join(out_dir, f"metrics_{tag}.json")
+        write_json(path, {"checkpoint": args.ckpt, "data": args.data, **results})
+        distill.log(f"wrote {path}")
     distill.cleanup_distributed()
     return results
 
@@ -1204,9 +1242,10 @@ def encode(args):
     and never writes an index twice. stats.npz is computed at the end from the stored means in float64."""
     rank, world, device = distill.setup_distributed()
     model, config = load_tokenizer(args.ckpt, "ema", device)
-    data = build_dataset(args.data, config["img_size"], "train", args.num_train, args.seed)
+    data = build_dataset(args.data, config["img_size"], "train", args.num_train, args.seed, args.skip_bad_images)
     meta = cache_meta(args, model, config, data)
-    os.makedirs(args.out, exist_ok=True)
+    if rank == 0:
+        distill.prepare_out_dir(args.out)
     meta_path = os.path.join(args.out, "meta.json")
     if rank == 0:
         if os.path.isfile(meta_path):
@@ -1343,8 +1382,9 @@ def build_parser(add_help=True):
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="sets the defaults below (finetune adds its stage-2 values)")
     p.add_argument("--data", default="synthetic", help="'synthetic' (built-in) or an ImageNet-style folder")
+    p.add_argument("--skip-bad-images", action="store_true", help="leave out (and count) unreadable files")
     p.add_argument("--out", help="run folder (train: runs/tokenizer, finetune: runs/tokenizer_ft, encode: "
-                   "runs/latents); a run folder with latest.pt resumes")
+                   "runs/latents, evaluate: the checkpoint's folder); a run folder with latest.pt resumes")
     p.add_argument("--num-train", type=int, help="use this many training images")
     p.add_argument("--init", default="runs/tokenizer/latest.pt", help="finetune: the stage-1 checkpoint")
     p.add_argument("--ckpt", default="runs/tokenizer_ft/latest.pt", help="evaluate/encode: the tokenizer")
