@@ -8,9 +8,13 @@ held-out images (top-1, top-5). Features:
   * "flow": the noisy latent z_tau = (1 - tau) * z + tau * gamma * eps at --tau, along the flow the
     tokenizer trained on (its gamma; eps a function of (seed, image index)).
 Protocols:
-  * "mae": BatchNorm without affine, then a linear layer; LARS, warm-up then cosine, 90 epochs (MAE's);
-  * "research": the authors' quick protocol: token-averaged logits (for a linear head, the logits of the
-    token-averaged feature), Adam, 1 epoch.
+  * "mae": BatchNorm without affine, then a linear layer; LARS, warm-up then cosine, 90 epochs (MAE's).
+    By default on FIXED features (centre crop, no flip, extracted once): MAE itself trains on
+    RandomResizedCrop + flip views, which --augment gives (an extraction per epoch, about epochs times
+    the cost; the README gives the difference measured on the tiny preset);
+  * "research": the authors' linear probe (`linear_probing/linear_prob_detok.py`): a linear layer on the
+    token-averaged latent, Adam at a constant lr = adam_blr * batch / 256 (0.1 x batch/256), training
+    images flipped at random (both orientations are extracted once and each epoch picks one per image).
 
 Run:
     python probe.py                                         # tiny: runs/tokenizer_ft on the built-in data
@@ -23,12 +27,14 @@ training is deterministic given --seed and identical on every rank. Writes OUT/p
 --sweep-tau, OUT/probe_tau.png).
 """
 import argparse
+import math
 import os
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 
 import distill
@@ -115,36 +121,110 @@ def make_head(dim, num_classes, protocol):
     return head
 
 
-def train_linear(x, y, xv, yv, num_classes, args):
-    """Train a linear probe on (x, y); top-1 and top-5 accuracy (%) on (xv, yv). Deterministic."""
+def train_heads(features, y, val, yv, num_classes, args):
+    """Train one linear probe per feature set (one per tau) on the same batches; top-1 and top-5 accuracy
+    (%) of each on its validation features. `features(epoch)` gives {key: (N, dim)} training features for
+    that epoch (fixed, a random flip of each image, or fresh augmented views); `val` is {key: (Nv, dim)}.
+    mae: LARS, lr = blr * batch / 256, warm-up then cosine. research: Adam at a constant
+    lr = adam_blr * batch / 256. Deterministic given --seed."""
+    heads, opts = {}, {}
+    batch = min(args.probe_batch_size, len(y))
+    lr = (args.blr if args.protocol == "mae" else args.adam_blr) * batch / 256
+    for key, xv in val.items():
+        torch.manual_seed(args.seed)  # every head starts from the same draw
+        heads[key] = make_head(xv.shape[1], num_classes, args.protocol)
+        opts[key] = (LARS(heads[key].parameters(), lr=lr, weight_decay=args.weight_decay) if args.protocol == "mae"
+                     else torch.optim.Adam(heads[key].parameters(), lr=lr, weight_decay=args.weight_decay))
     g = torch.Generator().manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    head = make_head(x.shape[1], num_classes, args.protocol)
-    epochs = args.epochs if args.protocol == "mae" else 1
-    batch = min(args.probe_batch_size, len(x))
-    steps_per_epoch = len(x) // batch
-    if args.protocol == "mae":
-        lr = args.blr * batch / 256
-        opt = LARS(head.parameters(), lr=lr, weight_decay=args.weight_decay)
-    else:
-        lr = args.adam_lr
-        opt = torch.optim.Adam(head.parameters(), lr=lr)
-    total = epochs * steps_per_epoch
-    for step in range(total):
-        if step % steps_per_epoch == 0:
-            perm = torch.randperm(len(x), generator=g)
-        idx = perm[(step % steps_per_epoch) * batch:(step % steps_per_epoch + 1) * batch]
-        for group in opt.param_groups:
-            group["lr"] = lr * distill.warmup_cosine(step / total, args.warmup_epochs / epochs)
-        loss = F.cross_entropy(head(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    steps_per_epoch = len(y) // batch
+    total = args.epochs * steps_per_epoch
+    for epoch in range(args.epochs):
+        xs = features(epoch)
+        perm = torch.randperm(len(y), generator=g)
+        for s in range(steps_per_epoch):
+            idx = perm[s * batch:(s + 1) * batch]
+            step = epoch * steps_per_epoch + s
+            factor = distill.warmup_cosine(step / total, args.warmup_epochs / args.epochs) if args.protocol == "mae" else 1
+            for key, head in heads.items():
+                for group in opts[key].param_groups:
+                    group["lr"] = lr * factor
+                loss = F.cross_entropy(head(xs[key][idx]), y[idx])
+                opts[key].zero_grad()
+                loss.backward()
+                opts[key].step()
+    return {key: accuracy(head, val[key], yv, num_classes) for key, head in heads.items()}
+
+
+@torch.no_grad()
+def accuracy(head, xv, yv, num_classes):
     head.eval()
-    with torch.no_grad():
-        top5 = head(xv).topk(min(5, num_classes), dim=1).indices
+    top5 = head(xv).topk(min(5, num_classes), dim=1).indices
     return {"top1": (top5[:, 0] == yv).float().mean().item() * 100,
             "top5": (top5 == yv[:, None]).any(dim=1).float().mean().item() * 100}
+
+
+def train_linear(x, y, xv, yv, num_classes, args):
+    """One linear probe on fixed features (x, y); accuracy on (xv, yv)."""
+    return train_heads(lambda epoch: {0: x}, y, {0: xv}, yv, num_classes, args)[0]
+
+
+#################################################################################
+#                          Training views of the images                         #
+#################################################################################
+
+
+class View(torch.utils.data.Dataset):
+    """The images of `data` as a training epoch sees them: flipped (p = 0.5) and, with `crop`, a
+    RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, resized back to the image size; MAE's linear-probe
+    augmentation), drawn from (seed, epoch, index) alone so that any number of ranks sees the same views.
+    `flip=1.0` flips every image."""
+
+    def __init__(self, data, seed, epoch, flip=0.5, crop=False):
+        self.data, self.seed, self.epoch, self.flip, self.crop = data, seed, epoch, flip, crop
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        rng = np.random.default_rng([self.seed, self.epoch, i, 11])
+        if self.crop:
+            x = random_resized_crop(x, rng)
+        return (x.flip(-1) if rng.random() < self.flip else x), y
+
+
+def random_resized_crop(x, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop (same parameter law, 10 tries then the centre) with a numpy rng."""
+    _, H, W = x.shape
+    for _ in range(10):
+        area = H * W * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= W and 0 < h <= H:
+            top, left = rng.integers(0, H - h + 1), rng.integers(0, W - w + 1)
+            return TF.resized_crop(x, int(top), int(left), h, w, [H, W], antialias=True)
+    return x
+
+
+def training_features(model, train, kind, taus, args, device):
+    """features(epoch) for train_heads, and the labels. mae: extracted once from the centre crops (the
+    fixed-feature variant), or with --augment from fresh RandomResizedCrop + flip views every epoch (MAE's
+    own protocol, an extraction per epoch). research: both orientations extracted once, and each epoch
+    takes each image or its flip at random (the authors' training flips)."""
+    if args.protocol == "mae" and args.augment:
+        first, y = extract(model, View(train, args.seed, 0, crop=True), kind, taus, args, device)
+        return (lambda epoch: first if epoch == 0 else extract(
+            model, View(train, args.seed, epoch, crop=True), kind, taus, args, device)[0]), y
+    xs, y = extract(model, train, kind, taus, args, device)
+    if args.protocol == "mae":
+        return (lambda epoch: xs), y
+    flipped, _ = extract(model, View(train, args.seed, 0, flip=1.0), kind, taus, args, device)
+
+    def features(epoch):
+        pick = torch.from_numpy(np.random.default_rng([args.seed, epoch, 13]).random(len(y)) < 0.5)[:, None]
+        return {tau: torch.where(pick, flipped[tau], xs[tau]) for tau in taus}
+
+    return features, y
 
 
 #################################################################################
@@ -189,10 +269,12 @@ def main(argv=None):
                                     args.skip_bad_images)
     val = tokenizer.build_dataset(args.val_data or args.data, config["img_size"], "val", args.num_val,
                                   args.data_seed, args.skip_bad_images)
-    (xs, y), (xvs, yv) = (extract(model, d, kind, taus, args, device) for d in (train, val))
+    features, y = training_features(model, train, kind, taus, args, device)
+    xvs, yv = extract(model, val, kind, taus, args, device)
+    accs = train_heads(features, y, xvs, yv, train.num_classes, args)
     results = []
     for tau in taus:
-        acc = train_linear(xs[tau], y, xvs[tau], yv, train.num_classes, args)
+        acc = accs[tau]
         results.append({"feature": kind, "tau": tau, **acc})
         distill.log(f"{kind} tau {tau:.2f}: top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}% "
                     f"({len(y)} train / {len(yv)} val, {args.protocol} protocol)")
@@ -230,12 +312,17 @@ def build_parser(add_help=True):
     p.add_argument("--feature", default="L", choices=["L", "SL", "flow"])
     p.add_argument("--tau", type=float, default=0.0, help="noise level of the 'flow' feature")
     p.add_argument("--sweep-tau", type=float, nargs="*", default=None, help="probe 'flow' at these taus")
-    p.add_argument("--protocol", default="mae", choices=["mae", "research"])
+    p.add_argument("--protocol", default="mae", choices=["mae", "research"],
+                   help="mae: BN + linear, LARS, warm-up + cosine; research: the authors' linear head, Adam "
+                        "at a constant lr, training flips")
+    p.add_argument("--augment", action="store_true",
+                   help="mae: fresh RandomResizedCrop + flip views each epoch (MAE's protocol; an extraction "
+                        "per epoch) instead of fixed centre-crop features")
     p.add_argument("--epochs", type=int, default=90)
-    p.add_argument("--warmup-epochs", type=float, default=10)
+    p.add_argument("--warmup-epochs", type=float, default=10, help="mae only")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
     p.add_argument("--blr", type=float, help="mae: lr = blr * batch / 256")
-    p.add_argument("--adam-lr", type=float, default=1e-3, help="research protocol's Adam lr")
+    p.add_argument("--adam-blr", type=float, default=0.1, help="research: Adam lr = adam_blr * batch / 256")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--probe-batch-size", type=int, help="linear-probe batch")
     p.add_argument("--batch-size", type=int, default=64, help="feature extraction batch per process")

@@ -1507,7 +1507,7 @@ def probe_args(**kw):
 
 
 @pytest.mark.parametrize("kw", [dict(protocol="mae"),  # one epoch of Adam needs small batches here
-                                dict(protocol="research", probe_batch_size=16, adam_lr=1e-2)])
+                                dict(protocol="research", probe_batch_size=16, adam_blr=0.16)])
 def test_probe_finds_planted_linear_structure(kw):
     g = torch.Generator().manual_seed(0)
     means = torch.randn(10, 32, generator=g) * 2
@@ -1516,6 +1516,35 @@ def test_probe_finds_planted_linear_structure(kw):
     xv = means[yv] + torch.randn(500, 32, generator=g)
     acc = probe.train_linear(x, y, xv, yv, 10, probe_args(**kw))
     assert acc["top1"] > 90 and acc["top5"] >= acc["top1"]
+
+
+def test_research_probe_is_adam_at_a_constant_lr(monkeypatch):
+    """The authors' probe: Adam at lr = 0.1 x batch / 256 at every step (no warm-up, no decay)."""
+    seen = []
+    step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self: seen.append(self.param_groups[0]["lr"]) or step(self))
+    x, y = torch.randn(400, 8), torch.arange(400) % 4
+    probe.train_linear(x, y, x, y, 4, probe_args(protocol="research", epochs=3, probe_batch_size=128))
+    assert len(seen) == 9 and all(lr == pytest.approx(0.05) for lr in seen)
+
+
+def test_probe_training_views(stage1_run):
+    """research: each epoch takes each image or its flip; mae --augment: fresh crops each epoch; both a
+    pure function of (seed, epoch, index)."""
+    model, _ = tokenizer.load_tokenizer(stage1_run)
+    data = tokenizer.build_dataset("synthetic", 32, "train", 24)
+    args = probe_args(protocol="research", batch_size=8, workers=0, log_every=100)
+    features, y = probe.training_features(model, data, "L", [0.0], args, torch.device("cpu"))
+    plain, _ = probe.extract(model, data, "L", [0.0], args, torch.device("cpu"))
+    flipped, _ = probe.extract(model, probe.View(data, 0, 0, flip=1.0), "L", [0.0], args, torch.device("cpu"))
+    assert torch.equal(y, torch.arange(24) % 10)
+    for epoch in (0, 1):
+        f = features(epoch)[0.0]
+        is_plain = (f == plain[0.0]).all(1)
+        assert (is_plain | (f == flipped[0.0]).all(1)).all() and 4 < is_plain.sum() < 20
+    assert not torch.equal(features(0)[0.0], features(1)[0.0])
+    a, b, c = (probe.View(data, 0, e, crop=True) for e in (0, 0, 1))
+    assert torch.equal(a[3][0], b[3][0]) and not torch.equal(a[3][0], c[3][0]) and a[3][0].shape == (3, 32, 32)
 
 
 def test_probe_random_labels_stay_near_chance():
