@@ -428,15 +428,24 @@ def checkpoint(args, step, stop, steps_per_epoch, rank, world, model, ema, opt, 
     distill.barrier()
 
 
-def load_dit(path, device="cpu", weights="ema"):
-    """A generator checkpoint -> (DiTDH in eval mode, checkpoint). Reads ours and the authors' released
-    DiT^DH checkpoints ('ema' or 'model' with their names, which are ours)."""
+def load_dit(path, device="cpu", weights="ema", heads=None):
+    """Any generator checkpoint -> (DiTDH in eval mode, checkpoint), EMA weights by default whatever the
+    layout: ours ({'config', 'ema', 'model', ...}) or the authors' released DiT^DH ('model_ema', else
+    'model'; their names are ours, the architecture is read off the weights, `heads` for unofficial
+    widths). Their EMA holds parameters only, so the RoPE tables (persistent buffers) are filled in."""
     ckpt = distill.load_checkpoint(path, ("generator",), "generator checkpoint")
-    if "config" not in ckpt:
-        raise ValueError(f"{path} has no 'config': pass a checkpoint written by dit.py (the authors' "
-                         f"weights load with load_official_dit)")
-    model = DiTDH(**ckpt["config"])
-    distill.load_strict(model, ckpt[weights], f"generator checkpoint {path}")
+    if "config" in ckpt:
+        model, sd = DiTDH(**ckpt["config"]), ckpt[weights]
+    else:
+        sd = dict(ckpt.get({"ema": "model_ema", "model": "model"}[weights], ckpt.get("model", ckpt)))
+        if "s_projector.weight" not in sd:
+            raise ValueError(f"{path} is not a DiT^DH checkpoint (no s_projector): pass the authors' "
+                             f"DiTDDT_*.pth or one written by dit.py")
+        model = DiTDH(**official_config(sd, heads))
+        for k, v in model.state_dict().items():
+            if k.endswith(("freqs_cos", "freqs_sin")):
+                sd.setdefault(k, v)
+    distill.load_strict(model, sd, f"generator checkpoint {path}")
     return model.to(device).eval(), ckpt
 
 
@@ -455,19 +464,8 @@ def official_config(sd, heads=None):
 
 
 def load_official_dit(path, device="cpu", heads=None):
-    """The authors' DiT^DH-XL / DiT^DH-S checkpoint ('model_ema' if present, else 'model'), strictly. Their
-    EMA holds parameters only, so the RoPE tables (persistent buffers) are filled in from our own."""
-    ckpt = distill.load_checkpoint(path, ("generator",), "generator checkpoint (the authors' DiT^DH)")
-    sd = dict(ckpt.get("model_ema", ckpt.get("model", ckpt)))
-    if "s_projector.weight" not in sd:
-        raise ValueError(f"{path} is not a DiT^DH checkpoint (no s_projector): pass the authors' "
-                         f"DiTDDT_*.pth, or one of ours without --latent-stats")
-    model = DiTDH(**official_config(sd, heads))
-    for k, v in model.state_dict().items():
-        if k.endswith(("freqs_cos", "freqs_sin")):
-            sd.setdefault(k, v)
-    distill.load_strict(model, sd, f"DiT^DH checkpoint {path}")
-    return model.to(device).eval()
+    """The authors' DiT^DH-XL / DiT^DH-S checkpoint ('model_ema' if present), strictly (see load_dit)."""
+    return load_dit(path, device, heads=heads)[0]
 
 
 def build_parser(add_help=True):

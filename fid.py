@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import warnings
+import zipfile
 
 import numpy as np
 import scipy.linalg
@@ -274,10 +275,7 @@ def image_batches(source, batch_size):
         files = list_images(source)
         n, get = len(files), (lambda lo, hi: torch.stack([read_image(f) for f in files[lo:hi]]))
     elif isinstance(source, str) and source.endswith(".npz"):
-        arr = np.load(source, mmap_mode="r")
-        if "arr_0" not in arr.files:
-            raise ValueError(f"{source} has no 'arr_0' image array (keys: {arr.files})")
-        images = arr["arr_0"]
+        images = npz_images(source)
         n, get = len(images), (lambda lo, hi: torch.from_numpy(np.ascontiguousarray(images[lo:hi])).permute(0, 3, 1, 2))
     elif isinstance(source, str):
         raise FileNotFoundError(f"{source}: not a folder of images or an .npz file")
@@ -285,6 +283,28 @@ def image_batches(source, batch_size):
         return source, None
     lo, hi = rank * n // world, (rank + 1) * n // world
     return (get(s, min(hi, s + batch_size)) for s in range(lo, hi, batch_size)), n
+
+
+def npz_images(path):
+    """The `arr_0` of an image .npz without reading it all: np.savez stores members uncompressed, so the
+    array is memory-mapped in place and each rank reads only its shard (50,000 images at 256 px are
+    10 GB). A compressed file (np.savez_compressed) cannot be mapped and is read whole."""
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        if "arr_0.npy" not in names:
+            raise ValueError(f"{path} has no 'arr_0' image array (members: {names})")
+        info = z.getinfo("arr_0.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return np.load(path)["arr_0"]
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the member's local header: its name and extra field lengths are at 26 and 28
+        f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
 @torch.no_grad()
@@ -424,10 +444,14 @@ def precision_recall(sample_feats, ref_feats, k=3):
 #################################################################################
 
 
-def describe(source, model, args, device):
-    """A source -> (mu, sigma, features or None, logits or None)."""
-    if isinstance(source, str) and source.endswith(".npz") and "arr_0" not in np.load(source).files:
-        return (*load_statistics(source), None, None)
+def describe(source, model, args, device, need_images=False):
+    """A source -> (mu, sigma, features or None, logits or None). An .npz with `mu` and `sigma` is
+    statistics whatever else it holds: the ADM reference batches store the statistics of the whole data
+    set beside a 10,000-image `arr_0`, which serves precision/recall only (`need_images`)."""
+    if isinstance(source, str) and source.endswith(".npz") and {"mu", "sigma"} <= set(np.load(source).files):
+        has_images = "arr_0" in np.load(source).files
+        feats = features(model, source, args.batch_size, args.mode, device)[0] if need_images and has_images else None
+        return (*load_statistics(source), feats, None)
     feats, logits = features(model, source, args.batch_size, args.mode, device)
     return (*statistics(feats), feats, logits)
 
@@ -451,12 +475,12 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     model = FIDInception().load(args.inception_weights).to(device)
-    first = describe(args.sources[0], model, args, device)
+    first = describe(args.sources[0], model, args, device, args.pr)
     metrics = {"sources": args.sources, "mode": args.mode}
     if args.save_stats and rank == 0:
         np.savez(args.save_stats, mu=first[0], sigma=first[1])
     if len(args.sources) == 2:
-        second = describe(args.sources[1], model, args, device)
+        second = describe(args.sources[1], model, args, device, args.pr)
         metrics["fid"], metrics["fid_diagnostics"] = frechet_distance(*first[:2], *second[:2], diagnostics=True)
         if args.pr:
             if first[2] is None or second[2] is None:

@@ -51,14 +51,18 @@ def my_batches(num, batch_size, rank, world):
 
 
 def load_generator(path, device, latent_stats):
-    """Ours (config + EMA + the latent statistics it trained on) or, with --latent-stats, the authors'
-    released DiT^DH checkpoint. Returns (model, latents info or None, mu, sigma)."""
+    """A generator's EMA weights (ours or the authors') and the latent statistics to de-normalise with:
+    --latent-stats if given (the authors' checkpoints carry none), else those of the cache it trained on.
+    Returns (model, latents info or None, mu, sigma)."""
+    model, ckpt = dit.load_dit(path, device)
+    latents = ckpt.get("latents")
     if latent_stats:
         stats = np.load(latent_stats)
-        return (dit.load_official_dit(path, device), None, torch.from_numpy(stats["mean"]).float(),
-                torch.from_numpy(stats["std"]).float())
-    model, ckpt = dit.load_dit(path, device)
-    return model, ckpt["latents"], ckpt["latents"]["mu"], ckpt["latents"]["sigma"]
+        return model, latents, torch.from_numpy(stats["mean"]).float(), torch.from_numpy(stats["std"]).float()
+    if latents is None:
+        raise ValueError(f"{path} is the authors' generator, which does not record its latent statistics: "
+                         f"pass --latent-stats (stats.npz of a cache encoded with their tokenizer)")
+    return model, latents, latents["mu"], latents["sigma"]
 
 
 def load_models(args, device):

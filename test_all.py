@@ -1220,17 +1220,41 @@ def test_fid_features_two_processes_equal_one(inception_files):
     weights = ["--inception-weights", str(r / "inception.pth"), "--batch-size", "2", "--is"]
     one = fid.main([str(r / "a.npz"), "--save-stats", str(r / "one.npz"), "--json", str(r / "one.json"),
                     *weights])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
-           os.path.join(HERE, "fid.py"), str(r / "a.npz"), "--save-stats", str(r / "two.npz"),
-           "--json", str(r / "two.json"), *weights]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
-    assert run.returncode == 0, run.stderr[-3000:]
+    torchrun("fid.py", [str(r / "a.npz"), "--save-stats", str(r / "two.npz"), "--json", str(r / "two.json"),
+                        *weights])
     with open(r / "two.json") as f:
         two = json.load(f)
     a, b = np.load(r / "one.npz"), np.load(r / "two.npz")  # features gathered in index order
     np.testing.assert_allclose(a["mu"], b["mu"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(a["sigma"], b["sigma"], rtol=1e-5, atol=1e-9)
     assert two["inception_score"] == pytest.approx(one["inception_score"], rel=1e-6)
+
+
+def test_reference_batch_statistics_are_used_as_stored(inception_files, tmp_path):
+    """An .npz holding mu/sigma AND images (the ADM reference batch layout) is statistics for FID: its
+    stored mu/sigma, not those of its images, which serve precision/recall only."""
+    r = inception_files
+    weights = ["--inception-weights", str(r / "inception.pth"), "--batch-size", "4"]
+    rng = np.random.default_rng(1)
+    mu, sigma = rng.normal(size=2048) * 0.01, np.eye(2048) * 0.02
+    b = np.load(r / "b.npz")["arr_0"]
+    np.savez(tmp_path / "ref.npz", arr_0=b, mu=mu, sigma=sigma)
+    np.savez(tmp_path / "stats_only.npz", mu=mu, sigma=sigma)
+    both = fid.main([str(r / "a.npz"), str(tmp_path / "ref.npz"), "--pr", "--json", str(tmp_path / "1.json"), *weights])
+    stats = fid.main([str(r / "a.npz"), str(tmp_path / "stats_only.npz"), "--json", str(tmp_path / "2.json"), *weights])
+    images = fid.main([str(r / "a.npz"), str(r / "b.npz"), "--json", str(tmp_path / "3.json"), *weights])
+    assert both["fid"] == stats["fid"] != pytest.approx(images["fid"])
+    assert 0 <= both["precision"] <= 1  # from the reference's images
+
+
+def test_image_npz_is_read_by_shard_not_whole(tmp_path):
+    """Each rank maps the samples .npz and reads only its shard (np.savez stores members uncompressed)."""
+    a = np.random.default_rng(0).integers(0, 256, size=(9, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", labels=np.arange(9), arr_0=a)
+    mapped = fid.npz_images(str(tmp_path / "s.npz"))
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, a)
+    np.savez_compressed(tmp_path / "c.npz", arr_0=a)
+    assert np.array_equal(fid.npz_images(str(tmp_path / "c.npz")), a)
 
 
 def test_evaluate_rfid(stage1_run, inception_files, tmp_path):
@@ -1703,8 +1727,10 @@ def test_sampling_from_released_layout(dit_run, cache, tmp_path):
     sample.main(sample_args(dit_run, ours))
     sample.main(sample_args(str(tmp_path / "DiTDDT.pth"), theirs, "--latent-stats",
                             os.path.join(cache, "stats.npz"), "--tokenizer", ckpt["latents"]["tokenizer"]))
-    a, b = (np.load(os.path.join(x, "samples.npz"))["arr_0"] for x in (ours, theirs))
+    sample.main(sample_args(dit_run, str(tmp_path / "ours_stats"), "--latent-stats", os.path.join(cache, "stats.npz")))
+    a, b, c = (np.load(os.path.join(x, "samples.npz"))["arr_0"] for x in (ours, theirs, str(tmp_path / "ours_stats")))
     assert np.array_equal(a, b)
+    assert np.array_equal(a, c)  # one of our checkpoints with --latent-stats: still its EMA weights
     with pytest.raises(ValueError, match="--tokenizer"):
         sample.main(sample_args(str(tmp_path / "DiTDDT.pth"), theirs, "--latent-stats",
                                 os.path.join(cache, "stats.npz")))
