@@ -333,6 +333,11 @@ def unmask(x, token, ids_restore):
 #################################################################################
 
 
+def keep_count(num_tokens, ratio):
+    """Tokens an MAE mask of `ratio` keeps: ceil(L * (1 - ratio)) (`models/rectok.py`; 10 of 16 at 0.4)."""
+    return math.ceil(num_tokens * (1 - ratio))
+
+
 def mae_ids(noise, len_keep):
     """MAE masking ids (SPEC.md §2.1): argsort uniform noise; keep the first len_keep."""
     ids_shuffle = torch.argsort(noise, dim=1)
@@ -506,7 +511,7 @@ class RecTok(nn.Module):
         ids_keep = ids_restore = None
         if self.mask_ratio != 0:
             ratio = self.draw_mask_ratio() if ratio is None else ratio
-            len_keep = math.ceil(L * (1 - ratio))
+            len_keep = keep_count(L, ratio)
             mask_noise = torch.rand(B, L, device=x.device) if mask_noise is None else mask_noise
             ids_keep, ids_restore = mae_ids(mask_noise, len_keep)
         posterior = Posterior(self.encoder(x, ids_keep))
