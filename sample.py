@@ -29,6 +29,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 
 import dit
@@ -171,11 +172,83 @@ def main(argv=None):
         pack(args, args.num_images)
         distill.log(f"wrote {args.num_images} PNGs, samples.npz and preview.png in {args.out}")
     distill.barrier()
-    metrics = evaluate(args, device) if args.ref_stats else None
-    if metrics is None:
+    metrics = evaluate(args, device) if args.ref_stats else {}
+    if not metrics:
         distill.log("no --ref-stats given: images written, FID not computed")
+    if rank == 0 and args.judge and os.path.isfile(args.judge):
+        metrics.update(judge_samples(args))
     distill.cleanup_distributed()
     return metrics
+
+
+#################################################################################
+#        An offline judge of samples: a classifier of the data at hand         #
+#################################################################################
+
+
+def load_judge(path, device):
+    """A classifier checkpoint in distill.py's format (its teacher.pt: `config` {vit, num_classes} and the
+    `ema` weights of the ViT and its head) -> the classifier in eval mode, and its checkpoint."""
+    what = "judge: a classifier checkpoint in distill.py's format (teacher.pt)"
+    ckpt = distill.load_checkpoint(path, ("teacher",), what)
+    if "config" not in ckpt or "num_classes" not in ckpt["config"]:
+        raise ValueError(f"{path} is not a {what}")
+    judge = distill.StandinClassifier(**ckpt["config"])
+    distill.load_strict(judge, ckpt["ema"], f"judge {path}")
+    judge.image_size = ckpt["config"]["vit"]["img_size"]
+    return judge.to(device).eval(), ckpt
+
+
+@torch.no_grad()
+def judge_outputs(judge, images, device, batch_size=250):
+    """uint8 images (N, H, W, 3) -> the judge's logits (N, classes) and features (N, width), float64: the
+    max-pooled patch tokens its head classifies. Images are resized to the judge's size if they differ."""
+    logits, feats = [], []
+    for s in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).permute(0, 3, 1, 2).float()
+        x = (x / 127.5 - 1).to(device)
+        if x.shape[-1] != judge.image_size:
+            x = F.interpolate(x, size=judge.image_size, mode="bilinear", align_corners=False, antialias=True)
+        f = judge.vit.patch_tokens(x).amax(dim=1)
+        logits.append(judge.head(f).double().cpu())
+        feats.append(f.double().cpu())
+    return torch.cat(logits), torch.cat(feats)
+
+
+def judge_scores(judge, images, labels, real, real_labels, device):
+    """What the judge says of generated images (never an FID): the fraction it assigns to the class they
+    were generated for (chance: 1 / classes), the same on held-out real images (the ceiling), and the
+    Frechet distance between the two sets in its feature space (float64 statistics, fid.py's code)."""
+    logits, feats = judge_outputs(judge, images, device)
+    real_logits, real_feats = judge_outputs(judge, real, device)
+    accuracy = (logits.argmax(1).numpy() == np.asarray(labels)).mean()
+    ceiling = (real_logits.argmax(1).numpy() == np.asarray(real_labels)).mean()
+    distance = fid.frechet_distance(*fid.statistics(feats.numpy()), *fid.statistics(real_feats.numpy()))
+    return {"judge_class_accuracy": float(accuracy), "judge_accuracy_on_real": float(ceiling),
+            "judge_frechet_distance": distance, "chance": 1 / logits.shape[1]}
+
+
+def real_images(data, num):
+    """The first `num` images of a held-out data set as uint8 (N, H, W, 3) and their labels."""
+    pairs = [data[i] for i in range(min(num, len(data)))]
+    images = torch.stack([x for x, _ in pairs])
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy(), [y for _, y in pairs]
+
+
+def judge_samples(args):
+    """samples.npz scored by --judge against --judge-data's held-out split (at the samples' size);
+    written to OUT/judge.json."""
+    judge, _ = load_judge(args.judge, "cpu")
+    samples = np.load(os.path.join(args.out, "samples.npz"))
+    real = tokenizer.build_dataset(args.judge_data, samples["arr_0"].shape[1], "val", args.judge_real)
+    scores = judge_scores(judge, samples["arr_0"], samples["labels"], *real_images(real, args.judge_real), "cpu")
+    scores.update(judge=args.judge, judge_data=args.judge_data, num_samples=len(samples["labels"]))
+    tokenizer.write_json(os.path.join(args.out, "judge.json"), scores)
+    distill.log(f"judge {args.judge}: class accuracy of the samples {scores['judge_class_accuracy'] * 100:.1f}% "
+                f"(real held-out images: {scores['judge_accuracy_on_real'] * 100:.1f}%, chance "
+                f"{scores['chance'] * 100:.0f}%), Frechet distance in its feature space "
+                f"{scores['judge_frechet_distance']:.3f} (not an FID)")
+    return scores
 
 
 def evaluate(args, device):
@@ -217,6 +290,11 @@ def parse_args(argv=None):
     p.add_argument("--inception-weights", default=None)
     p.add_argument("--fid-mode", default="tf", choices=["tf", "pytorch-fid"])
     p.add_argument("--fid-batch-size", type=int, default=100)
+    p.add_argument("--judge", default="runs/teacher/teacher.pt", help="a classifier of the data in distill.py's "
+                   "format that scores the samples offline (class accuracy, Frechet distance in its features; "
+                   "skipped if the file is missing)")
+    p.add_argument("--judge-data", default="synthetic", help="held-out real images for the judge: its val split")
+    p.add_argument("--judge-real", type=int, default=1000, help="how many held-out real images")
     p.add_argument("--log-every", type=int, default=1, help="log every N batches")
     return p.parse_args(argv)
 

@@ -18,6 +18,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 import dit
@@ -1522,12 +1523,39 @@ def test_sampling_refuses_a_folder_made_otherwise(dit_run, tmp_path):
         sample.main(sample_args(dit_run, out))
 
 
-def test_sampling_fid_and_autoguidance(dit_run, inception_files, tmp_path):
+def test_judge_scores(standin_teacher, stage1_run):
+    """The offline judge: on its own held-out images it gives its recorded accuracy, with shuffled labels
+    chance; the Frechet distance in its features is 0 for a set against itself and grows with blur."""
+    judge, ckpt = sample.load_judge(standin_teacher, "cpu")
+    val = tokenizer.build_dataset("synthetic", 32, "val", 64)
+    real, labels = sample.real_images(val, 64)
+    same = sample.judge_scores(judge, real, labels, real, labels, "cpu")
+    assert same["judge_accuracy_on_real"] == same["judge_class_accuracy"] == pytest.approx(ckpt["accuracy"])
+    assert abs(same["judge_frechet_distance"]) < 1e-8 and same["chance"] == 0.1
+    many, many_labels = sample.real_images(tokenizer.build_dataset("synthetic", 32, "val", 1000), 1000)
+    shuffled = np.random.default_rng(0).permutation(many_labels)
+    assert abs(sample.judge_scores(judge, many, shuffled, real, labels, "cpu")["judge_class_accuracy"] - 0.1) < 0.04
+    blurred = [torchvision.transforms.functional.gaussian_blur(torch.from_numpy(many).permute(0, 3, 1, 2), 7, s)
+               .permute(0, 2, 3, 1).numpy() for s in (0.6, 1.5, 3.0)]
+    distances = [sample.judge_scores(judge, b, many_labels, many, many_labels, "cpu")["judge_frechet_distance"]
+                 for b in blurred]
+    assert 0 < distances[0] < distances[1] < distances[2], distances
+    with pytest.raises(ValueError, match="is a tokenizer checkpoint; expected a judge"):
+        sample.load_judge(stage1_run, "cpu")
+
+
+def test_sampling_fid_and_autoguidance(dit_run, inception_files, standin_teacher, tmp_path):
+    """FID / IS with --ref-stats, and the offline judge's scores beside them (judge.json)."""
     out, ref = str(tmp_path / "fid"), str(tmp_path / "ref.npz")
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
     metrics = sample.main(sample_args(dit_run, out, "--guide", dit_run, "--cfg", "1.29", "--ref-stats", ref,
-                                      "--inception-weights", str(inception_files / "inception.pth")))
+                                      "--inception-weights", str(inception_files / "inception.pth"),
+                                      "--judge", standin_teacher, "--judge-real", "50"))
     assert np.isfinite(metrics["fid"]) and metrics["num_samples"] == 14 and metrics["inception_score"] >= 1
+    with open(os.path.join(out, "judge.json")) as f:
+        judged = json.load(f)
+    assert 0 <= judged["judge_class_accuracy"] <= 1 and judged["judge_frechet_distance"] > 0
+    assert judged["judge_class_accuracy"] == metrics["judge_class_accuracy"]
     with open(os.path.join(out, "metrics.json")) as f:
         assert json.load(f)["fid"] == pytest.approx(metrics["fid"])
 
