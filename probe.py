@@ -27,6 +27,7 @@ training is deterministic given --seed and identical on every rank. Writes OUT/p
 --sweep-tau, OUT/probe_tau.png).
 """
 import argparse
+import json
 import math
 import os
 
@@ -232,13 +233,15 @@ def training_features(model, train, kind, taus, args, device):
 #################################################################################
 
 
-def plot_tau(results, path, size=(480, 320), margin=48):
-    """Accuracy against tau, drawn with PIL (no plotting package)."""
+COLOURS = [(30, 90, 200), (220, 80, 30), (40, 150, 60), (150, 60, 170), (120, 120, 120)]
+
+
+def plot_tau(runs, path, chance=None, size=(520, 340), margin=48):
+    """Accuracy against tau for one or more runs ({name: results}) on one plot, with a dashed chance line,
+    drawn with PIL (no plotting package)."""
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     w, h = size[0] - 2 * margin, size[1] - 2 * margin
-    taus = [r["tau"] for r in results]
-    accs = [r["top1"] for r in results]
 
     def xy(tau, acc):
         return margin + tau * w, margin + h - acc / 100 * h
@@ -251,16 +254,38 @@ def plot_tau(results, path, size=(480, 320), margin=48):
         draw.text((xy(tau, 0)[0] - 8, margin + h + 6), f"{tau:g}", fill="black")
     draw.text((margin + w // 2 - 10, size[1] - 18), "tau", fill="black")
     draw.text((margin, 12), "linear probe top-1 along the flow", fill="black")
-    points = [xy(t, a) for t, a in zip(taus, accs)]
-    if len(points) > 1:
-        draw.line(points, fill=(30, 90, 200), width=2)
-    for px, py in points:
-        draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(30, 90, 200))
+    if chance is not None:
+        y = xy(0, chance)[1]
+        for x0 in range(margin, margin + w, 10):
+            draw.line([(x0, y), (min(x0 + 5, margin + w), y)], fill="black")
+        draw.text((margin + w - 44, y - 14), "chance", fill="black")
+    for k, (name, results) in enumerate(runs.items()):
+        colour = COLOURS[k % len(COLOURS)]
+        points = [xy(r["tau"], r["top1"]) for r in results]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for px, py in points:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        draw.text((margin + 8, margin + 4 + 14 * k), name, fill=colour)
     img.save(path)
+
+
+def plot_runs(paths, out):
+    """`--plot A/probe.json B/probe.json`: those runs on one plot, named by their folders."""
+    runs = {}
+    for path in paths:
+        with open(path) as f:
+            saved = json.load(f)
+        runs[os.path.basename(os.path.dirname(os.path.abspath(path)))] = saved["results"]
+    os.makedirs(out, exist_ok=True)
+    plot_tau(runs, os.path.join(out, "probe_tau.png"), saved.get("chance"))
+    print(f"wrote {os.path.join(out, 'probe_tau.png')}")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plot:
+        return plot_runs(args.plot, args.out)
     rank, world, device = distill.setup_distributed()
     model, config = tokenizer.load_tokenizer(args.tokenizer, device=device)
     taus = args.sweep_tau or [args.tau if args.feature == "flow" else 0.0]
@@ -280,10 +305,13 @@ def main(argv=None):
                     f"({len(y)} train / {len(yv)} val, {args.protocol} protocol)")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        tokenizer.write_json(os.path.join(args.out, "probe.json"),
-                             {"tokenizer": args.tokenizer, "protocol": args.protocol, "results": results})
+        chance = 100 / train.num_classes
+        tokenizer.write_json(os.path.join(args.out, "probe.json"), {"tokenizer": args.tokenizer, "protocol":
+                                                                    args.protocol, "chance": chance,
+                                                                    "results": results})
         if args.sweep_tau:
-            plot_tau(results, os.path.join(args.out, "probe_tau.png"))
+            plot_tau({os.path.basename(os.path.normpath(args.out)): results},
+                     os.path.join(args.out, "probe_tau.png"), chance)
         distill.log(f"wrote {args.out}/probe.json")
     distill.cleanup_distributed()
     return results
@@ -330,6 +358,8 @@ def build_parser(add_help=True):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=20, help="log feature extraction every N batches")
     p.add_argument("--out", default="runs/probe")
+    p.add_argument("--plot", nargs="+", default=None, metavar="PROBE_JSON",
+                   help="only draw these runs' probe.json on one plot, OUT/probe_tau.png")
     return p
 
 

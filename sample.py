@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import dit
 import distill
@@ -108,10 +108,21 @@ def pack(args, num):
     arr = np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png"))) for i in range(num)])
     labels = np.arange(num) % args.num_classes
     distill.atomic_write(os.path.join(args.out, "samples.npz"), lambda f: np.savez(f, arr_0=arr, labels=labels))
-    n = min(64, num)
-    cols = min(8, n)
-    rows = [np.concatenate(list(arr[r * cols:(r + 1) * cols]), axis=1) for r in range(n // cols)]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(os.path.join(args.out, "preview.png"))
+    save_preview(arr, labels, os.path.join(args.out, "preview.png"))
+
+
+def save_preview(images, labels, path, classes=10, cols=8):
+    """One row per class (the first `classes`), up to `cols` samples each, the class index at the left."""
+    h, w = images.shape[1:3]
+    rows = [np.flatnonzero(labels == c)[:cols] for c in range(min(classes, labels.max() + 1))]
+    margin = 24
+    canvas = Image.new("RGB", (margin + cols * w, len(rows) * h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, idx in enumerate(rows):
+        draw.text((2, r * h + h // 2 - 6), str(r), fill="black")
+        for c, i in enumerate(idx):
+            canvas.paste(Image.fromarray(images[i]), (margin + c * w, r * h))
+    distill.atomic_write(path, lambda f: canvas.save(f, format="PNG"))
 
 
 def provenance(args, model, guide, tok, mu, sigma):

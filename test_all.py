@@ -1494,7 +1494,9 @@ def test_sampling_is_the_same_on_two_processes(dit_run, tmp_path):
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
     assert np.bincount(a["labels"], minlength=10).tolist() == [2, 2, 2, 2, 1, 1, 1, 1, 1, 1]
     assert sorted(os.listdir(os.path.join(one, "images")))[0] == "000000.png"
-    assert os.path.isfile(os.path.join(one, "preview.png")) and "img/s" in run.stdout
+    assert "img/s" in run.stdout
+    with Image.open(os.path.join(one, "preview.png")) as preview:  # one row per class, the label at the left
+        assert preview.size == (24 + 8 * 32, 10 * 32)
 
 
 def test_interrupted_sampling_resumes_to_the_same_set(dit_run, tmp_path):
@@ -1645,6 +1647,14 @@ def test_probe_two_processes_equal_one(stage1_run, tmp_path):
         two = json.load(f)["results"]
     assert [(r["tau"], round(r["top1"], 4)) for r in one] == [(r["tau"], round(r["top1"], 4)) for r in two]
     assert os.path.isfile(tmp_path / "one" / "probe_tau.png")
+    (tmp_path / "other").mkdir()  # a second, different run to draw beside the first
+    (tmp_path / "other" / "probe.json").write_text(json.dumps(
+        {"chance": 10.0, "results": [{"tau": r["tau"], "top1": 90 - r["top1"] / 2} for r in one]}))
+    probe.main(["--plot", str(tmp_path / "one" / "probe.json"), str(tmp_path / "other" / "probe.json"),
+                "--out", str(tmp_path / "both")])
+    with Image.open(tmp_path / "both" / "probe_tau.png") as plot:
+        colours = {plot.getpixel((x, y)) for x in range(plot.width) for y in range(plot.height)}
+    assert set(probe.COLOURS[:2]) <= colours  # both runs drawn
     for feature in ("L", "SL"):
         (res,) = probe.main(common[:-3] + ["--feature", feature, "--out", str(tmp_path / feature)])
         assert res["feature"] == feature and 0 <= res["top1"] <= 100

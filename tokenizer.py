@@ -218,6 +218,24 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return to_tensor(arr), label
 
 
+def labels_of(data):
+    """Every label of a data set without reading its images."""
+    if isinstance(data, torch.utils.data.Subset):
+        labels = labels_of(data.dataset)
+        return [labels[i] for i in data.indices]
+    if isinstance(data, ImageFolder):
+        return [label for _, label in data.samples]
+    return [i % data.num_classes for i in range(len(data))]
+
+
+def one_per_class(data, num=10):
+    """Indices of the first image of each class (up to `num` classes): grids that show every class."""
+    first = {}
+    for i, label in enumerate(labels_of(data)):
+        first.setdefault(label, i)
+    return sorted(first.values())[:num]
+
+
 def build_dataset(data, size, split="train", num_images=None, seed=0, skip_bad=False):
     """'synthetic' -> the built-in data set (num_images of them, default 10,000 train / 1,000 val);
     anything else is a class-folder root (num_images, if set, keeps an evenly spaced subset)."""
@@ -908,7 +926,7 @@ class Trainer:
         self.flip_gen = torch.Generator().manual_seed(args.seed * self.world + self.rank)
         self.steps_per_epoch = len(self.data) // (args.batch_size * self.world * args.grad_accum)
         self.total_steps = args.epochs * self.steps_per_epoch
-        self.step = 0
+        self.step, self.grid_images = 0, None
         self.guard = distill.FiniteGuard(self.device)
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
 
@@ -988,10 +1006,13 @@ class Trainer:
 
     @torch.no_grad()
     def save_reconstructions(self):
-        """Originals above EMA reconstructions, for a fixed set of held-out images."""
-        val = build_dataset(self.args.data, self.args.image_size, "val", 8, self.args.seed,
-                            self.args.skip_bad_images)
-        x = torch.stack([val[i][0] for i in range(min(8, len(val)))]).to(self.device)
+        """Originals above EMA reconstructions of a fixed set of images, one per class (the first 10
+        classes; the built-in data's val split, or the training folder itself), read once per run."""
+        if self.grid_images is None:
+            val = self.data if self.args.data != "synthetic" else build_dataset(
+                "synthetic", self.args.image_size, "val", 100, self.args.seed)
+            self.grid_images = torch.stack([val[i][0] for i in one_per_class(val)])
+        x = self.grid_images.to(self.device)
         with self.autocast:
             recon = self.ema.reconstruct(x)
         save_grid([x * 0.5 + 0.5, recon], os.path.join(self.args.out, f"recon_{self.step:07d}.png"))
@@ -1143,7 +1164,7 @@ def evaluate(args):
             results[weights]["rfid"] = fid.frechet_distance(*fid.statistics(feats["recon"]), *ref)
         distill.log(f"{weights}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[weights].items()))
         if rank == 0:
-            x = torch.stack([data[i][0] for i in range(min(8, len(data)))]).to(device)
+            x = torch.stack([data[i][0] for i in one_per_class(data)]).to(device)
             save_grid([x * 0.5 + 0.5, model.reconstruct(x)], os.path.join(out_dir, f"eval_{tag}_{weights}.png"))
     if rank == 0:
         path = os.path.join(out_dir, f"metrics_{tag}.json")
