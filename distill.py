@@ -1,4 +1,4 @@
-"""The teacher: the frozen vision foundation model whose patch features RecTok distils (SPEC.md §2.5).
+"""The teacher: the frozen vision foundation model whose patch features RecTok distils (FSD, RAD).
 
 RecTok aligns the semantic decoder's prediction from the noisy latent z_tau with a teacher's patch tokens
 (FSD at visible positions, RAD at masked ones). This file owns that teacher, so tokenizer.py only asks
@@ -56,7 +56,7 @@ _SETUPS = [0]  # nesting depth: a stage that runs another (tokenizer.py -> disti
 
 def setup_distributed():
     """Rank, world size and device from the torchrun environment; plain `python FILE.py` is rank 0 of 1.
-    NCCL on CUDA, gloo on CPU (DESIGN.md, Conventions)."""
+    NCCL on CUDA, gloo on CPU."""
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
@@ -274,8 +274,8 @@ def make_loader(dataset, batch_size, seed, rank, world, workers, device):
 
 
 def random_flip(x, generator):
-    """Horizontal flip with p = 0.5 (SPEC.md §1), drawn from a checkpointed generator so that a resumed run
-    flips the same images."""
+    """Horizontal flip with p = 0.5 (the released training data), drawn from a checkpointed generator so
+    that a resumed run flips the same images."""
     flip = torch.rand(x.shape[0], generator=generator) < 0.5
     flip = flip.to(x.device, non_blocking=True)[:, None, None, None]
     return torch.where(flip, x.flip(-1), x)
@@ -365,7 +365,7 @@ def weight_decay_groups(model, weight_decay):
 
 def warmup_cosine(progress, warmup):
     """Learning-rate factor at fractional progress in [0, 1]: linear warm-up over the first `warmup`
-    fraction, then half-cosine to 0 (SPEC.md §2.7)."""
+    fraction, then half-cosine to 0 (`main_reconstruction.py`)."""
     if progress < warmup:
         return progress / warmup
     return 0.5 * (1.0 + math.cos(math.pi * (progress - warmup) / max(1e-8, 1.0 - warmup)))
@@ -414,7 +414,7 @@ def dinov3_rope(grid_h, grid_w, head_dim, theta, rescale=None):
 
     Patch-centre coordinates in [-1, 1]; frequencies 1/theta^(4k/head_dim), k < head_dim/4; the angles
     are laid out [row angles | column angles] and tiled twice. `rescale` multiplies the coordinates:
-    DINOv3's training-time augmentation, which the released RecTok run kept on (SPEC.md §2.5)."""
+    DINOv3's training-time augmentation, which the released RecTok run kept on (`utils/foundation_models.py`)."""
     ys = (torch.arange(grid_h, dtype=torch.float32) + 0.5) / grid_h
     xs = (torch.arange(grid_w, dtype=torch.float32) + 0.5) / grid_w
     coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0
@@ -800,7 +800,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def dino_preprocess(x, size):
-    """The released preprocessing (SPEC.md §2.5, parity quirk 8): x in [-1, 1] -> uint8 by TRUNCATION ->
+    """The released preprocessing (`utils/foundation_models.py`): x in [-1, 1] -> uint8 by TRUNCATION ->
     *1/255 -> bilinear antialiased resize to 224 -> ImageNet normalisation -> bilinear resize (no
     antialias) to `size`, the teacher input that yields the tokenizer's grid."""
     x = ((x.float() + 1) * 0.5 * 255).to(torch.uint8).float() * (1 / 255)
@@ -815,7 +815,7 @@ class Teacher(nn.Module):
     """Frozen teacher: images in [-1, 1] at the tokenizer's size -> (B, grid*grid, D) float32 targets.
 
     `rope_jitter`: DINOv3's training-time RoPE coordinate rescale, exp(U(-ln 2, ln 2)) per batch; the
-    released stage 1 left the teacher in training mode, so it is on by default there (SPEC.md §2.5).
+    released stage 1 left the teacher in training mode, so it is on by default there.
     Stand-in teachers see the images as they are (resized only if their grid needs it), and their tokens
     are standardised per channel with statistics stored in their checkpoint: a small classifier's
     final-norm tokens share one large common direction, which the cosine loss would otherwise learn

@@ -1,10 +1,11 @@
-"""DiT^DH: the generator trained on RecTok's latents by flow matching (SPEC.md §4-5).
+"""DiT^DH: the generator trained on RecTok's latents by flow matching (`models/DDT.py`).
 
 A DiT trunk (adaLN-Zero blocks over the latent grid, conditioned on time and class) hands a per-token
 condition to a wide, shallow head (DDT-style blocks conditioned token-wise), which predicts the velocity
-x1 - x0 of the linear path x_t = t*x1 + (1-t)*x0. Time runs the generator's way: t = 0 is noise, t = 1 is
-data (SPEC.md §0); the training time is t = 1 - shift(u, s) with s = sqrt(h*w*C/4096), so that training
-spends its effort near the noise end. The Euler sampler walks the same shifted grid, with classifier-free
+x1 - x0 of the linear path x_t = t*x1 + (1-t)*x0. Time runs the generator's way, as in the released code:
+t = 0 is noise, t = 1 is data (the tokenizer's tau runs the other way, see tokenizer.forward_flow); the
+training time is t = 1 - shift(u, s) with s = sqrt(h*w*C/4096), so that training spends its effort near
+the noise end. The Euler sampler walks the same shifted grid, with classifier-free
 guidance on all channels or autoguidance by a small model; sample.py uses it too.
 
 Run:
@@ -38,7 +39,7 @@ import tokenizer
 
 class TimestepEmbedder(nn.Module):
     """Gaussian-Fourier features of t with FIXED random frequencies W ~ N(0, 1) (256 of them):
-    [sin(2 pi t W), cos(2 pi t W)] -> Linear -> SiLU -> Linear (SPEC.md §4.1)."""
+    [sin(2 pi t W), cos(2 pi t W)] -> Linear -> SiLU -> Linear (`models/DDT.py`)."""
 
     def __init__(self, width, num_freqs=256):
         super().__init__()
@@ -52,7 +53,7 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
     """A table of num_classes + 1 rows: the last is the null class, which classifier-free guidance needs;
-    in training a label becomes null with probability `dropout` (SPEC.md §4.2)."""
+    in training a label becomes null with probability `dropout` (`models/DDT.py`)."""
 
     def __init__(self, num_classes, width, dropout):
         super().__init__()
@@ -83,7 +84,7 @@ def sincos_pos_embed(width, grid):
 def eva_rope(grid, head_dim, theta=10000.0):
     """EVA-style 2D RoPE (cos, sin), each (grid*grid, head_dim): per axis head_dim/2 channels with
     frequencies 1/theta^(2j/(head_dim/2)), each repeated for an adjacent pair; rows in the first half of
-    the head dim, columns in the second; integer positions (SPEC.md §4.4)."""
+    the head dim, columns in the second; integer positions (`models/DDT.py`)."""
     dim = head_dim // 2
     freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     axis = torch.arange(grid, dtype=torch.float32)[:, None] * freqs
@@ -160,7 +161,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-#: trunk (width, depth, heads), head (width, depth, heads) (SPEC.md §4)
+#: trunk (width, depth, heads), head (width, depth, heads) (`models/DDT.py`)
 SIZES = {
     "S": ((384, 12, 6), (2048, 2, 16)),
     "B": ((768, 12, 12), (2048, 2, 16)),
@@ -171,7 +172,7 @@ SIZES = {
 
 
 class DiTDH(nn.Module):
-    """DiT^DH (SPEC.md §4). forward(x (B, C, h, w) noisy normalised latent, t (B,) in [0, 1] with 1 = data,
+    """DiT^DH (`models/DDT.py`). forward(x (B, C, h, w) noisy normalised latent, t (B,) in [0, 1] with 1 = data,
     y (B,) labels, num_classes = null) -> velocity (B, C, h, w)."""
 
     def __init__(self, channels=128, grid=16, trunk=(1152, 28, 16), head=(2048, 2, 16), num_classes=1000,
@@ -196,7 +197,7 @@ class DiTDH(nn.Module):
 
     def init_weights(self):
         """Xavier-uniform patch embeddings, N(0, 0.02) label table and time MLP, zero adaLN outputs and final
-        linear (adaLN-Zero), PyTorch's default for the other Linear layers (SPEC.md §4, Init)."""
+        linear (adaLN-Zero), PyTorch's default for the other Linear layers (`models/DDT.py`)."""
         for emb in (self.s_embedder, self.x_embedder):
             nn.init.xavier_uniform_(emb.proj.weight.view(emb.proj.weight.shape[0], -1))
             nn.init.zeros_(emb.proj.bias)
@@ -226,7 +227,7 @@ class DiTDH(nn.Module):
 
 
 #################################################################################
-#               Flow matching and the Euler sampler (SPEC.md §4-5)              #
+#                 Flow matching and the Euler sampler (`models/DDT.py`)        #
 #################################################################################
 
 
@@ -237,7 +238,7 @@ def train_time(u, s):
 
 
 def flow_matching_loss(model, x1, y, s, x0=None, u=None):
-    """Linear path x_t = t*x1 + (1-t)*x0, velocity target x1 - x0, plain MSE per sample (SPEC.md §4)."""
+    """Linear path x_t = t*x1 + (1-t)*x0, velocity target x1 - x0, plain MSE per sample (`models/DDT.py`)."""
     x0 = torch.randn_like(x1) if x0 is None else x0
     u = torch.rand(x1.shape[0], device=x1.device) if u is None else u
     t = train_time(u, s)
@@ -256,7 +257,7 @@ def euler_grid(num_points, s):
 
 def guided_velocity(model, x, t, y, cfg=1.0, interval=(0.0, 1.0), guide=None):
     """Classifier-free guidance v_u + w (v_c - v_u) on ALL channels inside the (inclusive) interval, or
-    autoguidance v_g + w (v_main - v_g) with a weaker model on the same labels (SPEC.md §5)."""
+    autoguidance v_g + w (v_main - v_g) with a weaker model on the same labels (`models/DDT.py`)."""
     tb = t.expand(x.shape[0])
     if guide is not None:
         v, v_g = model(x, tb, y), guide(x, tb, y)
@@ -283,7 +284,7 @@ def sample(model, z0, y, num_points=150, s=None, cfg=1.0, interval=(0.0, 1.0), g
 
 
 #################################################################################
-#                     Training on the latent cache (SPEC.md §4)                 #
+#                     Training on the latent cache (`main_diffusion.py`)       #
 #################################################################################
 
 PRESETS = {

@@ -1,4 +1,4 @@
-"""FID, Inception Score and precision/recall, from scratch, matching the standard evaluators (SPEC.md §6).
+"""FID, Inception Score and precision/recall, from scratch, matching the ADM evaluator and torch-fidelity.
 
 The FID Inception is the 2015-12-05 TensorFlow graph ported to torch (pytorch-fid's and torch-fidelity's
 `pt_inception-2015-12-05-6726825d.pth`, identical key names), with the graph's quirks written where they

@@ -1,4 +1,4 @@
-"""Linear probing of frozen tokenizer features, including along the forward flow (SPEC.md §6-7).
+"""Linear probing of frozen tokenizer features, including along the forward flow (the paper's LP).
 
 RecTok's claim is that its latents are semantic, and stay so along the flow a generator trains on. This
 stage measures it: token-averaged features of the training images train a linear classifier, evaluated on

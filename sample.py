@@ -1,5 +1,5 @@
 """Sampling: class-balanced images from a trained DiT^DH, decoded by the RecTok tokenizer, and their FID
-(SPEC.md §5-6).
+(`models/DDT.py`).
 
 Image i of a run has label i % num_classes and initial noise drawn from a generator seeded by (seed, i)
 alone; the index space is cut into global batches of --batch-size that are dealt to the ranks in

@@ -456,7 +456,7 @@ def test_draw_tau_schedules():
 
 
 def test_mask_ratio_distribution():
-    """r = max(0, U(-0.1, 0.4)): 20% of batches unmasked, mean ratio 0.16 (SPEC.md §2.1)."""
+    """r = max(0, U(-0.1, 0.4)): 20% of batches unmasked, mean ratio 0.16 (`models/rectok.py`)."""
     m = tokenizer.RecTok(64, 16, 8, "tiny", "tiny", sem_decoder="none")
     random.seed(0)
     r = np.array([m.draw_mask_ratio() for _ in range(40000)])

@@ -1,4 +1,4 @@
-"""RecTok tokenizer: data, model, losses and stage-1 training (SPEC.md §1-2.7).
+"""RecTok tokenizer: data, model, losses and stage-1 training (`models/rectok.py`, `utils/losses.py`).
 
 RecTok encodes an image into a grid of C-channel latent tokens (a KL posterior) and trains on the FORWARD
 FLOW of those latents: the pixel decoder and a small semantic decoder both read
@@ -53,7 +53,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def center_crop_adm(image, size):
-    """ADM's center crop (SPEC.md §1): halve with a BOX filter while the short side is >= 2*size, resize the
+    """ADM's center crop (`center_crop_arr`): halve with a BOX filter while the short side is >= 2*size, resize the
     short side to `size` with BICUBIC, then crop the centre size x size."""
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
@@ -65,7 +65,7 @@ def center_crop_adm(image, size):
 
 
 def to_tensor(arr):
-    """uint8 HWC -> float CHW in [-1, 1], the range every network here reads (SPEC.md §0)."""
+    """uint8 HWC -> float CHW in [-1, 1], the range every network here reads."""
     return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1.0  # a writable copy
 
 
@@ -182,7 +182,7 @@ def _background(rng, yy, xx):
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
-    """The built-in data set (DESIGN.md): a shape of one of 10 classes with random position, size, rotation
+    """The built-in data set: a shape of one of 10 classes with random position, size, rotation
     and colour on a textured background. Image i is a pure function of (seed, split, i), at any size."""
 
     num_classes = len(SHAPES)
@@ -251,16 +251,16 @@ def build_dataset(data, size, split="train", num_images=None, seed=0, skip_bad=F
 
 
 #################################################################################
-#                     Transformer parts (SPEC.md §2: all three nets)            #
+#                     Transformer parts (`models/rectok.py`)                    #
 #################################################################################
 
-#: width, layers, heads of each size (SPEC.md §2); "micro" and "mini" are ours, for the CPU demo only
+#: width, layers, heads of each size (`models/rectok.py`); "micro" and "mini" are ours, for the CPU demo only
 SIZES = {"micro": (64, 1, 2), "mini": (128, 2, 4), "tiny": (192, 3, 4), "small": (512, 8, 8),
          "base": (768, 12, 12), "large": (1024, 24, 16)}
 
 
 def rope_table(grid, head_dim):
-    """The released 2D RoPE table (SPEC.md §2, parity quirk 1), (grid*grid, 2*head_dim) = [cos | sin].
+    """The released 2D RoPE table (`models/rectok.py`), (grid*grid, 2*head_dim) = [cos | sin].
 
     f_k = 7 * (7/7e-4)^(-k/(d/4-1)), k < d/4, laid out [f, f] (not interleaved); the first d/2 channels
     turn with the row coordinate and the last d/2 with the column one; coordinates are linspace(0, 1)."""
@@ -276,7 +276,7 @@ def rope_table(grid, head_dim):
 def rotate_adjacent(x):
     """The released rotate_half pairs ADJACENT channels: (x_2i, x_2i+1) -> (-x_2i+1, x_2i). With the [f, f]
     frequency layout the two channels of a pair turn by different angles: not a true rotation, but it is
-    what the released weights were trained with (SPEC.md §2)."""
+    what the released weights were trained with (`models/rectok.py`)."""
     x = x.unflatten(-1, (-1, 2))
     return torch.stack((-x[..., 1], x[..., 0]), dim=-1).flatten(-2)
 
@@ -330,7 +330,7 @@ class Transformer(nn.Module):
 
 
 def init_weights(module):
-    """Linear and Conv weights trunc_normal(0.02), biases 0 (SPEC.md §2, Init)."""
+    """Linear and Conv weights trunc_normal(0.02), biases 0 (`models/rectok.py`)."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -339,7 +339,7 @@ def init_weights(module):
 
 
 def unmask(x, token, ids_restore):
-    """Put `token` at every dropped position and restore image order (RAD's input, SPEC.md §2.3-2.4)."""
+    """Put `token` at every dropped position and restore image order (RAD's input, `models/rectok.py`)."""
     B, keep, D = x.shape
     fill = token.to(x.dtype).expand(B, ids_restore.shape[1] - keep, D)
     x = torch.cat([x, fill], dim=1)
@@ -357,7 +357,7 @@ def keep_count(num_tokens, ratio):
 
 
 def mae_ids(noise, len_keep):
-    """MAE masking ids (SPEC.md §2.1): argsort uniform noise; keep the first len_keep."""
+    """MAE masking ids (`models/rectok.py`): argsort uniform noise; keep the first len_keep."""
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     return ids_shuffle[:, :len_keep], ids_restore
@@ -365,7 +365,7 @@ def mae_ids(noise, len_keep):
 
 class Encoder(Transformer):
     """Conv patchify -> + pos -> MAE masking (training) -> RMSNorm -> blocks -> RMSNorm -> latent_head
-    Linear(D, 2C) = posterior moments [mean | logvar] (SPEC.md §2.1). No CLS token, no registers."""
+    Linear(D, 2C) = posterior moments [mean | logvar] (`models/rectok.py`). No CLS token, no registers."""
 
     def __init__(self, size, img_size, patch_size, channels):
         super().__init__(size, img_size // patch_size)
@@ -386,7 +386,7 @@ class Encoder(Transformer):
 
 class PixelDecoder(Transformer):
     """Linear(C, D) -> mask tokens at dropped positions -> + pos -> RMSNorm -> blocks -> RMSNorm -> 1x1 conv
-    to p*p*3 -> depth-to-space "(p1 p2 c)" -> 3x3 conv (SPEC.md §2.3). No output activation."""
+    to p*p*3 -> depth-to-space "(p1 p2 c)" -> 3x3 conv (`models/rectok.py`). No output activation."""
 
     def __init__(self, size, img_size, patch_size, channels):
         super().__init__(size, img_size // patch_size)
@@ -409,7 +409,7 @@ class PixelDecoder(Transformer):
 
 
 class SemanticDecoder(Transformer):
-    """FSD + RAD (SPEC.md §2.4): from the noisy, partly masked latent z_tau, predict the teacher's features
+    """FSD + RAD (`models/rectok.py`): from the noisy, partly masked latent z_tau, predict the teacher's features
     at ALL positions: aligned at visible ones (FSD), reconstructed at masked ones (RAD, via the zero-init
     mask embedding). Keeps PyTorch's default init [code]."""
 
@@ -445,7 +445,7 @@ class MLPSemanticDecoder(nn.Module):
 
 
 def shift(u, s):
-    """The dimension-dependent shift (SPEC.md §0): s*u / (1 + (s-1)*u); pushes samples toward noise."""
+    """The dimension-dependent shift: s*u / (1 + (s-1)*u); for s > 1 it pushes samples toward noise."""
     return s * u / (1 + (s - 1) * u)
 
 
@@ -456,12 +456,12 @@ def forward_flow(z, tau, eps, gamma):
 
 
 def latent_shift(grid, channels):
-    """s = sqrt(h*w*C / 4096): 2.828 for C = 128 at a 16 x 16 grid (SPEC.md §0)."""
+    """s = sqrt(h*w*C / 4096): 2.828 for C = 128 at a 16 x 16 grid."""
     return math.sqrt(grid * grid * channels / 4096)
 
 
 class Posterior:
-    """Diagonal Gaussian over tokens (SPEC.md §2.2): moments = [mean | logvar], logvar clamped to
+    """Diagonal Gaussian over tokens (`models/rectok.py`): moments = [mean | logvar], logvar clamped to
     [-30, 20]."""
 
     def __init__(self, moments):
@@ -479,7 +479,7 @@ class Posterior:
 
 
 class RecTok(nn.Module):
-    """The RecTok tokenizer (SPEC.md §2). forward() is the stage-1 training pass; encode()/decode() are the
+    """The RecTok tokenizer (`models/rectok.py`). forward() is the stage-1 training pass; encode()/decode() are the
     evaluation paths (posterior mean, no masking, no noise)."""
 
     def __init__(self, img_size=256, patch_size=16, channels=128, encoder_size="base",
@@ -508,14 +508,14 @@ class RecTok(nn.Module):
                     if name in ("mask_token", "mask_embedding"):
                         p.requires_grad_(False)
 
-    # ----- stage 1 (SPEC.md §2.1-2.2) -----
+    # ----- stage 1 (`models/rectok.py`) -----
     def draw_mask_ratio(self):
         """One ratio per batch, r = max(0, U(mask_ratio_min, mask_ratio)) with Python's random (so 20% of
         batches are unmasked at the defaults)."""
         return max(0.0, random.uniform(self.mask_ratio_min, self.mask_ratio))
 
     def draw_tau(self, batch, device):
-        """Per-sample noise level (SPEC.md §2.2): shift(U(0,1), s), or U(0,1), or sigmoid(N(0,1))."""
+        """Per-sample noise level (`models/rectok.py`): shift(U(0,1), s), or U(0,1), or sigmoid(N(0,1))."""
         if self.noise_schedule == "lognorm":
             return torch.sigmoid(torch.randn(batch, 1, 1, device=device))
         u = torch.rand(batch, 1, 1, device=device)
@@ -544,7 +544,7 @@ class RecTok(nn.Module):
         return {"decoded": decoded, "posterior": posterior, "ids_restore": ids_restore, "sem_pred": sem,
                 "z": z, "z_tau": z_tau, "tau": tau}
 
-    # ----- evaluation paths (SPEC.md §2.2, §3) -----
+    # ----- evaluation paths (`models/rectok.py`) -----
     def encode(self, x):
         """Posterior moments (B, L, 2C) of clean, unmasked images."""
         return self.encoder(x)
@@ -555,12 +555,12 @@ class RecTok(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x):
-        """Posterior mean -> pixel decoder -> image in [0, 1] (SPEC.md §2.3)."""
+        """Posterior mean -> pixel decoder -> image in [0, 1] (`models/rectok.py`)."""
         mean = Posterior(self.encode(x)).mean
         return (self.decode(mean.to(x.dtype)) * 0.5 + 0.5).clamp(0, 1)
 
     def tokenize(self, x, mu, sigma):
-        """The generator's input (SPEC.md §3): (posterior mean - mu_c) / sigma_c as (B, C, h, w)."""
+        """The generator's input (`main_diffusion.py`): (posterior mean - mu_c) / sigma_c as (B, C, h, w)."""
         z = (Posterior(self.encode(x)).mean - mu) / sigma
         return z.transpose(1, 2).reshape(x.shape[0], self.channels, self.grid, self.grid)
 
@@ -635,7 +635,7 @@ def load_tokenizer(path, weights="ema", device="cpu"):
 
 
 #################################################################################
-#                     Stage-1 losses (SPEC.md §2.6)                             #
+#                     Stage-1 losses (`utils/losses.py`)                        #
 #################################################################################
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -659,7 +659,7 @@ class Frozen(nn.Module):
 
 
 class LPIPS(Frozen):
-    """LPIPS v0.1 with VGG16 (SPEC.md §2.6): inputs in [-1, 1], the scaling layer, unit-normalised relu1_2 ..
+    """LPIPS v0.1 with VGG16 (`utils/losses.py`): inputs in [-1, 1], the scaling layer, unit-normalised relu1_2 ..
     relu5_3 features, squared differences weighted by 1x1 heads (no bias), spatial mean, summed."""
 
     TAPS = (3, 8, 15, 22, 29)  # the ReLU outputs that end each of the 5 slices of vgg16().features
@@ -711,7 +711,7 @@ class ConvNeXtLogits(Frozen):
 
 
 class PerceptualLoss(nn.Module):
-    """P = (1.0 * LPIPS + 0.1 * MSE(ConvNeXt-S logits)) / 1.1 on images in [0, 1] (SPEC.md §2.6).
+    """P = (1.0 * LPIPS + 0.1 * MSE(ConvNeXt-S logits)) / 1.1 on images in [0, 1] (`utils/losses.py`).
     Per sample (B, 1, 1, 1); the ConvNeXt term is a batch mean that broadcasts, as released."""
 
     def __init__(self, lpips_weight=1.0, convnext_weight=0.1):
@@ -755,7 +755,7 @@ def hinge_d_loss(logits_real, logits_fake):
 
 
 def semantic_loss(pred, target, kind="cosine"):
-    """FSD/RAD loss over ALL tokens (SPEC.md §2.4): mean of 1 - cos(pred, target) along features."""
+    """FSD/RAD loss over ALL tokens (`models/rectok.py`): mean of 1 - cos(pred, target) along features."""
     if kind == "cosine":
         return (1 - (F.normalize(pred, dim=-1) * F.normalize(target, dim=-1)).sum(-1)).mean()
     return F.mse_loss(pred, target) if kind == "l2" else F.l1_loss(pred, target)
@@ -763,7 +763,7 @@ def semantic_loss(pred, target, kind="cosine"):
 
 class TokenizerLoss(nn.Module):
     """total = w_rec*MSE + w_p*P + w_kl*KL + w_sem*L_sem + w_gan*[epoch >= start]*(-mean D(recon)), in fp32 on
-    images mapped to [0, 1] (SPEC.md §2.6). The discriminator has its own hinge loss and optimizer."""
+    images mapped to [0, 1] (`utils/losses.py`). The discriminator has its own hinge loss and optimizer."""
 
     def __init__(self, perceptual=None, recon_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6,
                  sem_weight=1.0, sem_loss="cosine", gan_weight=0.1, gan_start_epoch=100):
@@ -802,7 +802,7 @@ class TokenizerLoss(nn.Module):
 
 
 #################################################################################
-#                   Stage-1 training (SPEC.md §2.7): the main job               #
+#              Stage-1 training (`main_reconstruction.py`): the main job        #
 #################################################################################
 
 PRESETS = {
@@ -825,8 +825,8 @@ PRESETS = {
 }
 
 
-# Stage 2 (`finetune`) overrides (SPEC.md §2.8): lr 5e-5 x batch/256, 5% warm-up, a fresh discriminator
-# from step 0, 100 epochs. The tiny preset keeps the GAN off, as in its stage 1.
+# Stage 2 (`finetune`, the paper's decoder fine-tuning) overrides: lr 5e-5 x batch/256, 5% warm-up, a
+# fresh discriminator from step 0, 100 epochs. The tiny preset keeps the GAN off, as in its stage 1.
 FINETUNE = {
     "paper": dict(base_lr=5e-5, warmup=0.05, epochs=100, gan_start_epoch=0),
     "tiny": dict(base_lr=1e-3, warmup=0.05, epochs=2, gan_start_epoch=100),
@@ -930,7 +930,7 @@ class Trainer:
         self.guard = distill.FiniteGuard(self.device)
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
 
-    # ----- one optimisation step (SPEC.md §2.6-2.7) -----
+    # ----- one optimisation step (`main_reconstruction.py`, `utils/losses.py`) -----
     def set_lr(self):
         progress = self.step / self.total_steps
         for opt in (self.opt, self.d_opt):
@@ -978,7 +978,7 @@ class Trainer:
         self.d_opt.zero_grad(set_to_none=True)
         return d_loss.detach()
 
-    # ----- checkpoints (DESIGN.md: atomic, rank 0, barrier; resume exactly) -----
+    # ----- checkpoints (atomic, rank 0, barrier; resume exactly) -----
     def state(self):
         return {"kind": "tokenizer", "config": self.config, "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
@@ -1081,7 +1081,7 @@ def train(args):
 
 
 #################################################################################
-#        Stage 2 (SPEC.md §2.8): decoder fine-tuning on the clean latent        #
+#            Stage 2, the paper's decoder fine-tuning, on the clean latent      #
 #################################################################################
 
 
@@ -1104,7 +1104,7 @@ def stage2_model(args, device):
 
 
 #################################################################################
-#             Reconstruction evaluation (SPEC.md §6): PSNR and rFID             #
+#                 Reconstruction evaluation: PSNR and rFID                      #
 #################################################################################
 
 
@@ -1116,7 +1116,7 @@ def eval_loader(args, rank, world):
 
 
 def to_uint8(images01):
-    """Images in [0, 1] -> uint8 by truncation, as the released evaluation saves them (parity quirk 24)."""
+    """Images in [0, 1] -> uint8 by truncation, as the released evaluation saves them."""
     return (images01 * 255).to(torch.uint8)
 
 
@@ -1193,7 +1193,7 @@ def write_json(path, obj):
 
 
 #################################################################################
-#              The latent cache (DESIGN.md; SPEC.md §3) and its reader          #
+#                 The latent cache (`main_diffusion.py`) and its reader         #
 #################################################################################
 
 CACHE_ARRAYS = ("moments", "moments_flip")
@@ -1325,7 +1325,7 @@ def encode(args):
 
 
 def cache_statistics(shards, channels, device, chunk=4096):
-    """Per-channel mean and std of the posterior MEANS over the data set (SPEC.md §3), from float64 sums
+    """Per-channel mean and std of the posterior MEANS over the data set (`main_diffusion.py`), from float64 sums
     over this rank's shards, all-reduced over ranks (no E[x^2] - E[x]^2 cancellation in fp32)."""
     sums = torch.zeros(3, channels, dtype=torch.float64, device=device)
     for moments in shards:
@@ -1388,7 +1388,7 @@ class LatentCache(torch.utils.data.Dataset):
 
 
 def sample_latent(moments, mu, sigma, grid, generator=None):
-    """The generator's training input (SPEC.md §3): a posterior SAMPLE, normalised per channel,
+    """The generator's training input (`main_diffusion.py`): a posterior SAMPLE, normalised per channel,
     (B, L, 2C) -> (B, C, h, w)."""
     post = Posterior(moments)
     eps = torch.randn(post.mean.shape, generator=generator, device=moments.device)
@@ -1419,7 +1419,7 @@ def build_parser(add_help=True):
     p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 path (default: URL)")
     p.add_argument("--ref-stats", default=None, help="evaluate: reference statistics cache (.npz)")
     p.add_argument("--shard-size", type=int, default=4096, help="encode: images per latent-cache shard file")
-    # model (SPEC.md §2)
+    # model (`models/rectok.py`)
     p.add_argument("--image-size", type=int)
     p.add_argument("--patch-size", type=int)
     p.add_argument("--channels", type=int, help="latent channels C")
@@ -1432,13 +1432,13 @@ def build_parser(add_help=True):
     p.add_argument("--mask-ratio-min", type=float, default=-0.1)
     p.add_argument("--noise-schedule", default="shift", choices=["shift", "uniform", "lognorm"])
     p.add_argument("--gamma", type=float, default=1.0, help="flow noise scale; 0 turns the flow off")
-    # teacher (SPEC.md §2.5)
+    # teacher (`utils/foundation_models.py`)
     p.add_argument("--teacher", help="'standin' or an official one, e.g. dinov3_vitl16")
     p.add_argument("--teacher-weights", default=None,
                    help="checkpoint path or URL (default: runs/teacher/teacher.pt for the stand-in)")
     p.add_argument("--no-teacher-jitter", action="store_true",
                    help="run DINOv3 without the training-mode RoPE rescale the release used")
-    # losses (SPEC.md §2.6)
+    # losses (`utils/losses.py`)
     p.add_argument("--perceptual-weight", type=float)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--sem-weight", type=float, default=1.0)
@@ -1448,7 +1448,7 @@ def build_parser(add_help=True):
     p.add_argument("--vgg16-weights", default=VGG16_URL)
     p.add_argument("--lpips-weights", default=LPIPS_URL)
     p.add_argument("--convnext-weights", default=CONVNEXT_S_URL)
-    # optimisation (SPEC.md §2.7)
+    # optimisation (`main_reconstruction.py`)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="per process")
     p.add_argument("--grad-accum", type=int, default=1)
