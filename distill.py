@@ -37,6 +37,7 @@ import os
 import pickle
 import random
 import re
+import statistics
 import struct
 import time
 
@@ -972,6 +973,7 @@ def train_standin(args):
 
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     meter, guard, acc = Throughput(device), FiniteGuard(device), None
+    bench = Bench(args.bench, device) if args.bench else None
     while step < stop:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         sampler.set_position(epoch, in_epoch)
@@ -990,13 +992,16 @@ def train_standin(args):
             step += 1
             guard.add(loss)
             meter.add(x.shape[0] * world)
+            if bench:
+                bench.tick(x.shape[0] * world)
             if step % args.log_every == 0 or step == stop:
                 guard.check(step)
                 log(f"step {step}/{total_steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
                     f"{meter.report()}")
-            if args.bench and step >= args.bench:
+            if bench and step >= args.bench:
+                result = bench.report("stand-in teacher")
                 cleanup_distributed()
-                return None
+                return result
             if step >= stop:
                 break
         acc = evaluate(ema, val_loader, device)
@@ -1092,6 +1097,33 @@ def reseed(seed, generators=None):
         gen.manual_seed(seed)
 
 
+class Bench:
+    """--bench N, the one benchmark rule of every trainer: N steps, nothing written; the first step is
+    warm-up (allocation, autotuning) and not timed. Reports the median step time, images/s to three
+    significant figures and peak memory. Only this mode synchronises CUDA after each step."""
+
+    def __init__(self, steps, device):
+        self.steps, self.device, self.times, self.last, self.images = steps, device, [], None, 0
+
+    def tick(self, images):
+        """After each step; `images` is the step's global batch."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if self.last is not None:
+            self.times.append(now - self.last)
+        self.last, self.images = now, images
+
+    def report(self, name):
+        if not self.times:
+            log(f"{name} bench: nothing timed; use --bench 2 or more (the first step is warm-up)")
+            return None
+        step = statistics.median(self.times)
+        log(f"{name} bench: median step {step:.3g} s over {len(self.times)} steps after 1 warm-up, "
+            f"{self.images / step:.3g} img/s, peak mem {peak_memory_gb(self.device):.3g} GB")
+        return {"step_s": step, "images_per_s": self.images / step}
+
+
 class Throughput:
     """images/s since the last report, and peak memory (one log line per interval, no per-step syncs)."""
 
@@ -1100,7 +1132,7 @@ class Throughput:
         self.reset()
 
     def reset(self):
-        """Start a new interval (a benchmark calls it after its warm-up step)."""
+        """Start a new interval."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.t0, self.seen = time.time(), 0

@@ -368,6 +368,7 @@ def train(args):
                 f"{len(cache)} latents ({cache.meta['channels']} x {cache.meta['grid']}^2), shift {s:.3f}, "
                 f"{world} process(es) x batch {args.batch_size}, {total} steps")
     meter, guard = distill.Throughput(device), distill.FiniteGuard(device)
+    bench = distill.Bench(args.bench, device) if args.bench else None
     model.train()
     while step < stop:
         epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -388,9 +389,9 @@ def train(args):
             step += 1
             guard.add(loss)
             meter.add(len(y) * world)
-            if args.bench and step == 1:
-                meter.reset()
-            elif step % args.log_every == 0 or step == stop:
+            if bench:
+                bench.tick(len(y) * world)
+            if step % args.log_every == 0 or step == stop:
                 guard.check(step)
                 distill.log(f"step {step}/{total} epoch {step / steps_per_epoch:.2f} loss {loss.item():.4f} "
                             f"grad_norm {grad_norm.item():.3f} lr {opt.param_groups[0]['lr']:.2e} "
@@ -400,6 +401,8 @@ def train(args):
                            device, guard)
             if step >= stop or step % steps_per_epoch == 0:
                 break
+    if bench:
+        bench.report(f"DiT^DH-{args.model}")
     distill.cleanup_distributed()
     return step
 

@@ -8,6 +8,7 @@ import math
 import os
 import errno
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -376,12 +377,6 @@ def test_standin_two_process_gloo(tmp_path):
     ckpt = torch.load(os.path.join(out, "teacher.pt"), weights_only=True)
     assert ckpt["step"] == 16 and 0 <= ckpt["accuracy"] <= 1
     assert "held-out accuracy" in run.stdout and "img/s" in run.stdout
-
-
-def test_standin_bench_writes_nothing(tmp_path):
-    out = str(tmp_path / "bench")
-    distill.main(STANDIN_TINY + ["--out", out, "--bench", "3"])
-    assert not os.path.exists(out)
 
 
 #################################################################################
@@ -849,10 +844,22 @@ def test_checkpoints_at_every_epoch_end(standin_teacher, cache, tmp_path, monkey
     assert saved == [8, 16, 5, 10]
 
 
-def test_tokenizer_bench_writes_nothing(standin_teacher, tmp_path):
+def test_bench_is_one_rule_in_every_trainer(standin_teacher, cache, tmp_path, capsys):
+    """--bench N in each trainer: N steps, the first untimed, nothing written, one line with the median step
+    time, images/s (three significant figures) and peak memory."""
     out = str(tmp_path / "bench")
-    tokenizer.main(tok_args(standin_teacher, out, "--bench", "2"))
+    distill.main(STANDIN_TINY + ["--out", out, "--bench", "3"])
+    tokenizer.main(tok_args(standin_teacher, out, "--bench", "3"))
+    tokenizer.main(tok_args(standin_teacher, out, "--bench", "3", "--gan-start-epoch", "0"))
+    dit.main(dit_args(cache, out, "--bench", "3"))
     assert not os.path.exists(out)
+    lines = [l for l in capsys.readouterr().out.splitlines() if " bench: " in l]
+    assert [l.split(" bench: ")[0] for l in lines] == ["stand-in teacher", "RecTok stage 1", "RecTok stage 1",
+                                                       "DiT^DH-tiny"]
+    for line in lines:
+        m = re.search(r"median step (\S+) s over 2 steps after 1 warm-up, (\S+) img/s, peak mem (\S+) GB", line)
+        assert m, line
+        assert all(len(v.replace(".", "").replace("e-0", "").lstrip("0")) <= 3 for v in m.groups()), line
 
 
 def test_tokenizer_bad_inputs(standin_teacher, tmp_path):

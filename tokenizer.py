@@ -1045,6 +1045,7 @@ def train(args):
     if args.bench:
         stop = min(run.total_steps, args.bench)
     meter = distill.Throughput(run.device)
+    bench = distill.Bench(args.bench, run.device) if args.bench else None
     run.model.train()
     while run.step < stop:
         epoch, in_epoch = divmod(run.step, run.steps_per_epoch)
@@ -1054,14 +1055,14 @@ def train(args):
             terms = run.train_step(batches, epoch)
             run.step += 1
             meter.add(sum(x.shape[0] for x in batches) * run.world)
-            if (run.step % args.log_every == 0 or run.step == stop) and not (args.bench and run.step == 1):
+            if bench:
+                bench.tick(sum(x.shape[0] for x in batches) * run.world)
+            if run.step % args.log_every == 0 or run.step == stop:
                 run.guard.check(run.step)
                 losses = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
                 log(f"step {run.step}/{run.total_steps} epoch {run.step / run.steps_per_epoch:.2f} {losses} "
                     f"lr {run.opt.param_groups[0]['lr']:.2e} {meter.report()}")
-            if args.bench:
-                if run.step == 1:
-                    meter.reset()  # the first step (allocation, autotuning) is warm-up
+            if bench:
                 if run.step >= stop:
                     break
                 continue
@@ -1073,7 +1074,9 @@ def train(args):
                 run.save(f"epoch_{run.step // run.steps_per_epoch:04d}.pt")
             if run.step >= stop or run.step % run.steps_per_epoch == 0:
                 break
-    if not args.bench and run.rank == 0:
+    if bench:
+        run.bench = bench.report(f"RecTok stage {run.stage}")
+    elif run.rank == 0:
         run.save_reconstructions()
         log(f"wrote {os.path.join(args.out, 'latest.pt')} and reconstruction grids in {args.out}")
     distill.cleanup_distributed()
