@@ -446,11 +446,12 @@ class Attention(nn.Module):
 
     def forward(self, x, rotate=None):
         B, N, D = x.shape
+        # the qkv split: B x N x 3D -> B x N x 3 x heads x d -> 3 x B x heads x N x d
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         if rotate is not None:
             q, k = rotate(q).to(v.dtype), rotate(k).to(v.dtype)
         x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # B x heads x N x d -> B x N x D
 
 
 def dinov3_rotate(rope, num_prefix):

@@ -158,7 +158,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(channels, width, 1)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(x).flatten(2).transpose(1, 2)  # B x C x h x w -> B x L x D
 
 
 #: trunk (width, depth, heads), head (width, depth, heads) (`models/DDT.py`)
@@ -223,6 +223,7 @@ class DiTDH(nn.Module):
         for block in self.blocks[self.num_trunk:]:
             h = block(h, s, *rope_h)
         out = self.final_layer(h, s)
+        # unpatchify (patch 1): B x L x C -> B x C x h x w
         return out.transpose(1, 2).reshape(B, self.channels, self.grid, self.grid)
 
 

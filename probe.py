@@ -145,7 +145,8 @@ def train_heads(features, y, val, yv, num_classes, args):
         for s in range(steps_per_epoch):
             idx = perm[s * batch:(s + 1) * batch]
             step = epoch * steps_per_epoch + s
-            factor = distill.warmup_cosine(step / total, args.warmup_epochs / args.epochs) if args.protocol == "mae" else 1
+            mae = args.protocol == "mae"
+            factor = distill.warmup_cosine(step / total, args.warmup_epochs / args.epochs) if mae else 1
             for key, head in heads.items():
                 for group in opts[key].param_groups:
                     group["lr"] = lr * factor

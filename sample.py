@@ -243,7 +243,8 @@ def real_images(data, num):
     """The first `num` images of a held-out data set as uint8 (N, H, W, 3) and their labels."""
     pairs = [data[i] for i in range(min(num, len(data)))]
     images = torch.stack([x for x, _ in pairs])
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy(), [y for _, y in pairs]
+    images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # B x H x W x 3
+    return images.numpy(), [y for _, y in pairs]
 
 
 def judge_samples(args):

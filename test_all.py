@@ -745,7 +745,8 @@ def test_discriminator_step_reads_every_micro_batch_and_is_clipped(standin_teach
     run.loss.discriminator_loss = lambda x, fake, epoch: calls.append((x, fake)) or loss_fn(x, fake, epoch)
     before = {k: v.clone() for k, v in run.loss.discriminator.state_dict().items()}
     step = run.d_opt.step
-    run.d_opt.step = lambda: seen.update(grads=[p.grad.clone() for p in run.loss.discriminator.parameters()]) or step()
+    grads = lambda: [p.grad.clone() for p in run.loss.discriminator.parameters()]  # noqa: E731
+    run.d_opt.step = lambda: seen.update(grads=grads()) or step()
     torch.manual_seed(0)
     batches = [torch.rand(4, 3, 32, 32) * 2 - 1 for _ in range(2)]
     run.model.train()
@@ -838,7 +839,8 @@ def test_checkpoints_at_every_epoch_end(standin_teacher, cache, tmp_path, monkey
     when --ckpt-every is longer than the run."""
     saved = []
     atomic_save = distill.atomic_save
-    monkeypatch.setattr(distill, "atomic_save", lambda state, path: saved.append(state["step"]) or atomic_save(state, path))
+    monkeypatch.setattr(distill, "atomic_save",
+                        lambda state, path: saved.append(state["step"]) or atomic_save(state, path))
     tokenizer.main(tok_args(standin_teacher, str(tmp_path / "tok"), "--epochs", "2", "--ckpt-every", "1000"))
     dit.main(dit_args(cache, str(tmp_path / "dit"), "--ckpt-every", "1000"))
     assert saved == [8, 16, 5, 10]
@@ -893,7 +895,8 @@ def test_presets_are_the_parser_defaults(module, presets, extra, capsys):
             if k != "latents" or not extra:
                 assert getattr(args, k) == v, (module.__name__, name, k)
         k, v = next((k, v) for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool))
-        assert getattr(module.parse_args(["--preset", name, *extra, "--" + k.replace("_", "-"), str(v + 1)]), k) == v + 1
+        flag = ["--" + k.replace("_", "-"), str(v + 1)]
+        assert getattr(module.parse_args(["--preset", name, *extra, *flag]), k) == v + 1
         with pytest.raises(SystemExit):
             module.parse_args(["--preset", name, *extra, "--help"])
         assert f"(default: {v})" in capsys.readouterr().out
@@ -1267,7 +1270,8 @@ def test_reference_batch_statistics_are_used_as_stored(inception_files, tmp_path
     b = np.load(r / "b.npz")["arr_0"]
     np.savez(tmp_path / "ref.npz", arr_0=b, mu=mu, sigma=sigma)
     np.savez(tmp_path / "stats_only.npz", mu=mu, sigma=sigma)
-    both = fid.main([str(r / "a.npz"), str(tmp_path / "ref.npz"), "--pr", "--json", str(tmp_path / "1.json"), *weights])
+    both = fid.main([str(r / "a.npz"), str(tmp_path / "ref.npz"), "--pr", "--json", str(tmp_path / "1.json"),
+                     *weights])
     stats = fid.main([str(r / "a.npz"), str(tmp_path / "stats_only.npz"), "--json", str(tmp_path / "2.json"), *weights])
     images = fid.main([str(r / "a.npz"), str(r / "b.npz"), "--json", str(tmp_path / "3.json"), *weights])
     assert both["fid"] == stats["fid"] != pytest.approx(images["fid"])
@@ -1798,7 +1802,8 @@ def test_sampling_from_released_layout(dit_run, cache, tmp_path):
     sample.main(sample_args(dit_run, ours))
     sample.main(sample_args(str(tmp_path / "DiTDDT.pth"), theirs, "--latent-stats",
                             os.path.join(cache, "stats.npz"), "--tokenizer", ckpt["latents"]["tokenizer"]))
-    sample.main(sample_args(dit_run, str(tmp_path / "ours_stats"), "--latent-stats", os.path.join(cache, "stats.npz")))
+    sample.main(sample_args(dit_run, str(tmp_path / "ours_stats"), "--latent-stats",
+                            os.path.join(cache, "stats.npz")))
     a, b, c = (np.load(os.path.join(x, "samples.npz"))["arr_0"] for x in (ours, theirs, str(tmp_path / "ours_stats")))
     assert np.array_equal(a, b)
     assert np.array_equal(a, c)  # one of our checkpoints with --latent-stats: still its EMA weights

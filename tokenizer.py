@@ -277,7 +277,7 @@ def rotate_adjacent(x):
     """The released rotate_half pairs ADJACENT channels: (x_2i, x_2i+1) -> (-x_2i+1, x_2i). With the [f, f]
     frequency layout the two channels of a pair turn by different angles: not a true rotation, but it is
     what the released weights were trained with (`models/rectok.py`)."""
-    x = x.unflatten(-1, (-1, 2))
+    x = x.unflatten(-1, (-1, 2))  # ... x d -> ... x d/2 x 2: the adjacent pairs
     return torch.stack((-x[..., 1], x[..., 0]), dim=-1).flatten(-2)
 
 
@@ -374,6 +374,7 @@ class Encoder(Transformer):
         init_weights(self)
 
     def forward(self, x, ids_keep=None, return_features=False):
+        # B x D x h x w -> B x L x D, tokens in row-major order
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.positional_embedding
         rope = self.rope
         if ids_keep is not None:
@@ -404,6 +405,8 @@ class PixelDecoder(Transformer):
         x = self.blocks(x + self.positional_embedding, self.rope)
         B, p, g = x.shape[0], self.patch_size, self.grid
         x = self.to_pixels(x.transpose(1, 2).reshape(B, -1, g, g).contiguous())  # NCHW strides for DDP buckets
+        # depth-to-space, channel order "(p1 p2 c)": B x (p p 3) x g x g -> B x p x p x 3 x g x g
+        # -> B x 3 x g x p x g x p -> B x 3 x (g p) x (g p)
         x = x.reshape(B, p, p, 3, g, g).permute(0, 3, 4, 1, 5, 2).reshape(B, 3, g * p, g * p)
         return self.conv_out(x)
 
@@ -562,11 +565,12 @@ class RecTok(nn.Module):
     def tokenize(self, x, mu, sigma):
         """The generator's input (`main_diffusion.py`): (posterior mean - mu_c) / sigma_c as (B, C, h, w)."""
         z = (Posterior(self.encode(x)).mean - mu) / sigma
+        # B x L x C -> B x C x h x w
         return z.transpose(1, 2).reshape(x.shape[0], self.channels, self.grid, self.grid)
 
     def detokenize(self, latent, mu, sigma):
         """Normalised (B, C, h, w) latent -> de-normalise -> pixel decoder -> image in [0, 1]."""
-        z = latent.flatten(2).transpose(1, 2) * sigma + mu
+        z = latent.flatten(2).transpose(1, 2) * sigma + mu  # B x C x h x w -> B x L x C
         return (self.decode(z) * 0.5 + 0.5).clamp(0, 1)
 
 
@@ -1214,7 +1218,8 @@ def fingerprint(model):
 def cache_meta(args, model, config, data):
     grid = config["img_size"] // config["patch_size"]
     return {"tokenizer": os.path.abspath(args.ckpt), "fingerprint": fingerprint(model), "config": config,
-            "data": args.data if args.data == "synthetic" else os.path.abspath(args.data), "num_images": len(data), "num_classes": data.num_classes,
+            "data": args.data if args.data == "synthetic" else os.path.abspath(args.data),
+            "num_images": len(data), "num_classes": data.num_classes,
             "tokens": grid * grid, "channels": config["channels"], "grid": grid,
             "image_size": config["img_size"], "dtype": "float16", "shard_size": args.shard_size,
             "num_shards": math.ceil(len(data) / args.shard_size), "split": "train", "seed": args.seed,
@@ -1396,7 +1401,7 @@ def sample_latent(moments, mu, sigma, grid, generator=None):
     post = Posterior(moments)
     eps = torch.randn(post.mean.shape, generator=generator, device=moments.device)
     z = (post.sample(eps) - mu.to(moments.device)) / sigma.to(moments.device)
-    return z.transpose(1, 2).reshape(moments.shape[0], -1, grid, grid)
+    return z.transpose(1, 2).reshape(moments.shape[0], -1, grid, grid)  # B x L x C -> B x C x h x w
 
 
 #: the default run folder of each mode (evaluate writes next to its checkpoint)
