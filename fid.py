@@ -449,9 +449,10 @@ def describe(source, model, args, device, need_images=False):
     """A source -> (mu, sigma, features or None, logits or None). An .npz with `mu` and `sigma` is
     statistics whatever else it holds: the ADM reference batches store the statistics of the whole data
     set beside a 10,000-image `arr_0`, which serves precision/recall only (`need_images`)."""
-    if isinstance(source, str) and source.endswith(".npz") and {"mu", "sigma"} <= set(np.load(source).files):
-        has_images = "arr_0" in np.load(source).files
-        feats = features(model, source, args.batch_size, args.mode, device)[0] if need_images and has_images else None
+    members = set(np.load(source).files) if isinstance(source, str) and source.endswith(".npz") else set()
+    if {"mu", "sigma"} <= members:
+        with_images = need_images and "arr_0" in members
+        feats = features(model, source, args.batch_size, args.mode, device)[0] if with_images else None
         return (*load_statistics(source), feats, None)
     feats, logits = features(model, source, args.batch_size, args.mode, device)
     return (*statistics(feats), feats, logits)

@@ -129,12 +129,13 @@ def train_heads(features, y, val, yv, num_classes, args):
     mae: LARS, lr = blr * batch / 256, warm-up then cosine. research: Adam at a constant
     lr = adam_blr * batch / 256. Deterministic given --seed."""
     heads, opts = {}, {}
+    mae = args.protocol == "mae"
     batch = min(args.probe_batch_size, len(y))
-    lr = (args.blr if args.protocol == "mae" else args.adam_blr) * batch / 256
+    lr = (args.blr if mae else args.adam_blr) * batch / 256
     for key, xv in val.items():
         torch.manual_seed(args.seed)  # every head starts from the same draw
         heads[key] = make_head(xv.shape[1], num_classes, args.protocol)
-        opts[key] = (LARS(heads[key].parameters(), lr=lr, weight_decay=args.weight_decay) if args.protocol == "mae"
+        opts[key] = (LARS(heads[key].parameters(), lr=lr, weight_decay=args.weight_decay) if mae
                      else torch.optim.Adam(heads[key].parameters(), lr=lr, weight_decay=args.weight_decay))
     g = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = len(y) // batch
@@ -145,7 +146,6 @@ def train_heads(features, y, val, yv, num_classes, args):
         for s in range(steps_per_epoch):
             idx = perm[s * batch:(s + 1) * batch]
             step = epoch * steps_per_epoch + s
-            mae = args.protocol == "mae"
             factor = distill.warmup_cosine(step / total, args.warmup_epochs / args.epochs) if mae else 1
             for key, head in heads.items():
                 for group in opts[key].param_groups:
