@@ -21,7 +21,8 @@ Run:
     python distill.py --check dinov3_vitl16 --weights FILE   # load official weights, print feature stats
 
 Writes (stand-in): OUT/latest.pt (resumable) and OUT/teacher.pt, a self-describing checkpoint
-{"config", "model", "ema", "optimizer", "step", "epoch", "args", "accuracy"} that tokenizer.py loads with
+{"kind": "teacher", "config", "model", "ema", "step", "epoch", "global_batch", "args", "accuracy",
+"target_mean", "target_std"} that tokenizer.py loads with
 `--teacher standin --teacher-weights OUT/teacher.pt` (the default).
 
 This file also holds the small helpers every training stage shares (distributed setup, atomic

@@ -15,9 +15,10 @@ Run:
     python dit.py --model XL --bench 5 --batch-size 2    # timed steps, nothing written
 
 Reads a latent cache written by `tokenizer.py encode` (checked against meta.json) and writes OUT/latest.pt
-(resumable: model, EMA, optimizer, step, RNG), OUT/step_NNNNNNN.pt milestones and OUT/preview_STEP.png
-(EMA samples decoded by --tokenizer). A checkpoint is {"config", "model", "ema", "optimizer", "step",
-"epoch", "args", "rng", "latents"}; sample.py rebuilds the model from "config" and "ema".
+(resumable: model, EMA, optimizer, step, RNG), OUT/step_NNNNNNN.pt milestones and OUT/preview_STEP.png (EMA
+samples decoded by --tokenizer). A checkpoint is {"kind": "generator", "config", "model", "ema",
+"optimizer", "step", "epoch", "global_batch", "source", "args", "rng", "latents"}; sample.py rebuilds the
+model from "config" and "ema".
 """
 import argparse
 import json

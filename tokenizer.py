@@ -19,11 +19,12 @@ Run:
         --teacher dinov3_vitl16 --teacher-weights /weights/dinov3_vitl16_pretrain_lvd1689m.pth
     python tokenizer.py --preset paper --bench 10 --batch-size 2        # timed steps, nothing written
 
-Writes OUT/latest.pt (every --ckpt-every steps and every epoch; a run started in a folder with latest.pt resumes it
-exactly), OUT/epoch_NNNN.pt milestones, and OUT/recon_STEP.png grids (held-out originals above EMA
-reconstructions). A checkpoint is {"config", "model", "ema", "optimizer", "discriminator", "d_optimizer",
-"step", "epoch", "args", "rng", "flip_rng"}; later stages rebuild the tokenizer from "config" and "ema"
-(`load_tokenizer`), which also reads the authors' RecTok.pth / RecTok_decft.pth.
+Writes OUT/latest.pt (every --ckpt-every steps and every epoch; a run started in a folder with latest.pt
+resumes it exactly), OUT/epoch_NNNN.pt milestones, and OUT/recon_STEP.png grids (held-out originals above
+EMA reconstructions). A checkpoint is {"kind": "tokenizer", "config", "model", "ema", "optimizer",
+"discriminator", "d_optimizer", "step", "epoch", "global_batch", "args", "rng", "flip_rng"}, readable with
+weights_only=True; later stages rebuild the tokenizer from "config" and "ema" (`load_tokenizer`), which also
+reads the authors' RecTok.pth / RecTok_decft.pth.
 """
 import argparse
 import concurrent.futures
