@@ -1,4 +1,5 @@
-"""The teacher: the frozen vision foundation model whose patch features RecTok distils (FSD, RAD).
+"""Stage 0, the ground floor: the images and the teacher the tokenizer learns from, and the run plumbing
+every stage imports.
 
 RecTok aligns the semantic decoder's prediction from the noisy latent z_tau with a teacher's patch tokens
 (FSD at visible positions, RAD at masked ones). This file owns that teacher, so tokenizer.py only asks
@@ -14,6 +15,18 @@ All of them are one plain-torch ViT (`DinoViT`) whose parameter names follow Met
 weights load with strict key matching from Meta's `.pth` files or from the Hugging Face safetensors layout
 (read by a ~30-line reader below, no extra package), from a local path or a URL (cached by torch.hub).
 
+Contents, top to bottom (every other file imports from here; this file imports none of them):
+  1. Run plumbing: processes (`setup_distributed`, `is_distributed`, `world_info`, `autocast`), logging,
+     atomic writes (checkpoints, JSON, PNG) and the pipeline's run folders (`RUNS`), RNG state and exact
+     resume (`load_checkpoint`, `resume`), EMA, the resumable sampler, guards, schedules, throughput and
+     `--bench` (`Bench`), the run flags and the one preset mechanism (`parse_with_preset`), weights from
+     files and URLs.
+  2. Image data: ImageNet-style class folders with ADM's center crop, and the built-in synthetic shapes
+     (`build_dataset`).
+  3. Transformer parts every net shares (`Attention`, `SwiGLU`) and the DINOv2/DINOv3 ViT.
+  4. Official checkpoint layouts, the Teacher (preprocessing + frozen ViT), and the stand-in teacher's
+     training loop and main().
+
 Run:
     python distill.py                                   # stand-in teacher on the built-in data (tiny)
     python distill.py --data /path/to/class_folders --out runs/teacher
@@ -24,11 +37,11 @@ Writes (stand-in): OUT/latest.pt (resumable) and OUT/teacher.pt, a self-describi
 {"kind": "teacher", "config", "model", "ema", "step", "epoch", "global_batch", "args", "accuracy",
 "target_mean", "target_std"} that tokenizer.py loads with
 `--teacher standin --teacher-weights OUT/teacher.pt` (the default).
-
-This file also holds the small helpers every training stage shares (distributed setup, atomic
-checkpoints, the resumable sampler, EMA, logging); later stages import them from here.
 """
+
+
 import argparse
+import concurrent.futures
 import copy
 import errno
 import hashlib
@@ -47,10 +60,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+
 
 #################################################################################
-#                   Helpers shared by every training stage                      #
+#                       Run plumbing shared by every stage                      #
 #################################################################################
+
+
+# ----- processes, devices, logging -----
 
 
 _SETUPS = [0]  # nesting depth: a stage that runs another (tokenizer.py -> distill.py) shares its group
@@ -63,8 +81,7 @@ def setup_distributed():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
     _SETUPS[0] += 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = world_info()
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
@@ -77,21 +94,104 @@ def setup_distributed():
 def cleanup_distributed():
     """The outermost stage tears the process group down; a nested one only synchronises."""
     _SETUPS[0] = max(0, _SETUPS[0] - 1)
-    if dist.is_initialized():
+    if is_distributed():
         dist.barrier()
         if _SETUPS[0] == 0:
             dist.destroy_process_group()
 
 
+def is_distributed():
+    """The one test of "is this run on several processes?" (torchrun started it and the group is up)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_info():
+    """(rank, world size) of this process; (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
 def barrier():
-    if dist.is_initialized():
+    if is_distributed():
         dist.barrier()
 
 
 def log(*args):
     """Print on rank 0 only, flushed (one line per logging interval)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if not is_distributed() or dist.get_rank() == 0:
         print(*args, flush=True)
+
+
+def autocast(device):
+    """The one mixed-precision rule: bf16 autocast on CUDA, full precision on the CPU."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def gather_objects(obj, world):
+    """Every rank's object on every rank (RNG states differ per rank and all are checkpointed)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather(x):
+    """Every rank's rows of a CPU tensor, concatenated in rank order (shards may be uneven)."""
+    rank, world = world_info()
+    return torch.cat(gather_objects(x, world))
+
+
+def broadcast_module(module):
+    """Rank 0's parameters and buffers on every rank. For a module that is not wrapped in DDP (which does
+    this at construction): without it each rank would keep the module its own seed built, and train it."""
+    if is_distributed():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, 0)
+
+
+def allreduce_grads(module):
+    """Average gradients over ranks by hand, for a module that is not wrapped in DDP (the discriminator,
+    whose two forward calls per step DDP would not accept)."""
+    if is_distributed():
+        world = dist.get_world_size()
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+
+
+@torch.no_grad()
+def assert_ranks_agree(modules):
+    """Stop if any rank's parameters differ from rank 0's (checked before each checkpoint, so a checkpoint
+    that keeps rank 0's weights never hides a divergence). One float64 sum per tensor: equal tensors give
+    equal sums, and any difference changes them. BatchNorm running statistics are per rank and unused
+    (train-mode BN reads batch statistics), so only parameters count."""
+    if not is_distributed():
+        return
+    for name, module in modules.items():
+        sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
+        ref = sums.clone()
+        dist.broadcast(ref, 0)
+        differs = (sums != ref).any().double()
+        dist.all_reduce(differs, op=dist.ReduceOp.MAX)  # every rank stops, none waits for the others
+        if differs.item():
+            raise RuntimeError(f"the ranks hold different {name} weights: every rank must build the same "
+                               f"{name} (broadcast rank 0's) and average its gradients")
+
+
+# ----- files: atomic writes (checkpoints, JSON, PNG), run folders -----
+
+
+#: the pipeline's default run folders: each stage reads the previous one's default output
+RUNS = {"teacher": "runs/teacher", "tokenizer": "runs/tokenizer", "tokenizer_ft": "runs/tokenizer_ft",
+        "latents": "runs/latents", "dit": "runs/dit", "samples": "runs/samples", "probe": "runs/probe"}
 
 
 def atomic_write(path, write):
@@ -143,6 +243,21 @@ def atomic_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def save_grid(rows, path):
+    """Rows of images in [0, 1] (each (N, 3, H, W)) -> one PNG."""
+    grid = torch.cat([torch.cat(list(r.float().cpu()), dim=2) for r in rows], dim=1)
+    arr = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+# ----- random state, checkpoints and exact resume -----
+
+
 def rng_state():
     """Every random stream a training step consumes, so a resumed run continues bit for bit; as tensors,
     numbers and lists only, so that checkpoints load with weights_only=True."""
@@ -155,15 +270,6 @@ def rng_state():
     return state
 
 
-def gather_objects(obj, world):
-    """Every rank's object on every rank (RNG states differ per rank and all are checkpointed)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     keys, pos, has_gauss, gauss = state["numpy"]
@@ -171,6 +277,15 @@ def set_rng_state(state):
     random.setstate((state["python"][0], tuple(state["python"][1]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def reseed(seed, generators=None):
+    """Seed every random stream of this process (and `generators`) from one number."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    for gen in (generators or {}).values():
+        gen.manual_seed(seed)
 
 
 @torch.no_grad()
@@ -185,6 +300,78 @@ def weights_fingerprint(tensors):
         h.update(name.encode())
         h.update(torch.stack([t.sum(), (t * t).sum()]).cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def load_checkpoint(path, kinds, what):
+    """A checkpoint file as plain data: torch.load with weights_only=True, so nothing in the file runs (a
+    pickle can call any function; these files are downloaded and shared). Every error names the file and
+    what was expected: missing, damaged (empty, truncated, not a torch file), holding objects other than
+    tensors, numbers, strings, lists and dicts, or a `kind` other than `kinds` (our checkpoints record one;
+    the authors' files have none and are told apart by their keys)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1][:200]
+        raise ValueError(f"{path}: refused: it holds objects other than tensors, numbers, strings, lists and "
+                         f"dicts, which could run code when loaded ({reason}). Expected a {what}; re-save "
+                         f"the weights alone (a state dict) from a copy you trust") from None
+    except Exception as e:
+        raise ValueError(f"{path} is damaged or not a PyTorch checkpoint (empty, truncated or another "
+                         f"format: {type(e).__name__}: {str(e)[:200]}); expected a {what}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; expected a {what}")
+    if ckpt.get("kind", kinds[0]) not in kinds:
+        raise ValueError(f"{path} is a {ckpt['kind']} checkpoint; expected a {what}")
+    return ckpt
+
+
+def resume(path, kind, rank, world, states, generators=None, match=None):
+    """Restore a run from `path` if it exists; returns the step to continue from (0 for a new run).
+
+    `states` maps checkpoint keys to objects with load_state_dict (model, EMA, optimizers, ...);
+    `generators` maps keys to per-rank torch.Generators; the global RNG streams of this rank are restored
+    too. `match` maps checkpoint keys to the values this run has (its model config, global batch, data):
+    a checkpoint made with others is refused rather than silently mixed. On another number of processes
+    (same global batch) the run continues, but not bit for bit: each rank's random streams are re-seeded."""
+    if not os.path.isfile(path):
+        return 0
+    ckpt = load_checkpoint(path, (kind,), f"{kind} run checkpoint to resume")
+    for key, value in (match or {}).items():
+        if ckpt.get(key) != value:
+            raise ValueError(f"{path} was made with another {key.replace('_', ' ')} ({ckpt.get(key)}, this run: "
+                             f"{value}); resume it with the same flags and processes, or use a new --out")
+    for key, obj in states.items():
+        obj.load_state_dict(ckpt[key])
+    if len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank])
+        for key, gen in (generators or {}).items():
+            gen.set_state(ckpt[key][rank])
+    else:
+        log(f"{path} was written by {len(ckpt['rng'])} processes, this run has {world}: same global batch, so "
+            f"it continues, with re-seeded random streams (not bit-identical to an uninterrupted run)")
+        reseed(ckpt["step"] * world + rank, generators)
+    log(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+def load_strict(model, sd, what):
+    """load_state_dict with a message that lists every missing and unexpected key."""
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in sd]
+    unexpected = [k for k in sd if k not in ours]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+             if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{what} does not fit the chosen architecture.\n  missing keys ({len(missing)}): "
+                         f"{missing[:20]}\n  unexpected keys ({len(unexpected)}): {unexpected[:20]}\n"
+                         f"  shape mismatches, file vs model ({len(wrong)}): {wrong[:10]}\n"
+                         f"Pick the architecture that matches the file.")
+    model.load_state_dict(sd)
+
+
+# ----- the training loop's parts: EMA, data order, guards, schedules, speed -----
 
 
 @torch.no_grad()
@@ -225,42 +412,6 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.start
 
 
-def add_run_flags(p, ckpt_every=None, save_every=None, save_unit=None):
-    """The run-control flags every training stage shares; the checkpoint cadence flags only for the
-    stages that checkpoint by step (the stand-in teacher writes one per epoch)."""
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
-    p.add_argument("--log-every", type=int, default=20)
-    if ckpt_every is not None:
-        p.add_argument("--ckpt-every", type=int, default=ckpt_every,
-                       help="write latest.pt every N steps, and at the end of every epoch")
-        p.add_argument("--save-every", type=int, default=save_every,
-                       help=f"keep a milestone copy every N {save_unit}")
-    p.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit at this step (job limits)")
-    p.add_argument("--bench", type=int, default=0, help="time this many steps, write nothing")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help prints the module docstring as written and every flag's value in force (the preset's)."""
-
-    def _format_action(self, action):
-        if action.option_strings and not action.help:
-            action = copy.copy(action)
-            action.help = "(default: %(default)s)"  # the defaults formatter skips flags without help
-        return super()._format_action(action)
-
-
-def parse_with_preset(build, preset_defaults, argv=None):
-    """The one preset mechanism of every stage: `build(add_help)` makes the stage's parser; a first pass
-    reads the choices that pick a preset (--preset, a mode), `preset_defaults(first)` gives the preset's
-    values, and they become the parser's defaults: an explicit flag overrides them, and --help prints them.
-    Returns (parser, args)."""
-    first, _ = build(add_help=False).parse_known_args(argv)
-    parser = build(add_help=True)
-    parser.set_defaults(**preset_defaults(first))
-    return parser, parser.parse_args(argv)
-
-
 def make_loader(dataset, batch_size, seed, rank, world, workers, device):
     """Per-rank loader: the resumable sampler, worker processes and pinned memory."""
     if len(dataset) < batch_size * world:
@@ -283,31 +434,14 @@ def random_flip(x, generator):
     return torch.where(flip, x.flip(-1), x)
 
 
-def broadcast_module(module):
-    """Rank 0's parameters and buffers on every rank. For a module that is not wrapped in DDP (which does
-    this at construction): without it each rank would keep the module its own seed built, and train it."""
-    if dist.is_initialized():
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, 0)
-
-
-@torch.no_grad()
-def assert_ranks_agree(modules):
-    """Stop if any rank's parameters differ from rank 0's (checked before each checkpoint, so a checkpoint
-    that keeps rank 0's weights never hides a divergence). One float64 sum per tensor: equal tensors give
-    equal sums, and any difference changes them. BatchNorm running statistics are per rank and unused
-    (train-mode BN reads batch statistics), so only parameters count."""
-    if not dist.is_initialized():
-        return
-    for name, module in modules.items():
-        sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
-        ref = sums.clone()
-        dist.broadcast(ref, 0)
-        differs = (sums != ref).any().double()
-        dist.all_reduce(differs, op=dist.ReduceOp.MAX)  # every rank stops, none waits for the others
-        if differs.item():
-            raise RuntimeError(f"the ranks hold different {name} weights: every rank must build the same "
-                               f"{name} (broadcast rank 0's) and average its gradients")
+def micro_batches(loader, accum):
+    """Group the loader's batches into optimizer steps of `accum` micro-batches."""
+    group = []
+    for x, _ in loader:
+        group.append(x)
+        if len(group) == accum:
+            yield group
+            group = []
 
 
 class FiniteGuard:
@@ -323,7 +457,7 @@ class FiniteGuard:
 
     def check(self, step):
         bad = self.bad.double()
-        if dist.is_initialized():
+        if is_distributed():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
         if bad.item():
             raise FloatingPointError(f"the loss became nan or inf at or before step {step}; stopping before "
@@ -331,22 +465,82 @@ class FiniteGuard:
                                      f"the learning rate or lengthen the warm-up, then resume from it")
 
 
-def allreduce_grads(module):
-    """Average gradients over ranks by hand, for a module that is not wrapped in DDP (the discriminator,
-    whose two forward calls per step DDP would not accept)."""
-    if dist.is_initialized():
-        world = dist.get_world_size()
-        for p in module.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad.div_(world)
+class Run:
+    """The run skeleton of the three trainers: where it stops (--stop-at, --bench), the one save/resume
+    pair, the log meter and the bench. A trainer builds its nets, hands Run what a checkpoint holds, and
+    writes its loop: one optimizer step, `run.tick`, `if run.log_due()`, `if run.checkpoint_due()`.
+    `states`: checkpoint key -> object with state_dict (model, EMA, optimizers); `generators`: key -> per-rank
+    torch.Generator; `match`: what a resumed run must share (config, global batch, data). save() writes
+    them all; the constructor resumes OUT/latest.pt through `resume`, which reads them back and refuses a
+    checkpoint made otherwise. --bench N: N steps, nothing read or written, one line (Bench)."""
 
+    def __init__(self, args, kind, world, device, steps_per_epoch, global_batch, states, generators=None,
+                 match=None, check=None):
+        self.args, self.kind, self.world, self.device = args, kind, world, device
+        self.rank = world_info()[0]
+        self.steps_per_epoch, self.global_batch = steps_per_epoch, global_batch
+        self.total = args.epochs * steps_per_epoch
+        self.stop = min(self.total, args.bench or args.stop_at or self.total)
+        self.states, self.generators = states, generators or {}
+        self.match = dict(match or {}, global_batch=global_batch)
+        self.check = check or {kind: states["model"]}  # the modules whose ranks must agree at a checkpoint
+        self.latest = os.path.join(args.out, "latest.pt")
+        self.meter, self.guard = Throughput(device), FiniteGuard(device)
+        self.bench = Bench(args.bench, device) if args.bench else None
+        self.step = 0 if args.bench else resume(self.latest, kind, self.rank, world, states, self.generators,
+                                                self.match)
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    @property
+    def epoch(self):
+        return self.step / self.steps_per_epoch
+
+    def tick(self, images, loss):
+        """After each optimizer step: `images` is the step's global batch, `loss` stays on the device."""
+        self.step += 1
+        self.guard.add(loss)
+        self.meter.add(images)
+        if self.bench:
+            self.bench.tick(images)
+
+    def log_due(self):
+        """A log line now? Then the guard is checked (one sync) and the caller may read its losses."""
+        due = self.step % self.args.log_every == 0 or self.step == self.stop
+        if due:
+            self.guard.check(self.step)
+        return due
+
+    def epoch_end(self):
+        return self.step % self.steps_per_epoch == 0
+
+    def checkpoint_due(self):
+        """latest.pt every --ckpt-every steps, at each epoch's end and where the run stops (never in bench)."""
+        every = getattr(self.args, "ckpt_every", 0)
+        return not self.bench and ((every and self.step % every == 0) or self.epoch_end() or
+                                   self.step == self.stop)
+
+    def record(self, keys=None, **extra):
+        """The run's weights (`keys` of `states`, default all), what it must match, where it is, its args."""
+        return {"kind": self.kind, **{k: self.states[k].state_dict() for k in keys or self.states}, **self.match,
+                "step": self.step, "epoch": self.epoch, "args": vars(self.args), **extra}
+
+    def state(self, **extra):
+        """What save() writes and resume() reads; every rank must call it (it gathers the RNG states)."""
+        return dict(self.record(**extra), rng=gather_objects(rng_state(), self.world),
+                    **{k: gather_objects(g.get_state(), self.world) for k, g in self.generators.items()})
+
+    def save(self, name="latest.pt", **extra):
+        """Check, then write OUT/name atomically on rank 0 while the others wait: nothing non-finite and no
+        disagreement between ranks is ever saved."""
+        self.guard.check(self.step)
+        assert_ranks_agree(self.check)
+        state = self.state(**extra)
+        if self.rank == 0:
+            atomic_save(state, os.path.join(self.args.out, name))
+        barrier()
+
+    def done(self, name):
+        """The bench line (and its numbers) in bench mode, else None."""
+        return self.bench.report(name) if self.bench else None
 
 
 #: the authors' rule (`utils/builders.py create_optimizer_and_scaler`): no decay for a name that contains
@@ -373,9 +567,106 @@ def warmup_cosine(progress, warmup):
     return 0.5 * (1.0 + math.cos(math.pi * (progress - warmup) / max(1e-8, 1.0 - warmup)))
 
 
-#################################################################################
-#                          Safetensors, read by hand                            #
-#################################################################################
+def significant(x, digits=3):
+    """x to `digits` significant figures, written out in full (1070, not 1.07e+03; 0.0123)."""
+    return np.format_float_positional(float(f"{x:.{digits}g}"), trim="-")
+
+
+class Bench:
+    """--bench N, the one benchmark rule of every trainer: N steps, nothing written; the first step is
+    warm-up (allocation, autotuning) and not timed. Reports the median step time, images/s to three
+    significant figures and peak memory. Only this mode synchronises CUDA after each step."""
+
+    def __init__(self, steps, device):
+        self.steps, self.device, self.times, self.last, self.images = steps, device, [], None, 0
+
+    def tick(self, images):
+        """After each step; `images` is the step's global batch."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if self.last is not None:
+            self.times.append(now - self.last)
+        self.last, self.images = now, images
+
+    def report(self, name):
+        if not self.times:
+            log(f"{name} bench: nothing timed; use --bench 2 or more (the first step is warm-up)")
+            return None
+        step = statistics.median(self.times)
+        log(f"{name} bench: median step {significant(step)} s over {len(self.times)} steps after 1 warm-up, "
+            f"{significant(self.images / step)} img/s, peak mem {significant(peak_memory_gb(self.device))} GB")
+        return {"step_s": step, "images_per_s": self.images / step}
+
+
+class Throughput:
+    """images/s since the last report, and peak memory (one log line per interval, no per-step syncs)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        """Start a new interval."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.t0, self.seen = time.time(), 0
+
+    def add(self, n):
+        self.seen += n
+
+    def report(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # at logging time only, never inside a step
+        line = f"{self.seen / (time.time() - self.t0):.1f} img/s peak mem {peak_memory_gb(self.device):.2f} GB"
+        self.reset()
+        return line
+
+
+# ----- command lines: run flags and the one preset mechanism -----
+
+
+def add_run_flags(p, ckpt_every=None, save_every=None, save_unit=None, train=True):
+    """The run-control flags every stage shares; the checkpoint cadence flags only for the stages that
+    checkpoint by step (the stand-in teacher writes one per epoch); --stop-at and --bench for trainers."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
+    p.add_argument("--log-every", type=int, default=20)
+    if not train:
+        return
+    if ckpt_every is not None:
+        p.add_argument("--ckpt-every", type=int, default=ckpt_every,
+                       help="write latest.pt every N steps, and at the end of every epoch")
+        p.add_argument("--save-every", type=int, default=save_every,
+                       help=f"keep a milestone copy every N {save_unit}")
+    p.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit at this step (job limits)")
+    p.add_argument("--bench", type=int, default=0, help="time this many steps, write nothing")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help prints the module docstring as written and every flag's value in force (the preset's)."""
+
+    def _format_action(self, action):
+        if action.option_strings and not action.help:
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"  # the defaults formatter skips flags without help
+        return super()._format_action(action)
+
+
+def parse_with_preset(build, preset_defaults, argv=None):
+    """The one preset mechanism of every stage: `build(add_help)` makes the stage's parser; a first pass
+    reads the choices that pick a preset (--preset, a mode), `preset_defaults(first)` gives the preset's
+    values, and they become the parser's defaults: an explicit flag overrides them, and --help prints them.
+    Returns (parser, args)."""
+    first, _ = build(add_help=False).parse_known_args(argv)
+    parser = build(add_help=True)
+    flags = {a.dest for a in parser._actions}
+    parser.set_defaults(**{k: v for k, v in preset_defaults(first).items() if k in flags})
+    return parser, parser.parse_args(argv)
+
+
+# ----- weights from files and URLs (a safetensors reader of our own) -----
+
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -406,8 +697,256 @@ def load_safetensors(path):
     return out
 
 
+def resolve_weights(weights, arch):
+    """A teacher's weights: a local path, a URL, or None for the architecture's public default."""
+    weights = weights or default_weights_url(arch)
+    if weights is None:
+        raise FileNotFoundError(f"no weights given for {arch}. {DINOV3_HELP}")
+    return fetch(weights, DINOV3_HELP if arch.startswith("dinov3") else "download it elsewhere and pass its path")
+
+
+def fetch(weights, help_):
+    """A local file as it is, or a URL downloaded once into torch.hub's cache ($TORCH_HOME/hub/checkpoints).
+    `help_` says where else to get the file when that fails (offline, or the URL is gone)."""
+    if not weights.startswith(("http://", "https://")):
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"weights not found: {weights}. {help_}")
+        return weights
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights))
+    if not os.path.isfile(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(weights, cached, progress=False)
+        except Exception as e:
+            raise RuntimeError(f"could not download {weights} ({e}). {help_} "
+                               f"(or place the file at {cached})") from None
+    return cached
+
+
+def read_state_dict(path, prefix=""):
+    """Tensors of a .safetensors or .pth file; `prefix` selects a sub-module (e.g. the teacher held in a
+    RecTok stage-1 checkpoint under 'sem_foundation_models.dinov3.')."""
+    if path.endswith(".safetensors"):
+        sd = load_safetensors(path)
+    else:
+        sd = load_checkpoint(path, ("teacher",), "teacher weights (.pth or .safetensors)")
+        for key in ("model", "teacher", "state_dict"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+                break
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
 #################################################################################
-#                     The ViT of DINOv2 and DINOv3 (Meta names)                 #
+#      Image data: class folders (ADM center crop) and the built-in shapes      #
+#################################################################################
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def center_crop_adm(image, size):
+    """ADM's center crop (`center_crop_arr`): halve with a BOX filter while the short side is >= 2*size, resize the
+    short side to `size` with BICUBIC, then crop the centre size x size."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def to_tensor(arr):
+    """uint8 HWC -> float CHW in [-1, 1], the range every network here reads."""
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1.0  # a writable copy
+
+
+def readable(path):
+    """A quick header check (PIL reads the header only): a file that fails it would stop a run mid-epoch."""
+    try:
+        with Image.open(path) as im:
+            return im.size[0] > 0 and im.size[1] > 0
+    except Exception:
+        return False
+
+
+def load_rgb(path):
+    """An image file as 8-bit RGB. 16-bit greyscale (PNG mode I;16, or I) is scaled to 8 bits first:
+    PIL's own conversion clips it, which turns almost every pixel white."""
+    with Image.open(path) as im:
+        if im.mode.startswith("I"):
+            deep = np.asarray(im, dtype=np.float64)
+            return Image.fromarray((deep * (255 / 65535)).round().clip(0, 255).astype(np.uint8)).convert("RGB")
+        return im.convert("RGB")
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/<image>, classes sorted by name (ImageNet's train/val layout). Returns (image, label);
+    the random flip is applied in the training loop, from a checkpointed generator. Files whose header does
+    not read are reported when the folder is listed, or left out (and counted) with skip_bad."""
+
+    def __init__(self, root, size, skip_bad=False):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data folder not found: {root} (expected root/<class>/<image files>)")
+        self.size = size
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not self.classes:
+            raise ValueError(f"{root} has no class sub-folders: expected root/<class>/<image files>, "
+                             f"as ImageNet's train and val folders")
+        self.samples = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
+                        for f in sorted(os.listdir(os.path.join(root, c)))
+                        if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not self.samples:
+            raise ValueError(f"{root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:  # file opens: I/O bound
+            ok = list(pool.map(readable, [path for path, _ in self.samples]))
+        bad = [path for (path, _), good in zip(self.samples, ok) if not good]
+        if bad and not skip_bad:
+            raise ValueError(f"{len(bad)} of {len(self.samples)} files in {root} are not readable images (e.g. "
+                             f"{', '.join(bad[:3])}): remove or replace them, or pass --skip-bad-images")
+        if bad:
+            self.samples = [s for s, good in zip(self.samples, ok) if good]
+            log(f"left out {len(bad)} unreadable file(s) of {root} (--skip-bad-images)")
+        self.num_classes = len(self.classes)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            image = load_rgb(path)
+        except Exception as e:
+            raise RuntimeError(f"cannot read image {path}: {e}. Remove or replace the file.") from None
+        return to_tensor(center_crop_adm(image, self.size)), label
+
+
+#: the shape classes of the built-in data set
+SHAPES = ("circle", "square", "triangle", "ring", "cross", "star", "bar", "crescent", "half-disk",
+          "two-dots")
+
+
+def _shape_mask(kind, u, v, radius):
+    """Inside-test of one shape in its own rotated frame (u, v) with size `radius`."""
+    r, theta = np.hypot(u, v), np.arctan2(v, u)
+    if kind == "circle":
+        return r < radius
+    if kind == "square":
+        return np.maximum(abs(u), abs(v)) < 0.8 * radius
+    if kind == "triangle":
+        sector = np.mod(theta, 2 * np.pi / 3) - np.pi / 3
+        return r * np.cos(sector) < radius * 0.5
+    if kind == "ring":
+        return abs(r - 0.75 * radius) < 0.25 * radius
+    if kind == "cross":
+        return ((abs(u) < radius / 3) & (abs(v) < radius)) | ((abs(v) < radius / 3) & (abs(u) < radius))
+    if kind == "star":
+        return r < radius * (0.55 + 0.45 * np.cos(5 * theta))
+    if kind == "bar":
+        return (abs(u) < radius) & (abs(v) < 0.25 * radius)
+    if kind == "crescent":
+        return (r < radius) & (np.hypot(u - 0.45 * radius, v) > 0.8 * radius)
+    if kind == "half-disk":
+        return (r < radius) & (u > 0)
+    return (np.hypot(u - 0.5 * radius, v) < 0.42 * radius) | (np.hypot(u + 0.5 * radius, v) < 0.42 * radius)
+
+
+def _background(rng, yy, xx):
+    """Two nearby colours mixed by a random texture: gradient, stripes, checks or smooth blobs (low contrast,
+    so that the shape, not the texture, is the salient object)."""
+    c0 = rng.uniform(0, 1, 3)
+    c1 = np.clip(c0 + rng.uniform(-0.3, 0.3, 3), 0, 1)
+    kind = rng.integers(4)
+    angle = rng.uniform(0, 2 * np.pi)
+    d = xx * np.cos(angle) + yy * np.sin(angle)
+    if kind == 0:
+        w = (d + 1) / 2
+    elif kind == 1:
+        w = 0.5 + 0.5 * np.sin(d * rng.uniform(6, 20) + rng.uniform(0, 6))
+    elif kind == 2:
+        f = rng.uniform(3, 8)
+        w = ((np.floor((xx + 1) * f) + np.floor((yy + 1) * f)) % 2) * 0.8 + 0.1
+    else:
+        w = sum(np.exp(-((xx - rng.uniform(-1, 1)) ** 2 + (yy - rng.uniform(-1, 1)) ** 2) / rng.uniform(0.05, 0.4))
+                for _ in range(4))
+        w = np.clip(w, 0, 1)
+    return c0 * (1 - w[..., None]) + c1 * w[..., None], (c0 + c1) / 2
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """The built-in data set: a shape of one of 10 classes with random position, size, rotation
+    and colour on a textured background. Image i is a pure function of (seed, split, i), at any size."""
+
+    num_classes = len(SHAPES)
+
+    def __init__(self, num_images, size, split="train", seed=0):
+        self.n, self.size, self.seed = num_images, size, seed
+        self.split = {"train": 0, "val": 1}[split]
+
+    def __len__(self):
+        return self.n
+
+    def render(self, i):
+        rng = np.random.default_rng([self.seed, self.split, i])
+        label = i % self.num_classes
+        s = 2 * self.size  # draw at 2x, then box-filter down: anti-aliased edges
+        yy, xx = np.meshgrid(np.linspace(-1, 1, s), np.linspace(-1, 1, s), indexing="ij")
+        image, bg_mean = _background(rng, yy, xx)
+        colour = rng.uniform(0, 1, 3)
+        while np.abs(colour - bg_mean).sum() < 0.6:
+            colour = rng.uniform(0, 1, 3)
+        radius = rng.uniform(0.35, 0.65)
+        cy, cx = rng.uniform(-0.9 + radius, 0.9 - radius, 2)
+        angle = rng.uniform(0, 2 * np.pi)
+        u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+        v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+        mask = _shape_mask(SHAPES[label], u, v, radius)
+        image = np.where(mask[..., None], colour, image)
+        image = image.reshape(self.size, 2, self.size, 2, 3).mean(axis=(1, 3))
+        return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), label
+
+    def __getitem__(self, i):
+        arr, label = self.render(i)
+        return to_tensor(arr), label
+
+
+def labels_of(data):
+    """Every label of a data set without reading its images."""
+    if isinstance(data, torch.utils.data.Subset):
+        labels = labels_of(data.dataset)
+        return [labels[i] for i in data.indices]
+    if isinstance(data, ImageFolder):
+        return [label for _, label in data.samples]
+    return [i % data.num_classes for i in range(len(data))]
+
+
+def one_per_class(data, num=10):
+    """Indices of the first image of each class (up to `num` classes): grids that show every class."""
+    first = {}
+    for i, label in enumerate(labels_of(data)):
+        first.setdefault(label, i)
+    return sorted(first.values())[:num]
+
+
+def build_dataset(data, size, split="train", num_images=None, seed=0, skip_bad=False):
+    """'synthetic' -> the built-in data set (num_images of them, default 10,000 train / 1,000 val);
+    anything else is a class-folder root (num_images, if set, keeps an evenly spaced subset)."""
+    if data == "synthetic":
+        return SyntheticShapes(num_images or (10000 if split == "train" else 1000), size, split, seed)
+    dataset = ImageFolder(data, size, skip_bad)
+    if num_images and num_images < len(dataset):
+        keep = np.linspace(0, len(dataset) - 1, num_images).round().astype(int).tolist()
+        subset = torch.utils.data.Subset(dataset, keep)
+        subset.num_classes = dataset.num_classes
+        return subset
+    return dataset
+
+
+#################################################################################
+#          Transformer parts every net shares; the ViT of DINOv2/DINOv3         #
 #################################################################################
 
 
@@ -612,15 +1151,24 @@ def _dino(family, width, depth, heads, registers=0, ffn="mlp"):
 
 # The official architectures (Meta's hub names). DINOv2 ViT-g uses a SwiGLU feed-forward.
 ARCHS = {}
+
+
 for _size, (_w, _d, _h) in {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}.items():
     ARCHS[f"dinov2_vit{_size}14"] = _dino("dinov2", _w, _d, _h)
     ARCHS[f"dinov2_vit{_size}14_reg"] = _dino("dinov2", _w, _d, _h, registers=4)
     ARCHS[f"dinov3_vit{_size}16"] = _dino("dinov3", _w, _d, _h)
+
+
 ARCHS["dinov2_vitg14"] = _dino("dinov2", 1536, 40, 24, ffn="swiglu")
+
+
 ARCHS["dinov2_vitg14_reg"] = _dino("dinov2", 1536, 40, 24, registers=4, ffn="swiglu")
+
 
 # Where the official weights come from. DINOv2's are public; DINOv3's are licence-gated.
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{base}/{base}{reg}_pretrain.pth"
+
+
 DINOV3_HELP = ("DINOv3 weights are licence-gated: accept the licence at "
                "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ (Meta .pth) or "
                "https://huggingface.co/facebook/dinov3-vitl16-pretrain-lvd1689m (model.safetensors), "
@@ -635,8 +1183,9 @@ def default_weights_url(arch):
 
 
 #################################################################################
-#             Official checkpoint layouts -> our (Meta) parameter names         #
+#           Official checkpoint layouts -> our (Meta) parameter names           #
 #################################################################################
+
 
 # Tensors that the checkpoints carry but inference does not use: the masked-image-modelling token,
 # DINOv3's RoPE periods (recomputed, and checked) and k-bias mask (applied, then dropped).
@@ -692,6 +1241,8 @@ _HF_BLOCK = {  # transformers block names -> ours, for DINOv3 (first) and DINOv2
 
 _HF_QKV = {"attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2,
            "attention.attention.query": 0, "attention.attention.key": 1, "attention.attention.value": 2}
+
+
 _HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "register_tokens",
            "embeddings.position_embeddings": "pos_embed", "layernorm.weight": "norm.weight",
            "layernorm.bias": "norm.bias"}
@@ -732,73 +1283,14 @@ def convert_teacher_state(sd, model):
     return dict(sd)
 
 
-def load_strict(model, sd, what):
-    """load_state_dict with a message that lists every missing and unexpected key."""
-    ours = model.state_dict()
-    missing = [k for k in ours if k not in sd]
-    unexpected = [k for k in sd if k not in ours]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
-             if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{what} does not fit the chosen architecture.\n  missing keys ({len(missing)}): "
-                         f"{missing[:20]}\n  unexpected keys ({len(unexpected)}): {unexpected[:20]}\n"
-                         f"  shape mismatches, file vs model ({len(wrong)}): {wrong[:10]}\n"
-                         f"Pick the architecture that matches the file.")
-    model.load_state_dict(sd)
-
-
-#################################################################################
-#                         Where teacher weights come from                       #
-#################################################################################
-
-
-def resolve_weights(weights, arch):
-    """A teacher's weights: a local path, a URL, or None for the architecture's public default."""
-    weights = weights or default_weights_url(arch)
-    if weights is None:
-        raise FileNotFoundError(f"no weights given for {arch}. {DINOV3_HELP}")
-    return fetch(weights, DINOV3_HELP if arch.startswith("dinov3") else "download it elsewhere and pass its path")
-
-
-def fetch(weights, help_):
-    """A local file as it is, or a URL downloaded once into torch.hub's cache ($TORCH_HOME/hub/checkpoints).
-    `help_` says where else to get the file when that fails (offline, or the URL is gone)."""
-    if not weights.startswith(("http://", "https://")):
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"weights not found: {weights}. {help_}")
-        return weights
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights))
-    if not os.path.isfile(cached):
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(weights, cached, progress=False)
-        except Exception as e:
-            raise RuntimeError(f"could not download {weights} ({e}). {help_} "
-                               f"(or place the file at {cached})") from None
-    return cached
-
-
-def read_state_dict(path, prefix=""):
-    """Tensors of a .safetensors or .pth file; `prefix` selects a sub-module (e.g. the teacher held in a
-    RecTok stage-1 checkpoint under 'sem_foundation_models.dinov3.')."""
-    if path.endswith(".safetensors"):
-        sd = load_safetensors(path)
-    else:
-        sd = load_checkpoint(path, ("teacher",), "teacher weights (.pth or .safetensors)")
-        for key in ("model", "teacher", "state_dict"):
-            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-                break
-    if prefix:
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return sd
-
-
 #################################################################################
 #                    The Teacher: preprocessing + frozen ViT                    #
 #################################################################################
 
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
@@ -886,7 +1378,7 @@ def build_teacher(name, weights=None, grid=16, rope_jitter=True, prefix=""):
 
 
 #################################################################################
-#              The stand-in teacher: a small ViT trained as a classifier        #
+#           The stand-in teacher: a small ViT trained as a classifier           #
 #################################################################################
 
 
@@ -907,10 +1399,10 @@ class StandinClassifier(nn.Module):
 
 PRESETS = {
     # Minutes on a 2-core CPU: 32 px synthetic images, patch 4 (an 8 x 8 grid, like the tiny tokenizer).
-    "tiny": dict(image_size=32, patch=4, width=128, depth=2, heads=4, epochs=6, batch_size=64,
+    "tiny": dict(image_size=32, patch_size=4, width=128, depth=2, heads=4, epochs=6, batch_size=64,
                  lr=2e-3, num_train=6000, num_val=1000),
     # A ViT-S/16 teacher for a new domain at 256 px.
-    "paper": dict(image_size=256, patch=16, width=384, depth=12, heads=6, epochs=100, batch_size=128,
+    "paper": dict(image_size=256, patch_size=16, width=384, depth=12, heads=6, epochs=100, batch_size=128,
                   lr=5e-4, num_train=None, num_val=None),
 }
 
@@ -924,104 +1416,77 @@ def evaluate(model, loader, device):
         x, y = x.to(device), y.to(device)
         correct += (model(x).argmax(-1) == y).sum()
         total += y.numel()
-    if dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(correct)
         dist.all_reduce(total)
     return (correct / total.clamp(min=1)).item()
 
 
 def train_standin(args):
-    # Data lives in tokenizer.py (it owns image data); imported here, not at module level, because
-    # tokenizer.py imports this file for the Teacher.
-    from tokenizer import build_dataset
-
     rank, world, device = setup_distributed()
     if rank == 0 and not args.bench:
         prepare_out_dir(args.out)
     torch.manual_seed(args.seed * world + rank)
-    train_set, val_set = standin_splits(build_dataset, args)
-    vit = dict(img_size=args.image_size, patch_size=args.patch, width=args.width, depth=args.depth,
+    train_set, val_set = standin_splits(args)
+    vit = dict(img_size=args.image_size, patch_size=args.patch_size, width=args.width, depth=args.depth,
                heads=args.heads, num_registers=4, pos="rope", ls_init=1e-1, ln_eps=1e-6, stem="conv")
-    model = StandinClassifier(vit, train_set.num_classes).to(device)
+    config = {"vit": vit, "num_classes": train_set.num_classes}
+    model = StandinClassifier(**config).to(device)
     ema = make_ema(model)
-    ddp = nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
-    opt = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=args.lr, betas=(0.9, 0.95),
-                            fused=True)
+    ddp = nn.parallel.DistributedDataParallel(model) if is_distributed() else model
+    opt = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=args.lr, betas=(0.9, 0.95), fused=True)
     loader, sampler = make_loader(train_set, args.batch_size, args.seed, rank, world, args.workers, device)
     val_loader = torch.utils.data.DataLoader(
         val_set, batch_size=args.batch_size, num_workers=args.workers,
         sampler=torch.utils.data.DistributedSampler(val_set, world, rank, shuffle=False))
     flip_gen = torch.Generator().manual_seed(args.seed * world + rank)
-    steps_per_epoch = len(train_set) // (args.batch_size * world)
-    total_steps = args.epochs * steps_per_epoch
-    stop = min(total_steps, args.stop_at or total_steps)
-    latest = os.path.join(args.out, "latest.pt")
-    config = {"vit": vit, "num_classes": train_set.num_classes}
-    step = 0 if args.bench else resume(latest, "teacher", rank, world,
-                                       {"model": model, "ema": ema, "optimizer": opt}, {"flip_rng": flip_gen},
-                                       match={"config": config, "global_batch": args.batch_size * world})
+    run = Run(args, "teacher", world, device, len(train_set) // (args.batch_size * world), args.batch_size * world,
+              {"model": model, "ema": ema, "optimizer": opt}, {"flip_rng": flip_gen}, match={"config": config},
+              check={"stand-in teacher": model})
     log(f"stand-in teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{len(train_set)} train / {len(val_set)} val images, {train_set.num_classes} classes, "
-        f"{total_steps} steps")
+        f"{len(train_set)} train / {len(val_set)} val images, {train_set.num_classes} classes, {run.total} steps")
     final_path = os.path.join(args.out, "teacher.pt")
-    if step >= stop and (step < total_steps or os.path.isfile(final_path)):
-        log(f"{latest} is already at step {step} of {total_steps} (--stop-at {args.stop_at}): nothing to do")
+    if run.step >= run.stop and (run.step < run.total or os.path.isfile(final_path)):
+        log(f"{run.latest} is already at step {run.step} of {run.total} (--stop-at {args.stop_at}): nothing to do")
         cleanup_distributed()
         return None
-    def weights(acc):
-        return {"kind": "teacher", "config": config, "model": model.state_dict(), "ema": ema.state_dict(),
-                "step": step, "epoch": step / steps_per_epoch, "global_batch": args.batch_size * world,
-                "args": vars(args), "accuracy": acc}
-
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    meter, guard, acc = Throughput(device), FiniteGuard(device), None
-    bench = Bench(args.bench, device) if args.bench else None
-    while step < stop:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
+    acc = None
+    while run.step < run.stop:
+        epoch, in_epoch = divmod(run.step, run.steps_per_epoch)
         sampler.set_position(epoch, in_epoch)
         model.train()
         for x, y in loader:
             x = random_flip(x.to(device, non_blocking=True), flip_gen)
             y = y.to(device, non_blocking=True)
             for g in opt.param_groups:
-                g["lr"] = args.lr * warmup_cosine(step / total_steps, 0.1)
-            with autocast:
+                g["lr"] = args.lr * warmup_cosine(run.step / run.total, 0.1)
+            with autocast(device):
                 loss = F.cross_entropy(ddp(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             update_ema(ema, model, 0.99)
-            step += 1
-            guard.add(loss)
-            meter.add(x.shape[0] * world)
-            if bench:
-                bench.tick(x.shape[0] * world)
-            if step % args.log_every == 0 or step == stop:
-                guard.check(step)
-                log(f"step {step}/{total_steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                    f"{meter.report()}")
-            if bench and step >= args.bench:
-                result = bench.report("stand-in teacher")
-                cleanup_distributed()
-                return result
-            if step >= stop:
+            run.tick(x.shape[0] * world, loss)
+            if run.log_due():
+                log(f"step {run.step}/{run.total} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                    f"{run.meter.report()}")
+            if run.step >= run.stop:
                 break
+        if run.bench:
+            continue  # no evaluation or checkpoint while benchmarking
         acc = evaluate(ema, val_loader, device)
-        log(f"epoch {epoch + 1} step {step}: held-out accuracy (EMA) {acc * 100:.2f}%")
-        state = dict(weights(acc), optimizer=opt.state_dict(), rng=gather_objects(rng_state(), world),
-                     flip_rng=gather_objects(flip_gen.get_state(), world))
-        guard.check(step)
-        assert_ranks_agree({"stand-in teacher": model})
-        if rank == 0:
-            atomic_save(state, latest)
-        barrier()
-    if step >= total_steps:
+        log(f"epoch {epoch + 1} step {run.step}: held-out accuracy (EMA) {acc * 100:.2f}%")
+        run.save(accuracy=acc)  # once per epoch (and at --stop-at)
+    if run.bench:
+        result = run.done("stand-in teacher")
+        cleanup_distributed()
+        return result
+    if run.step >= run.total:
         if acc is None:  # finished before, killed before teacher.pt was written
             acc = evaluate(ema, val_loader, device)
         if rank == 0:
             mean, std = token_statistics(ema.vit, train_set, args.batch_size, device)
-            final = dict(weights(acc), target_mean=mean, target_std=std)
-            atomic_save(final, final_path)
+            atomic_save(run.record(("model", "ema"), accuracy=acc, target_mean=mean, target_std=std), final_path)
             log(f"wrote {final_path} (held-out accuracy {acc * 100:.2f}%)")
     cleanup_distributed()
     return acc
@@ -1036,121 +1501,7 @@ def token_statistics(vit, dataset, batch_size, device, num=2000):
     return tokens.mean(0).float(), tokens.std(0).clamp(min=1e-6).float()
 
 
-def load_checkpoint(path, kinds, what):
-    """A checkpoint file as plain data: torch.load with weights_only=True, so nothing in the file runs (a
-    pickle can call any function; these files are downloaded and shared). Every error names the file and
-    what was expected: missing, damaged (empty, truncated, not a torch file), holding objects other than
-    tensors, numbers, strings, lists and dicts, or a `kind` other than `kinds` (our checkpoints record one;
-    the authors' files have none and are told apart by their keys)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1][:200]
-        raise ValueError(f"{path}: refused: it holds objects other than tensors, numbers, strings, lists and "
-                         f"dicts, which could run code when loaded ({reason}). Expected a {what}; re-save "
-                         f"the weights alone (a state dict) from a copy you trust") from None
-    except Exception as e:
-        raise ValueError(f"{path} is damaged or not a PyTorch checkpoint (empty, truncated or another "
-                         f"format: {type(e).__name__}: {str(e)[:200]}); expected a {what}") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; expected a {what}")
-    if ckpt.get("kind", kinds[0]) not in kinds:
-        raise ValueError(f"{path} is a {ckpt['kind']} checkpoint; expected a {what}")
-    return ckpt
-
-
-def resume(path, kind, rank, world, states, generators=None, match=None):
-    """Restore a run from `path` if it exists; returns the step to continue from (0 for a new run).
-
-    `states` maps checkpoint keys to objects with load_state_dict (model, EMA, optimizers, ...);
-    `generators` maps keys to per-rank torch.Generators; the global RNG streams of this rank are restored
-    too. `match` maps checkpoint keys to the values this run has (its model config, global batch, data):
-    a checkpoint made with others is refused rather than silently mixed. On another number of processes
-    (same global batch) the run continues, but not bit for bit: each rank's random streams are re-seeded."""
-    if not os.path.isfile(path):
-        return 0
-    ckpt = load_checkpoint(path, (kind,), f"{kind} run checkpoint to resume")
-    for key, value in (match or {}).items():
-        if ckpt.get(key) != value:
-            raise ValueError(f"{path} was made with another {key.replace('_', ' ')} ({ckpt.get(key)}, this run: "
-                             f"{value}); resume it with the same flags and processes, or use a new --out")
-    for key, obj in states.items():
-        obj.load_state_dict(ckpt[key])
-    if len(ckpt["rng"]) == world:
-        set_rng_state(ckpt["rng"][rank])
-        for key, gen in (generators or {}).items():
-            gen.set_state(ckpt[key][rank])
-    else:
-        log(f"{path} was written by {len(ckpt['rng'])} processes, this run has {world}: same global batch, so "
-            f"it continues, with re-seeded random streams (not bit-identical to an uninterrupted run)")
-        reseed(ckpt["step"] * world + rank, generators)
-    log(f"resumed from {path} at step {ckpt['step']}")
-    return ckpt["step"]
-
-
-def reseed(seed, generators=None):
-    """Seed every random stream of this process (and `generators`) from one number."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    for gen in (generators or {}).values():
-        gen.manual_seed(seed)
-
-
-class Bench:
-    """--bench N, the one benchmark rule of every trainer: N steps, nothing written; the first step is
-    warm-up (allocation, autotuning) and not timed. Reports the median step time, images/s to three
-    significant figures and peak memory. Only this mode synchronises CUDA after each step."""
-
-    def __init__(self, steps, device):
-        self.steps, self.device, self.times, self.last, self.images = steps, device, [], None, 0
-
-    def tick(self, images):
-        """After each step; `images` is the step's global batch."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        if self.last is not None:
-            self.times.append(now - self.last)
-        self.last, self.images = now, images
-
-    def report(self, name):
-        if not self.times:
-            log(f"{name} bench: nothing timed; use --bench 2 or more (the first step is warm-up)")
-            return None
-        step = statistics.median(self.times)
-        log(f"{name} bench: median step {step:.3g} s over {len(self.times)} steps after 1 warm-up, "
-            f"{self.images / step:.3g} img/s, peak mem {peak_memory_gb(self.device):.3g} GB")
-        return {"step_s": step, "images_per_s": self.images / step}
-
-
-class Throughput:
-    """images/s since the last report, and peak memory (one log line per interval, no per-step syncs)."""
-
-    def __init__(self, device):
-        self.device = device
-        self.reset()
-
-    def reset(self):
-        """Start a new interval."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.t0, self.seen = time.time(), 0
-
-    def add(self, n):
-        self.seen += n
-
-    def report(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # at logging time only, never inside a step
-        line = f"{self.seen / (time.time() - self.t0):.1f} img/s peak mem {peak_memory_gb(self.device):.2f} GB"
-        self.reset()
-        return line
-
-
-def standin_splits(build_dataset, args):
+def standin_splits(args):
     """Train and held-out sets: the built-in data has its own val split; a folder holds out every 50th
     image unless --val-data names a separate folder."""
     if args.data == "synthetic" or args.val_data:
@@ -1169,8 +1520,6 @@ def standin_splits(build_dataset, args):
 @torch.no_grad()
 def check_teacher(args):
     """Load official weights and print what the tokenizer would receive for a few synthetic images."""
-    from tokenizer import build_dataset
-
     teacher = build_teacher(args.check, args.weights, grid=args.image_size // 16)
     data = build_dataset("synthetic", args.image_size, "val", 4)
     x = torch.stack([data[i][0] for i in range(4)])
@@ -1185,7 +1534,7 @@ def build_parser(add_help=True):
     p.add_argument("--skip-bad-images", action="store_true", help="leave out (and count) unreadable files")
     p.add_argument("--out", default="runs/teacher", help="run folder (resumes from OUT/latest.pt)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
-    for k in ("image_size", "patch", "width", "depth", "heads", "epochs", "batch_size", "num_train",
+    for k in ("image_size", "patch_size", "width", "depth", "heads", "epochs", "batch_size", "num_train",
               "num_val"):
         p.add_argument("--" + k.replace("_", "-"), type=int)
     p.add_argument("--lr", type=float)

@@ -26,7 +26,6 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -117,12 +116,13 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
+def modulate(x, bias, scale):
+    """adaLN: x * (1 + scale) + bias, the condition's per-channel affine map."""
+    return x * (1 + scale) + bias
 
 
 class Block(nn.Module):
-    """adaLN-Zero block: shift/scale/gate for attention and MLP from Linear(SiLU(c)); c is (B, D) in the
+    """adaLN-Zero block: bias/scale/gate for attention and MLP from Linear(SiLU(c)); c is (B, D) in the
     trunk and per token (B, L, D) in the head."""
 
     def __init__(self, width, heads):
@@ -136,9 +136,9 @@ class Block(nn.Module):
     def forward(self, x, c, cos, sin):
         if c.dim() == 2:
             c = c[:, None]
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), lambda t: rope(t, cos, sin))
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        bias1, scale1, gate1, bias2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), bias1, scale1), lambda t: rope(t, cos, sin))
+        return x + gate2 * self.mlp(modulate(self.norm2(x), bias2, scale2))
 
 
 class FinalLayer(nn.Module):
@@ -148,9 +148,9 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, x, s):
-        shift, scale = self.adaLN_modulation(s).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+    def forward(self, x, c):
+        bias, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), bias, scale))
 
 
 class PatchEmbed(nn.Module):
@@ -214,16 +214,16 @@ class DiTDH(nn.Module):
         B = x.shape[0]
         t_emb = self.t_embedder(t)
         c = F.silu(t_emb + self.y_embedder(y))
-        s = self.s_embedder(x) + self.pos_embed
+        trunk = self.s_embedder(x) + self.pos_embed
         rope_t = (self.enc_feat_rope.freqs_cos, self.enc_feat_rope.freqs_sin)
         for block in self.blocks[:self.num_trunk]:
-            s = block(s, c, *rope_t)
-        s = self.s_projector(F.silu(t_emb[:, None] + s))  # the hand-off: a per-token condition
+            trunk = block(trunk, c, *rope_t)
+        cond = self.s_projector(F.silu(t_emb[:, None] + trunk))  # the hand-off: a per-token condition
         h = self.x_embedder(x)  # the head re-reads x, with no position embedding
         rope_h = (self.dec_feat_rope.freqs_cos, self.dec_feat_rope.freqs_sin)
         for block in self.blocks[self.num_trunk:]:
-            h = block(h, s, *rope_h)
-        out = self.final_layer(h, s)
+            h = block(h, cond, *rope_h)
+        out = self.final_layer(h, cond)
         # unpatchify (patch 1): B x L x C -> B x C x h x w
         return out.transpose(1, 2).reshape(B, self.channels, self.grid, self.grid)
 
@@ -250,10 +250,9 @@ def flow_matching_loss(model, x1, y, s, x0=None, u=None):
 
 
 def euler_grid(num_points, s):
-    """N grid points = N-1 Euler steps: sigma(t) = s*t/(1+(s-1)*t) on linspace(0, 1, N) in float32; for
-    s > 1 the grid is flipped, g_i = 1 - sigma(1 - i/(N-1)), dense near t = 0 (noise)."""
-    t = torch.linspace(0, 1, num_points)
-    sigma = s * t / (1 + (s - 1) * t)
+    """N grid points = N-1 Euler steps: sigma = shift(t, s) on linspace(0, 1, N) in float32; for s > 1 the
+    grid is flipped, g_i = 1 - sigma(1 - i/(N-1)), dense near t = 0 (noise)."""
+    sigma = tokenizer.shift(torch.linspace(0, 1, num_points), s)
     return (sigma[-1] - sigma).flip(0) if s > 1 else sigma
 
 
@@ -340,7 +339,7 @@ def save_preview(ema, tok, cache, path, device, num=8, seed=0):
     y = (torch.arange(num) % ema.num_classes).to(device)
     latents = sample(ema, z0, y, num_points=50)
     images = tok.to(device).detokenize(latents, cache.mu.to(device), cache.sigma.to(device))
-    tokenizer.save_grid([images], path)
+    distill.save_grid([images], path)
 
 
 def train(args):
@@ -352,85 +351,65 @@ def train(args):
     model, config = build_model(args, cache)
     model.to(device)
     ema = distill.make_ema(model)
-    ddp = nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
+    ddp = nn.parallel.DistributedDataParallel(model) if distill.is_distributed() else model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=0.0, fused=True)  # CPU too
     loader, sampler = distill.make_loader(cache, args.batch_size, args.seed, rank, world, args.workers, device)
-    steps_per_epoch = len(cache) // (args.batch_size * world)
-    total = args.epochs * steps_per_epoch
-    stop = min(total, args.bench or args.stop_at or total)
-    latest = os.path.join(args.out, "latest.pt")
-    step = 0 if args.bench else distill.resume(
-        latest, "generator", rank, world, {"model": model, "ema": ema, "optimizer": opt},
-        match={"config": config, "global_batch": args.batch_size * world, "source": latent_source(args, cache)})
+    run = distill.Run(args, "generator", world, device, len(cache) // (args.batch_size * world),
+                      args.batch_size * world, {"model": model, "ema": ema, "optimizer": opt},
+                      match={"config": config, "source": latent_source(args, cache)})
     s = tokenizer.latent_shift(cache.meta["grid"], cache.meta["channels"])
     mu, sigma = cache.mu.to(device), cache.sigma.to(device)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     distill.log(f"DiT^DH-{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                 f"{len(cache)} latents ({cache.meta['channels']} x {cache.meta['grid']}^2), shift {s:.3f}, "
-                f"{world} process(es) x batch {args.batch_size}, {total} steps")
-    meter, guard = distill.Throughput(device), distill.FiniteGuard(device)
-    bench = distill.Bench(args.bench, device) if args.bench else None
+                f"{world} process(es) x batch {args.batch_size}, {run.total} steps")
     model.train()
-    while step < stop:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
+    while run.step < run.stop:
+        epoch, in_epoch = divmod(run.step, run.steps_per_epoch)
         cache.set_epoch(epoch)
         sampler.set_position(epoch, in_epoch)
         for moments, y in loader:
             moments, y = moments.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for g in opt.param_groups:
-                g["lr"] = hold_then_linear(step / steps_per_epoch, args)
+                g["lr"] = hold_then_linear(run.epoch, args)
             x1 = tokenizer.sample_latent(moments, mu, sigma, cache.meta["grid"])
-            with autocast:
+            with distill.autocast(device):
                 loss = flow_matching_loss(ddp, x1, y, s).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
             distill.update_ema(ema, model, args.ema)
-            step += 1
-            guard.add(loss)
-            meter.add(len(y) * world)
-            if bench:
-                bench.tick(len(y) * world)
-            if step % args.log_every == 0 or step == stop:
-                guard.check(step)
-                distill.log(f"step {step}/{total} epoch {step / steps_per_epoch:.2f} loss {loss.item():.4f} "
+            run.tick(len(y) * world, loss)
+            if run.log_due():
+                distill.log(f"step {run.step}/{run.total} epoch {run.epoch:.2f} loss {loss.item():.4f} "
                             f"grad_norm {grad_norm.item():.3f} lr {opt.param_groups[0]['lr']:.2e} "
-                            f"{meter.report()}")
-            if not args.bench:
-                checkpoint(args, step, stop, steps_per_epoch, rank, world, model, ema, opt, config, cache, tok,
-                           device, guard)
-            if step >= stop or step % steps_per_epoch == 0:
+                            f"{run.meter.report()}")
+            checkpoint(run, ema, cache, tok, device)
+            if run.step >= run.stop or run.epoch_end():
                 break
-    if bench:
-        bench.report(f"DiT^DH-{args.model}")
+    result = run.done(f"DiT^DH-{args.model}")
     distill.cleanup_distributed()
-    return step
+    return result if args.bench else run.step
 
 
-def checkpoint(args, step, stop, steps_per_epoch, rank, world, model, ema, opt, config, cache, tok, device,
-               guard):
-    """latest.pt every --ckpt-every steps, at each epoch's end and at the end, milestones, previews (rank 0
-    writes, all wait)."""
-    if rank == 0 and tok is not None and args.preview_every and step % args.preview_every == 0:
-        save_preview(ema, tok, cache, os.path.join(args.out, f"preview_{step:07d}.png"), device)
-    if step % args.ckpt_every and step % steps_per_epoch and step != stop:
+def checkpoint(run, ema, cache, tok, device):
+    """latest.pt (distill.Run's cadence), milestones every --save-every steps, previews (rank 0 writes,
+    all wait). The cache's statistics travel with the weights: sample.py needs them to decode."""
+    args = run.args
+    if run.bench:
         return
-    guard.check(step)
-    distill.assert_ranks_agree({"generator": model})
-    state = {"kind": "generator", "config": config, "model": model.state_dict(), "ema": ema.state_dict(),
-             "optimizer": opt.state_dict(), "step": step, "epoch": step / steps_per_epoch,
-             "global_batch": args.batch_size * world, "source": latent_source(args, cache), "args": vars(args),
-             "rng": distill.gather_objects(distill.rng_state(), world),
-             "latents": {"root": os.path.abspath(args.latents), "fingerprint": cache.meta["fingerprint"],
-                         "tokenizer": cache.meta["tokenizer"], "mu": cache.mu, "sigma": cache.sigma}}
-    if rank == 0:
-        distill.atomic_save(state, os.path.join(args.out, "latest.pt"))
-        if args.save_every and step % args.save_every == 0:
-            distill.atomic_save(state, os.path.join(args.out, f"step_{step:07d}.pt"))
-        if step == stop and tok is not None:
-            save_preview(ema, tok, cache, os.path.join(args.out, f"preview_{step:07d}.png"), device)
+    if run.rank == 0 and tok is not None and args.preview_every and run.step % args.preview_every == 0:
+        save_preview(ema, tok, cache, os.path.join(args.out, f"preview_{run.step:07d}.png"), device)
+    if not run.checkpoint_due():
+        return
+    latents = {"root": os.path.abspath(args.latents), "fingerprint": cache.meta["fingerprint"],
+               "tokenizer": cache.meta["tokenizer"], "mu": cache.mu, "sigma": cache.sigma}
+    run.save(latents=latents)
+    if args.save_every and run.step % args.save_every == 0:
+        run.save(f"step_{run.step:07d}.pt", latents=latents)
+    if run.rank == 0 and run.step == run.stop and tok is not None:
+        save_preview(ema, tok, cache, os.path.join(args.out, f"preview_{run.step:07d}.png"), device)
     distill.barrier()
 
 

@@ -459,14 +459,17 @@ def describe(source, model, args, device, need_images=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The docstring as written, and each flag's default."""
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("sources", nargs="+", help="one or two: folder, image .npz, or statistics .npz")
     p.add_argument("--save-stats", default=None, help="write the first source's mu/sigma to this .npz")
     p.add_argument("--is", dest="inception_score", action="store_true", help="Inception Score of the first")
     p.add_argument("--pr", action="store_true", help="precision/recall (k=3) of the first against the second")
     p.add_argument("--mode", default="tf", choices=["tf", "pytorch-fid"], help="input pipeline")
     p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 path or URL")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=100, help="per process")
     p.add_argument("--json", default=None, help="where to write the metrics")
     args = p.parse_args(argv)
     if len(args.sources) > 2:

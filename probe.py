@@ -13,7 +13,7 @@ Protocols:
     RandomResizedCrop + flip views, which --augment gives (an extraction per epoch, about epochs times
     the cost; the README gives the difference measured on the tiny preset);
   * "research": the authors' linear probe (`linear_probing/linear_prob_detok.py`): a linear layer on the
-    token-averaged latent, Adam at a constant lr = adam_blr * batch / 256 (0.1 x batch/256), training
+    token-averaged latent, Adam at a constant lr = adam_base_lr * batch / 256 (0.1 x batch/256), training
     images flipped at random (both orientations are extracted once and each epoch picks one per image).
 
 Run:
@@ -39,7 +39,6 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 
 import distill
-import fid
 import tokenizer
 
 #################################################################################
@@ -56,14 +55,14 @@ def flow_noise(seed, index, shape):
 def extract(model, data, kind, taus, args, device):
     """Token-averaged features of every image of `data` for each tau (L and SL use tau = 0): this rank's
     contiguous shard, gathered in index order. Returns ({tau: (N, dim)}, labels (N,))."""
-    rank, world = fid.world_info()
+    rank, world = distill.world_info()
     lo, hi = rank * len(data) // world, (rank + 1) * len(data) // world
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(lo, hi)),
                                          batch_size=args.batch_size, num_workers=args.workers)
     feats, labels, start = {tau: [] for tau in taus}, [], lo
     meter = distill.Throughput(device)
     for k, (x, y) in enumerate(loader):
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        with distill.autocast(device):
             moments, hidden = model.encoder(x.to(device), return_features=True)
         z = tokenizer.Posterior(moments).mean
         for tau in taus:
@@ -80,8 +79,8 @@ def extract(model, data, kind, taus, args, device):
         meter.add(len(y) * world)
         if (k + 1) % args.log_every == 0 or k + 1 == len(loader):
             distill.log(f"features: {start - lo}/{hi - lo} images on rank 0, {meter.report()}")
-    gathered = {tau: torch.from_numpy(fid.gather(torch.cat(v), device)).float() for tau, v in feats.items()}
-    return gathered, torch.from_numpy(fid.gather(torch.cat(labels).double()[:, None], device)[:, 0]).long()
+    gathered = {tau: distill.gather(torch.cat(v)).float() for tau, v in feats.items()}
+    return gathered, distill.gather(torch.cat(labels))
 
 
 #################################################################################
@@ -126,12 +125,12 @@ def train_heads(features, y, val, yv, num_classes, args):
     """Train one linear probe per feature set (one per tau) on the same batches; top-1 and top-5 accuracy
     (%) of each on its validation features. `features(epoch)` gives {key: (N, dim)} training features for
     that epoch (fixed, a random flip of each image, or fresh augmented views); `val` is {key: (Nv, dim)}.
-    mae: LARS, lr = blr * batch / 256, warm-up then cosine. research: Adam at a constant
-    lr = adam_blr * batch / 256. Deterministic given --seed."""
+    mae: LARS, lr = base_lr * batch / 256, warm-up then cosine. research: Adam at a constant
+    lr = adam_base_lr * batch / 256. Deterministic given --seed."""
     heads, opts = {}, {}
     mae = args.protocol == "mae"
     batch = min(args.probe_batch_size, len(y))
-    lr = (args.blr if mae else args.adam_blr) * batch / 256
+    lr = (args.base_lr if mae else args.adam_base_lr) * batch / 256
     for key, xv in val.items():
         torch.manual_seed(args.seed)  # every head starts from the same draw
         heads[key] = make_head(xv.shape[1], num_classes, args.protocol)
@@ -291,9 +290,9 @@ def main(argv=None):
     model, config = tokenizer.load_tokenizer(args.tokenizer, device=device)
     taus = args.sweep_tau or [args.tau if args.feature == "flow" else 0.0]
     kind = "flow" if args.sweep_tau else args.feature
-    train = tokenizer.build_dataset(args.data, config["img_size"], "train", args.num_train, args.data_seed,
+    train = distill.build_dataset(args.data, config["img_size"], "train", args.num_train, args.data_seed,
                                     args.skip_bad_images)
-    val = tokenizer.build_dataset(args.val_data or args.data, config["img_size"], "val", args.num_val,
+    val = distill.build_dataset(args.val_data or args.data, config["img_size"], "val", args.num_val,
                                   args.data_seed, args.skip_bad_images)
     features, y = training_features(model, train, kind, taus, args, device)
     xvs, yv = extract(model, val, kind, taus, args, device)
@@ -307,7 +306,7 @@ def main(argv=None):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         chance = 100 / train.num_classes
-        tokenizer.write_json(os.path.join(args.out, "probe.json"), {"tokenizer": args.tokenizer, "protocol":
+        distill.write_json(os.path.join(args.out, "probe.json"), {"tokenizer": args.tokenizer, "protocol":
                                                                     args.protocol, "chance": chance,
                                                                     "results": results})
         if args.sweep_tau:
@@ -319,13 +318,12 @@ def main(argv=None):
 
 
 PRESETS = {
-    # MAE's ImageNet linear probe: blr 0.1 at batch 16384 (lr 6.4), 90 epochs, 10 warm-up, on the whole
+    # MAE's ImageNet linear probe: base_lr 0.1 at batch 16384 (lr 6.4), 90 epochs, 10 warm-up, on the whole
     # train and val sets.
-    "paper": dict(blr=0.1, probe_batch_size=16384, num_train=None, num_val=None),
+    "paper": dict(base_lr=0.1, probe_batch_size=16384, num_train=None, num_val=None),
     # A few thousand images: batch 256 gives ~1000 LARS steps. LARS moves a weight matrix by lr x 0.001 of
-    # its norm per step, so so few steps need a far larger lr (tiny tokenizer, L: blr 1 -> 14.9% top-1,
-    # 5 -> 19.4%, 20 -> 21.2%, 50 -> 20.6%).
-    "tiny": dict(blr=20.0, probe_batch_size=256, num_train=3000, num_val=1000),
+    # its norm per step, so so few steps need a far larger lr (measured in the README's "Linear probing").
+    "tiny": dict(base_lr=20.0, probe_batch_size=256, num_train=3000, num_val=1000),
 }
 
 
@@ -350,8 +348,8 @@ def build_parser(add_help=True):
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--warmup-epochs", type=float, default=10, help="mae only")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
-    p.add_argument("--blr", type=float, help="mae: lr = blr * batch / 256")
-    p.add_argument("--adam-blr", type=float, default=0.1, help="research: Adam lr = adam_blr * batch / 256")
+    p.add_argument("--base-lr", type=float, help="mae: lr = base_lr * batch / 256")
+    p.add_argument("--adam-base-lr", type=float, default=0.1, help="research: Adam lr = adam_base_lr * batch / 256")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--probe-batch-size", type=int, help="linear-probe batch")
     p.add_argument("--batch-size", type=int, default=64, help="feature extraction batch per process")

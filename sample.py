@@ -2,7 +2,7 @@
 (`models/DDT.py`).
 
 Image i of a run has label i % num_classes and initial noise drawn from a generator seeded by (seed, i)
-alone; the index space is cut into global batches of --batch-size that are dealt to the ranks in
+alone; the index space is cut into global batches of --global-batch-size that are dealt to the ranks in
 contiguous runs, so every image is computed in the same batch whatever the number of processes, and the
 files are the same with 1 GPU or 64. A crash resumes by skipping the batches whose PNGs all exist.
 
@@ -21,6 +21,7 @@ OUT/samples.npz (`arr_0` (N, H, W, 3) uint8 and `labels`, the layout the ADM eva
 OUT/preview.png, and with --ref-stats OUT/metrics.json (FID, IS).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,7 +29,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
@@ -88,7 +88,7 @@ def generate(args, model, guide, tok, mu, sigma, batch, device):
     """One batch of indices -> uint8 images (B, H, W, 3) and labels."""
     labels = torch.tensor([i % model.num_classes for i in batch], device=device)
     z0 = torch.stack([image_noise(args.seed, i, (model.channels, model.grid, model.grid)) for i in batch])
-    with torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
+    with distill.autocast(device) if args.bf16 else contextlib.nullcontext():
         latents = dit.sample(model, z0.to(device), labels, args.steps, cfg=args.cfg,
                              interval=tuple(args.cfg_interval), guide=guide)
         if not torch.isfinite(latents).all():
@@ -131,7 +131,7 @@ def provenance(args, model, guide, tok, mu, sigma):
             "guide": distill.weights_fingerprint(guide) if guide is not None else None,
             "latent_stats": distill.weights_fingerprint({"mu": mu, "sigma": sigma}), "seed": args.seed,
             "steps": args.steps, "cfg": args.cfg, "cfg_interval": list(args.cfg_interval),
-            "num_images": args.num_images, "batch_size": args.batch_size, "bf16": args.bf16}
+            "num_images": args.num_images, "global_batch_size": args.global_batch_size, "bf16": args.bf16}
 
 
 def check_provenance(args, made):
@@ -148,8 +148,8 @@ def check_provenance(args, made):
     elif os.path.isdir(folder) and os.listdir(folder):
         raise ValueError(f"{folder} holds images but no provenance.json saying what made them: sample into a "
                          f"fresh --out, or delete {folder}")
-    elif not dist.is_initialized() or dist.get_rank() == 0:
-        tokenizer.write_json(path, made)
+    elif distill.world_info()[0] == 0:
+        distill.write_json(path, made)
 
 
 def main(argv=None):
@@ -163,7 +163,7 @@ def main(argv=None):
     distill.barrier()
     folder = os.path.join(args.out, "images")
     os.makedirs(folder, exist_ok=True)
-    batches = my_batches(args.num_images, args.batch_size, rank, world)
+    batches = my_batches(args.num_images, args.global_batch_size, rank, world)
     todo = [b for b in batches if not all(os.path.isfile(os.path.join(folder, f"{i:06d}.png")) for i in b)]
     before = len([f for f in os.listdir(folder) if f.endswith(".png")])
     distill.log(f"sampling {args.num_images} images ({args.steps} grid points, cfg {args.cfg}"
@@ -252,10 +252,10 @@ def judge_samples(args):
     written to OUT/judge.json."""
     judge, _ = load_judge(args.judge, "cpu")
     samples = np.load(os.path.join(args.out, "samples.npz"))
-    real = tokenizer.build_dataset(args.judge_data, samples["arr_0"].shape[1], "val", args.judge_real)
+    real = distill.build_dataset(args.judge_data, samples["arr_0"].shape[1], "val", args.judge_real)
     scores = judge_scores(judge, samples["arr_0"], samples["labels"], *real_images(real, args.judge_real), "cpu")
     scores.update(judge=args.judge, judge_data=args.judge_data, num_samples=len(samples["labels"]))
-    tokenizer.write_json(os.path.join(args.out, "judge.json"), scores)
+    distill.write_json(os.path.join(args.out, "judge.json"), scores)
     distill.log(f"judge {args.judge}: class accuracy of the samples {scores['judge_class_accuracy'] * 100:.1f}% "
                 f"(real held-out images: {scores['judge_accuracy_on_real'] * 100:.1f}%, chance "
                 f"{scores['chance'] * 100:.0f}%), Frechet distance in its feature space "
@@ -274,15 +274,15 @@ def evaluate(args, device):
                "cfg_interval": args.cfg_interval, "guide": args.guide, "seed": args.seed}
     if len(logits) >= 10:
         metrics["inception_score"], metrics["inception_score_std"] = fid.inception_score(logits)
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if distill.world_info()[0] != 0:
         return metrics
-    tokenizer.write_json(os.path.join(args.out, "metrics.json"), metrics)
+    distill.write_json(os.path.join(args.out, "metrics.json"), metrics)
     distill.log(json.dumps(metrics))
     return metrics
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=distill.HelpFormatter)
     p.add_argument("--dit", default="runs/dit/latest.pt", help="generator checkpoint (EMA weights are used)")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one the "
                    "generator's latent cache came from)")
@@ -295,7 +295,7 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (CFG, or autoguidance with --guide)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="CFG time interval")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=50, help="global batch (same images for any ranks)")
+    p.add_argument("--global-batch-size", type=int, default=50, help="images per step over all ranks (the same images for any rank count)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA")
     p.add_argument("--out", default="runs/samples")
     p.add_argument("--ref-stats", default=None, help="reference statistics .npz for FID (mu, sigma)")

@@ -2,6 +2,49 @@
 
 Parity tests rebuild the reference weights with the fill rule of tests/parity (copied from shared/parity,
 see its README), map them to our names, feed the stored inputs and compare with the stored outputs.
+
+Map, from the paper's ideas and the project's guarantees to the tests (`pytest -k NAME` runs one):
+
+  The method
+    FSD + RAD (semantic decoder on z_tau, masked) test_semantic_decoder_parity, test_stage1_forward_and_losses_parity
+    the flow z_tau, the shift, tau schedules     test_posterior_and_flow_parity, test_draw_tau_schedules,
+                                                 test_gamma_zero_turns_the_flow_off, test_transport_parity
+    MAE masking (RAD's input)                    test_mask_ratio_distribution, test_encoder_parity
+    the teacher (DINOv2/v3, stand-in)            test_teacher_parity, test_teacher_preprocess_parity,
+                                                 test_teacher_targets_in_stage1_forward,
+                                                 test_teacher_rope_jitter_is_drawn_in_train_mode_only
+    losses (LPIPS, ConvNeXt, PatchGAN)           test_lpips_parity, test_convnext_perceptual_parity, test_patchgan_parity
+    stage 2 (decoder fine-tuning)                test_finetune_changes_only_the_decoder,
+                                                 test_finetune_preset_is_the_released_stage2_recipe
+    DiT^DH and its sampler                       test_ditdh_forward_parity, test_sampler_parity, test_dit_loss_falls
+    FID / IS / P&R, the offline judge            test_fid_inception_parity, test_frechet_parity,
+                                                 test_inception_score_parity, test_judge_scores
+    linear probing                               test_probe_finds_planted_linear_structure,
+                                                 test_research_probe_is_adam_at_a_constant_lr, test_probe_training_views
+  Guarantees
+    released weights load (strict keys)          test_official_*_keys_load_strictly, test_load_released_tokenizer_layout,
+                                                 test_load_official_dit_ema_without_buffers, test_sampling_from_released_layout
+    exact resume (stop + resume = uninterrupted) test_*_resume_is_exact, test_*_two_processes_resume_exactly,
+                                                 test_interrupted_encode_resumes_to_the_same_files,
+                                                 test_interrupted_sampling_resumes_to_the_same_set,
+                                                 test_checkpoints_at_every_epoch_end
+    rank independence (2 gloo processes)         test_standin_two_process_gloo, test_cache_same_with_two_processes,
+                                                 test_sampling_is_the_same_on_two_processes,
+                                                 test_fid_features_two_processes_equal_one,
+                                                 test_probe_two_processes_equal_one, test_ranks_agree_check_and_broadcast
+    recipe defaults and the command line         test_presets_are_the_parser_defaults, test_bench_is_one_rule_in_every_trainer,
+                                                 test_weight_decay_skips_embeddings_and_tokens, test_dit_lr_decay_ends_at_its_own_epoch
+    bad input, clear errors                      test_*_bad_inputs, test_*_errors, test_image_folder_errors,
+                                                 test_dit_mismatch_errors, test_unwritable_out_and_full_disk,
+                                                 test_encode_refuses_to_resume_into_a_cache_of_other_images,
+                                                 test_sampling_refuses_a_folder_made_otherwise
+    checkpoint safety                            test_no_loader_runs_code_from_a_checkpoint,
+                                                 test_wrong_or_damaged_checkpoints_say_what_they_are,
+                                                 test_divergence_stops_before_anything_is_saved
+    the whole pipeline                           test_pipeline_end_to_end
+
+Layout: parity machinery, the fixtures (one run chain shared by all), then one section per file, each
+ordered parity, numerics, runs, errors.
 """
 import json
 import math
@@ -88,6 +131,106 @@ def assert_same_runs(a, b, parts):
         for k in ca[part]:
             assert torch.equal(ca[part][k], cb[part][k]), (part, k)
     return ca
+
+
+#################################################################################
+#   Fixtures: the run chain standin_teacher -> stage1_run -> cache -> dit_run   #
+#################################################################################
+
+# Each fixture is a real run of a stage at a tiny size, made once per test session and shared.
+
+
+STANDIN_TINY = ["--image-size", "32", "--patch-size", "8", "--width", "32", "--depth", "1", "--heads", "2",
+                "--num-train", "256", "--num-val", "64", "--batch-size", "32", "--epochs", "2",
+                "--workers", "0", "--log-every", "4"]
+
+
+def tok_args(teacher, out, *extra):
+    return ["--image-size", "32", "--patch-size", "8", "--channels", "8", "--encoder-size", "mini",
+            "--decoder-size", "mini", "--sem-size", "mini", "--num-train", "128", "--batch-size", "16",
+            "--epochs", "1", "--workers", "0", "--log-every", "2", "--grid-every", "0",
+            "--teacher-weights", teacher, "--out", out, *extra]
+
+
+def encode_args(ckpt, out, *extra):
+    """40 images in shards of 16 (16 + 16 + 8), batches of 12 that straddle shard boundaries."""
+    return ["encode", "--ckpt", ckpt, "--out", out, "--num-train", "40", "--batch-size", "12",
+            "--shard-size", "16", "--workers", "0", *extra]
+
+
+def dit_args(cache, out, *extra):
+    return ["--latents", cache, "--out", out, "--model", "tiny", "--batch-size", "8", "--epochs", "2",
+            "--workers", "0", "--log-every", "1", "--preview-every", "0", *extra]
+
+
+def sample_args(ckpt, out, *extra):
+    return ["--dit", ckpt, "--out", out, "--num-images", "14", "--steps", "4", "--global-batch-size", "4", *extra]
+
+
+@pytest.fixture
+def parity_sizes(monkeypatch):
+    """The tiny sizes the reference added to its SIZE_DICT, under the names its configs use."""
+    for name in ("tokenizer_encoder", "tokenizer_pixel_decoder", "tokenizer_semantic_decoder",
+                 "tokenizer_full_reconstruct", "tokenizer_stage1_forward"):
+        c = torch.load(os.path.join(PARITY, name + ".pt"), weights_only=True)["config"]
+        entries = c.get("size_dict_entries") or {c["model_size"]: c["size_dict_entry"]}
+        for key, e in entries.items():
+            size = c.get(key, key)  # full_reconstruct keys its entries by the config field
+            monkeypatch.setitem(tokenizer.SIZES, size, (e["width"], e["layers"], e["heads"]))
+
+
+@pytest.fixture
+def tiny_arch(monkeypatch):
+    """A tiny DINOv3 registered as an official architecture, with HF weights saved as safetensors."""
+    d, w = parity("teacher_dinov3_hf")
+    monkeypatch.setitem(distill.ARCHS, "dinov3_tiny", vit_config(d["config"]))
+    return d, w
+
+
+@pytest.fixture(scope="module")
+def standin_teacher(tmp_path_factory):
+    """A stand-in teacher for 32 px images with a 4 x 4 grid, trained for a few steps."""
+    out = str(tmp_path_factory.mktemp("teacher"))
+    distill.main(STANDIN_TINY + ["--out", out, "--epochs", "1"])
+    return os.path.join(out, "teacher.pt")
+
+
+@pytest.fixture(scope="module")
+def stage1_run(standin_teacher, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("stage1"))
+    tokenizer.main(tok_args(standin_teacher, out, "--stop-at", "3"))
+    return os.path.join(out, "latest.pt")
+
+
+@pytest.fixture(scope="module")
+def cache(stage1_run, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cache"))
+    tokenizer.main(encode_args(stage1_run, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dit_run(cache, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dit"))
+    dit.main(dit_args(cache, out, "--stop-at", "2"))
+    return os.path.join(out, "latest.pt")
+
+
+@pytest.fixture(scope="module")
+def inception_files(tmp_path_factory):
+    """Deterministic Inception weights and two small image sets as .npz and as a folder."""
+    root = tmp_path_factory.mktemp("fid")
+    _, w = parity("fid_inception_torch_fidelity")
+    torch.save(w, root / "inception.pth")
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(12, 48, 48, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, size=(7, 40, 40, 3), dtype=np.uint8)
+    np.savez(root / "a.npz", arr_0=a)
+    np.savez(root / "b.npz", arr_0=b)
+    (root / "a_png").mkdir()
+    for i, img in enumerate(a):
+        Image.fromarray(img).save(root / "a_png" / f"{i:06d}.png")
+    return root
 
 
 #################################################################################
@@ -235,14 +378,6 @@ def test_safetensors_reader(tmp_path):
         assert back[k].dtype == t.dtype and torch.equal(back[k], t)
 
 
-@pytest.fixture
-def tiny_arch(monkeypatch):
-    """A tiny DINOv3 registered as an official architecture, with HF weights saved as safetensors."""
-    d, w = parity("teacher_dinov3_hf")
-    monkeypatch.setitem(distill.ARCHS, "dinov3_tiny", vit_config(d["config"]))
-    return d, w
-
-
 def test_build_teacher_from_hf_safetensors(tmp_path, tiny_arch):
     d, w = tiny_arch
     path = str(tmp_path / "model.safetensors")
@@ -291,49 +426,49 @@ def test_dinov2_teacher_sees_the_tokenizer_grid(tmp_path, monkeypatch):
 
 
 #################################################################################
-#                        Data (tokenizer.py) and stand-in teacher               #
+#                        Data (distill.py) and stand-in teacher                 #
 #################################################################################
 
 
 def test_synthetic_data_is_deterministic_and_balanced():
-    a = tokenizer.SyntheticShapes(40, 32)
-    b = tokenizer.SyntheticShapes(40, 32)
+    a = distill.SyntheticShapes(40, 32)
+    b = distill.SyntheticShapes(40, 32)
     x, y = a[7]
     assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
     assert torch.equal(x, b[7][0]) and y == b[7][1]
-    assert not torch.equal(a[7][0], tokenizer.SyntheticShapes(40, 32, "val")[7][0])
+    assert not torch.equal(a[7][0], distill.SyntheticShapes(40, 32, "val")[7][0])
     assert np.bincount([a[i][1] for i in range(40)]).tolist() == [4] * 10
-    assert tokenizer.SyntheticShapes(4, 48)[1][0].shape == (3, 48, 48)
+    assert distill.SyntheticShapes(4, 48)[1][0].shape == (3, 48, 48)
 
 
 def test_adm_center_crop():
     wide = np.zeros((400, 600, 3), np.uint8)
     wide[:, 300:] = 255  # left half black, right half white
-    out = tokenizer.center_crop_adm(Image.fromarray(wide), 64)
+    out = distill.center_crop_adm(Image.fromarray(wide), 64)
     assert out.shape == (64, 64, 3)
     assert out[:, :30].max() < 10 and out[:, 34:].min() > 245  # the centre column is the edge
 
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        tokenizer.ImageFolder(str(tmp_path / "nope"), 32)
+        distill.ImageFolder(str(tmp_path / "nope"), 32)
     with pytest.raises(ValueError, match="no class sub-folders"):
-        tokenizer.ImageFolder(str(tmp_path), 32)
+        distill.ImageFolder(str(tmp_path), 32)
     (tmp_path / "cat").mkdir()
     with pytest.raises(ValueError, match="no images"):
-        tokenizer.ImageFolder(str(tmp_path), 32)
+        distill.ImageFolder(str(tmp_path), 32)
     Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(tmp_path / "cat" / "ok.png")
     (tmp_path / "cat" / "bad.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="1 of 2 files .* not readable images .*bad.jpg.*--skip-bad-images"):
-        tokenizer.ImageFolder(str(tmp_path), 32)  # found when the folder is listed, not mid-run
-    data = tokenizer.ImageFolder(str(tmp_path), 32, skip_bad=True)
+        distill.ImageFolder(str(tmp_path), 32)  # found when the folder is listed, not mid-run
+    data = distill.ImageFolder(str(tmp_path), 32, skip_bad=True)
     assert len(data) == 1 and data.num_classes == 1
     x, y = data[0]
     assert x.shape == (3, 32, 32) and y == 0
     good = tmp_path / "cat" / "ok.png"
     good.write_bytes(good.read_bytes()[:60])  # the header reads, the pixels do not
     with pytest.raises(RuntimeError, match="cannot read image .*ok.png"):
-        tokenizer.ImageFolder(str(tmp_path), 32, skip_bad=True)[0]
+        distill.ImageFolder(str(tmp_path), 32, skip_bad=True)[0]
 
 
 def test_sixteen_bit_greyscale_is_scaled(tmp_path):
@@ -342,13 +477,8 @@ def test_sixteen_bit_greyscale_is_scaled(tmp_path):
     Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(tmp_path / "g" / "deep.png")
     with Image.open(tmp_path / "g" / "deep.png") as im:
         assert im.mode.startswith("I")
-    x, _ = tokenizer.ImageFolder(str(tmp_path), 32)[0]
+    x, _ = distill.ImageFolder(str(tmp_path), 32)[0]
     assert x.shape == (3, 32, 32) and abs(x.mean().item()) < 0.01  # 128/255 in [-1, 1]
-
-
-STANDIN_TINY = ["--image-size", "32", "--patch", "8", "--width", "32", "--depth", "1", "--heads", "2",
-                "--num-train", "256", "--num-val", "64", "--batch-size", "32", "--epochs", "2",
-                "--workers", "0", "--log-every", "4"]
 
 
 def test_standin_resume_is_exact(tmp_path):
@@ -382,18 +512,6 @@ def test_standin_two_process_gloo(tmp_path):
 #################################################################################
 #                        Tokenizer (tokenizer.py): parity                       #
 #################################################################################
-
-
-@pytest.fixture
-def parity_sizes(monkeypatch):
-    """The tiny sizes the reference added to its SIZE_DICT, under the names its configs use."""
-    for name in ("tokenizer_encoder", "tokenizer_pixel_decoder", "tokenizer_semantic_decoder",
-                 "tokenizer_full_reconstruct", "tokenizer_stage1_forward"):
-        c = torch.load(os.path.join(PARITY, name + ".pt"), weights_only=True)["config"]
-        entries = c.get("size_dict_entries") or {c["model_size"]: c["size_dict_entry"]}
-        for key, e in entries.items():
-            size = c.get(key, key)  # full_reconstruct keys its entries by the config field
-            monkeypatch.setitem(tokenizer.SIZES, size, (e["width"], e["layers"], e["heads"]))
 
 
 def test_encoder_parity(parity_sizes):
@@ -642,21 +760,6 @@ def test_official_tokenizer_keys_load_strictly():
 #################################################################################
 
 
-@pytest.fixture(scope="module")
-def standin_teacher(tmp_path_factory):
-    """A stand-in teacher for 32 px images with a 4 x 4 grid, trained for a few steps."""
-    out = str(tmp_path_factory.mktemp("teacher"))
-    distill.main(STANDIN_TINY + ["--out", out, "--epochs", "1"])
-    return os.path.join(out, "teacher.pt")
-
-
-def tok_args(teacher, out, *extra):
-    return ["--image-size", "32", "--patch-size", "8", "--channels", "8", "--encoder-size", "mini",
-            "--decoder-size", "mini", "--sem-size", "mini", "--num-train", "128", "--batch-size", "16",
-            "--epochs", "1", "--workers", "0", "--log-every", "2", "--grid-every", "0",
-            "--teacher-weights", teacher, "--out", out, *extra]
-
-
 def test_tokenizer_resume_is_exact(standin_teacher, tmp_path):
     """k steps, stop, resume to n equals n straight steps, bit for bit (GAN on from step 0)."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -797,7 +900,7 @@ def test_same_tokenizer_whether_or_not_the_teacher_existed(tmp_path, monkeypatch
     """`python tokenizer.py` trains a missing stand-in teacher first without touching the tokenizer's
     random streams: the same command gives the same tokenizer in a fresh folder and in one that has the
     teacher. With --sem-decoder none it trains no teacher at all."""
-    monkeypatch.setitem(distill.PRESETS, "tiny", dict(distill.PRESETS["tiny"], patch=8, width=32, depth=1,
+    monkeypatch.setitem(distill.PRESETS, "tiny", dict(distill.PRESETS["tiny"], patch_size=8, width=32, depth=1,
                                                       heads=2, epochs=1, num_train=64, num_val=32,
                                                       batch_size=32))
     flags = tok_args("runs/teacher/teacher.pt", "runs/tokenizer", "--stop-at", "3")
@@ -861,7 +964,7 @@ def test_bench_is_one_rule_in_every_trainer(standin_teacher, cache, tmp_path, ca
     for line in lines:
         m = re.search(r"median step (\S+) s over 2 steps after 1 warm-up, (\S+) img/s, peak mem (\S+) GB", line)
         assert m, line
-        assert all(len(v.replace(".", "").replace("e-0", "").lstrip("0")) <= 3 for v in m.groups()), line
+        assert all("e" not in v and float(v) == float(f"{float(v):.3g}") for v in m.groups()), line
 
 
 def test_tokenizer_bad_inputs(standin_teacher, tmp_path):
@@ -932,13 +1035,6 @@ def test_load_released_tokenizer_layout(parity_sizes, tmp_path):
 #################################################################################
 
 
-@pytest.fixture(scope="module")
-def stage1_run(standin_teacher, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("stage1"))
-    tokenizer.main(tok_args(standin_teacher, out, "--stop-at", "3"))
-    return os.path.join(out, "latest.pt")
-
-
 def test_finetune_changes_only_the_decoder(stage1_run, tmp_path):
     out = str(tmp_path / "ft")
     tokenizer.main(["finetune", "--init", stage1_run, "--out", out, "--num-train", "64", "--batch-size", "16",
@@ -980,7 +1076,7 @@ def test_evaluate_writes_metrics(stage1_run):
         assert saved[weights]["psnr"] == pytest.approx(results[weights]["psnr"])
         assert os.path.isfile(os.path.join(folder, f"eval_synthetic_{weights}.png"))
     model, _ = tokenizer.load_tokenizer(stage1_run)  # PSNR by hand for the EMA weights
-    data = tokenizer.build_dataset("synthetic", 32, "val", 24)
+    data = distill.build_dataset("synthetic", 32, "val", 24)
     x = torch.stack([data[i][0] for i in range(24)])
     mse = ((model.reconstruct(x) - (x * 0.5 + 0.5)) ** 2).mean(dim=(1, 2, 3))
     assert (-10 * torch.log10(mse)).mean().item() == pytest.approx(saved["ema"]["psnr"], rel=1e-4)
@@ -1002,23 +1098,10 @@ def test_evaluate_on_another_data_set_keeps_the_first(stage1_run, tmp_path):
     assert (tmp_path / "eval_val_ema.png").is_file()
 
 
-def encode_args(ckpt, out, *extra):
-    """40 images in shards of 16 (16 + 16 + 8), batches of 12 that straddle shard boundaries."""
-    return ["encode", "--ckpt", ckpt, "--out", out, "--num-train", "40", "--batch-size", "12",
-            "--shard-size", "16", "--workers", "0", *extra]
-
-
 def read_cache(root):
     arrays = {n: tokenizer.read_cache_array(root, n) for n in ("moments", "moments_flip", "labels", "done")}
     arrays.update({f"stats_{k}": v for k, v in np.load(os.path.join(root, "stats.npz")).items()})
     return arrays
-
-
-@pytest.fixture(scope="module")
-def cache(stage1_run, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("cache"))
-    tokenizer.main(encode_args(stage1_run, out))
-    return out
 
 
 def test_cache_is_complete_and_matches_the_model(stage1_run, cache):
@@ -1030,7 +1113,7 @@ def test_cache_is_complete_and_matches_the_model(stage1_run, cache):
     assert [len(np.load(os.path.join(cache, f"done.{k:05d}.npy"))) for k in range(3)] == [16, 16, 8]
     assert arrays["moments"].dtype == np.float16 and arrays["labels"].tolist() == [i % 10 for i in range(40)]
     model, _ = tokenizer.load_tokenizer(stage1_run)
-    data = tokenizer.build_dataset("synthetic", 32, "train", 40)
+    data = distill.build_dataset("synthetic", 32, "train", 40)
     x = torch.stack([data[i][0] for i in (0, 39)])
     with torch.no_grad():
         ref = model.encode(torch.cat([x, x.flip(-1)])).numpy().astype(np.float16)
@@ -1207,23 +1290,6 @@ def test_precision_recall_on_shifted_sets():
     assert narrow["precision"] > 0.9 and narrow["recall"] < 0.5
 
 
-@pytest.fixture(scope="module")
-def inception_files(tmp_path_factory):
-    """Deterministic Inception weights and two small image sets as .npz and as a folder."""
-    root = tmp_path_factory.mktemp("fid")
-    _, w = parity("fid_inception_torch_fidelity")
-    torch.save(w, root / "inception.pth")
-    rng = np.random.default_rng(0)
-    a = rng.integers(0, 256, size=(12, 48, 48, 3), dtype=np.uint8)
-    b = rng.integers(0, 256, size=(7, 40, 40, 3), dtype=np.uint8)
-    np.savez(root / "a.npz", arr_0=a)
-    np.savez(root / "b.npz", arr_0=b)
-    (root / "a_png").mkdir()
-    for i, img in enumerate(a):
-        Image.fromarray(img).save(root / "a_png" / f"{i:06d}.png")
-    return root
-
-
 def test_fid_cli_and_sources_agree(inception_files):
     r = inception_files
     weights = ["--inception-weights", str(r / "inception.pth"), "--batch-size", "4"]
@@ -1391,11 +1457,6 @@ def test_load_official_dit_ema_without_buffers(tmp_path):
         assert_close(model(i["x"], i["t"], i["y"]), d["outputs"]["velocity"])
 
 
-def dit_args(cache, out, *extra):
-    return ["--latents", cache, "--out", out, "--model", "tiny", "--batch-size", "8", "--epochs", "2",
-            "--workers", "0", "--log-every", "1", "--preview-every", "0", *extra]
-
-
 def test_dit_resume_is_exact(cache, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     dit.main(dit_args(cache, a))
@@ -1482,17 +1543,6 @@ def test_dit_mismatch_errors(cache, tmp_path, parity_sizes):
 #################################################################################
 
 
-@pytest.fixture(scope="module")
-def dit_run(cache, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("dit"))
-    dit.main(dit_args(cache, out, "--stop-at", "2"))
-    return os.path.join(out, "latest.pt")
-
-
-def sample_args(ckpt, out, *extra):
-    return ["--dit", ckpt, "--out", out, "--num-images", "14", "--steps", "4", "--batch-size", "4", *extra]
-
-
 def test_sampling_is_the_same_on_two_processes(dit_run, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     sample.main(sample_args(dit_run, one, "--cfg", "1.5"))
@@ -1540,12 +1590,12 @@ def test_judge_scores(standin_teacher, stage1_run):
     """The offline judge: on its own held-out images it gives its recorded accuracy, with shuffled labels
     chance; the Frechet distance in its features is 0 for a set against itself and grows with blur."""
     judge, ckpt = sample.load_judge(standin_teacher, "cpu")
-    val = tokenizer.build_dataset("synthetic", 32, "val", 64)
+    val = distill.build_dataset("synthetic", 32, "val", 64)
     real, labels = sample.real_images(val, 64)
     same = sample.judge_scores(judge, real, labels, real, labels, "cpu")
     assert same["judge_accuracy_on_real"] == same["judge_class_accuracy"] == pytest.approx(ckpt["accuracy"])
     assert abs(same["judge_frechet_distance"]) < 1e-8 and same["chance"] == 0.1
-    many, many_labels = sample.real_images(tokenizer.build_dataset("synthetic", 32, "val", 1000), 1000)
+    many, many_labels = sample.real_images(distill.build_dataset("synthetic", 32, "val", 1000), 1000)
     shuffled = np.random.default_rng(0).permutation(many_labels)
     assert abs(sample.judge_scores(judge, many, shuffled, real, labels, "cpu")["judge_class_accuracy"] - 0.1) < 0.04
     blurred = [torchvision.transforms.functional.gaussian_blur(torch.from_numpy(many).permute(0, 3, 1, 2), 7, s)
@@ -1598,7 +1648,7 @@ def probe_args(**kw):
 
 
 @pytest.mark.parametrize("kw", [dict(protocol="mae"),  # one epoch of Adam needs small batches here
-                                dict(protocol="research", probe_batch_size=16, adam_blr=0.16)])
+                                dict(protocol="research", probe_batch_size=16, adam_base_lr=0.16)])
 def test_probe_finds_planted_linear_structure(kw):
     g = torch.Generator().manual_seed(0)
     means = torch.randn(10, 32, generator=g) * 2
@@ -1623,7 +1673,7 @@ def test_probe_training_views(stage1_run):
     """research: each epoch takes each image or its flip; mae --augment: fresh crops each epoch; both a
     pure function of (seed, epoch, index)."""
     model, _ = tokenizer.load_tokenizer(stage1_run)
-    data = tokenizer.build_dataset("synthetic", 32, "train", 24)
+    data = distill.build_dataset("synthetic", 32, "train", 24)
     args = probe_args(protocol="research", batch_size=8, workers=0, log_every=100)
     features, y = probe.training_features(model, data, "L", [0.0], args, torch.device("cpu"))
     plain, _ = probe.extract(model, data, "L", [0.0], args, torch.device("cpu"))
@@ -1778,7 +1828,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch):
     metrics = tokenizer.main(["evaluate", "--num-eval", "32", "--batch-size", "16", "--workers", "0"])
     tokenizer.main(["encode", "--num-train", "128", "--batch-size", "32", "--workers", "0"])
     dit.main(["--epochs", "1", "--batch-size", "16", *quick])
-    sample.main(["--num-images", "20", "--steps", "10", "--batch-size", "10"])
+    sample.main(["--num-images", "20", "--steps", "10", "--global-batch-size", "10"])
     results = probe.main(["--num-train", "200", "--num-val", "100", "--epochs", "10", "--warmup-epochs", "1",
                           "--sweep-tau", "0", "0.3", "0.7"])
     runs = tmp_path / "runs"

@@ -1,4 +1,5 @@
-"""RecTok tokenizer: data, model, losses and stage-1 training (`models/rectok.py`, `utils/losses.py`).
+"""RecTok tokenizer: model, losses, both training stages, evaluation and the latent cache
+(`models/rectok.py`, `utils/losses.py`, `main_reconstruction.py`).
 
 RecTok encodes an image into a grid of C-channel latent tokens (a KL posterior) and trains on the FORWARD
 FLOW of those latents: the pixel decoder and a small semantic decoder both read
@@ -7,33 +8,39 @@ at every noise level is one the tokenizer was trained to keep meaningful. The se
 frozen teacher's patch features (distill.py) from z_tau: at visible tokens it aligns (flow semantic
 distillation, FSD), at MAE-masked tokens it reconstructs (reconstruction-alignment distillation, RAD).
 
-File layout, top to bottom: data (ImageNet folders with the ADM center crop, and the built-in synthetic
-shapes); the transformer parts with the released 2D RoPE; the encoder, posterior, flow and both decoders;
-loading the authors' checkpoints; the losses (MSE, LPIPS-VGG16, ConvNeXt-S logits, PatchGAN, KL,
-cosine); the stage-1 training loop; main().
+File layout, top to bottom: the transformer parts with the released 2D RoPE; the model in forward order
+(masking, encoder, pixel decoder, semantic decoder, `shift`, `forward_flow`, posterior, RecTok); loading the
+authors' checkpoints; the losses (MSE, LPIPS-VGG16, ConvNeXt-S logits, PatchGAN, KL, cosine); the training
+run of both stages; evaluation; the latent cache; the command line. Images come from distill.py.
+
+Modes, each with only its own flags (`python tokenizer.py MODE -h` prints them with the preset's values):
+    train      stage 1 (the default when no mode is given)
+    finetune   stage 2, the paper's decoder fine-tuning, from a stage-1 checkpoint (--init)
+    evaluate   PSNR (and --rfid) of a tokenizer (--ckpt) on held-out images
+    encode     the latent cache of a data set, for dit.py and probe.py
 
 Run:
     python tokenizer.py                                    # built-in data, tiny preset, stand-in teacher
     python tokenizer.py --sem-decoder none --out runs/tokenizer_nosem      # ablation: no FSD / RAD
-    torchrun --nproc_per_node=8 tokenizer.py --preset paper --data /imagenet/train \
+    torchrun --nproc_per_node=8 tokenizer.py --preset paper --data /imagenet/train \\
         --teacher dinov3_vitl16 --teacher-weights /weights/dinov3_vitl16_pretrain_lvd1689m.pth
     python tokenizer.py --preset paper --bench 10 --batch-size 2        # timed steps, nothing written
 
 Writes OUT/latest.pt (every --ckpt-every steps and every epoch; a run started in a folder with latest.pt
 resumes it exactly), OUT/epoch_NNNN.pt milestones, and OUT/recon_STEP.png grids (held-out originals above
 EMA reconstructions). A checkpoint is {"kind": "tokenizer", "config", "model", "ema", "optimizer",
-"discriminator", "d_optimizer", "step", "epoch", "global_batch", "args", "rng", "flip_rng"}, readable with
+"discriminator", "d_optimizer", "step", "epoch", "global_batch", "args", "rng", "flip_rng"}, distill.readable with
 weights_only=True; later stages rebuild the tokenizer from "config" and "ema" (`load_tokenizer`), which also
 reads the authors' RecTok.pth / RecTok_decft.pth.
 """
 import argparse
-import concurrent.futures
 import contextlib
 import hashlib
 import json
 import math
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -41,214 +48,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 
 import distill
 import fid
-
-#################################################################################
-#                                     Data                                      #
-#################################################################################
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-def center_crop_adm(image, size):
-    """ADM's center crop (`center_crop_arr`): halve with a BOX filter while the short side is >= 2*size, resize the
-    short side to `size` with BICUBIC, then crop the centre size x size."""
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
-
-
-def to_tensor(arr):
-    """uint8 HWC -> float CHW in [-1, 1], the range every network here reads."""
-    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1.0  # a writable copy
-
-
-def readable(path):
-    """A quick header check (PIL reads the header only): a file that fails it would stop a run mid-epoch."""
-    try:
-        with Image.open(path) as im:
-            return im.size[0] > 0 and im.size[1] > 0
-    except Exception:
-        return False
-
-
-def load_rgb(path):
-    """An image file as 8-bit RGB. 16-bit greyscale (PNG mode I;16, or I) is scaled to 8 bits first:
-    PIL's own conversion clips it, which turns almost every pixel white."""
-    with Image.open(path) as im:
-        if im.mode.startswith("I"):
-            deep = np.asarray(im, dtype=np.float64)
-            return Image.fromarray((deep * (255 / 65535)).round().clip(0, 255).astype(np.uint8)).convert("RGB")
-        return im.convert("RGB")
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/<image>, classes sorted by name (ImageNet's train/val layout). Returns (image, label);
-    the random flip is applied in the training loop, from a checkpointed generator. Files whose header does
-    not read are reported when the folder is listed, or left out (and counted) with skip_bad."""
-
-    def __init__(self, root, size, skip_bad=False):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"data folder not found: {root} (expected root/<class>/<image files>)")
-        self.size = size
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not self.classes:
-            raise ValueError(f"{root} has no class sub-folders: expected root/<class>/<image files>, "
-                             f"as ImageNet's train and val folders")
-        self.samples = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
-                        for f in sorted(os.listdir(os.path.join(root, c)))
-                        if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if not self.samples:
-            raise ValueError(f"{root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:  # file opens: I/O bound
-            ok = list(pool.map(readable, [path for path, _ in self.samples]))
-        bad = [path for (path, _), good in zip(self.samples, ok) if not good]
-        if bad and not skip_bad:
-            raise ValueError(f"{len(bad)} of {len(self.samples)} files in {root} are not readable images (e.g. "
-                             f"{', '.join(bad[:3])}): remove or replace them, or pass --skip-bad-images")
-        if bad:
-            self.samples = [s for s, good in zip(self.samples, ok) if good]
-            distill.log(f"left out {len(bad)} unreadable file(s) of {root} (--skip-bad-images)")
-        self.num_classes = len(self.classes)
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        try:
-            image = load_rgb(path)
-        except Exception as e:
-            raise RuntimeError(f"cannot read image {path}: {e}. Remove or replace the file.") from None
-        return to_tensor(center_crop_adm(image, self.size)), label
-
-
-#: the shape classes of the built-in data set
-SHAPES = ("circle", "square", "triangle", "ring", "cross", "star", "bar", "crescent", "half-disk",
-          "two-dots")
-
-
-def _shape_mask(kind, u, v, radius):
-    """Inside-test of one shape in its own rotated frame (u, v) with size `radius`."""
-    r, theta = np.hypot(u, v), np.arctan2(v, u)
-    if kind == "circle":
-        return r < radius
-    if kind == "square":
-        return np.maximum(abs(u), abs(v)) < 0.8 * radius
-    if kind == "triangle":
-        sector = np.mod(theta, 2 * np.pi / 3) - np.pi / 3
-        return r * np.cos(sector) < radius * 0.5
-    if kind == "ring":
-        return abs(r - 0.75 * radius) < 0.25 * radius
-    if kind == "cross":
-        return ((abs(u) < radius / 3) & (abs(v) < radius)) | ((abs(v) < radius / 3) & (abs(u) < radius))
-    if kind == "star":
-        return r < radius * (0.55 + 0.45 * np.cos(5 * theta))
-    if kind == "bar":
-        return (abs(u) < radius) & (abs(v) < 0.25 * radius)
-    if kind == "crescent":
-        return (r < radius) & (np.hypot(u - 0.45 * radius, v) > 0.8 * radius)
-    if kind == "half-disk":
-        return (r < radius) & (u > 0)
-    return (np.hypot(u - 0.5 * radius, v) < 0.42 * radius) | (np.hypot(u + 0.5 * radius, v) < 0.42 * radius)
-
-
-def _background(rng, yy, xx):
-    """Two nearby colours mixed by a random texture: gradient, stripes, checks or smooth blobs (low contrast,
-    so that the shape, not the texture, is the salient object)."""
-    c0 = rng.uniform(0, 1, 3)
-    c1 = np.clip(c0 + rng.uniform(-0.3, 0.3, 3), 0, 1)
-    kind = rng.integers(4)
-    angle = rng.uniform(0, 2 * np.pi)
-    d = xx * np.cos(angle) + yy * np.sin(angle)
-    if kind == 0:
-        w = (d + 1) / 2
-    elif kind == 1:
-        w = 0.5 + 0.5 * np.sin(d * rng.uniform(6, 20) + rng.uniform(0, 6))
-    elif kind == 2:
-        f = rng.uniform(3, 8)
-        w = ((np.floor((xx + 1) * f) + np.floor((yy + 1) * f)) % 2) * 0.8 + 0.1
-    else:
-        w = sum(np.exp(-((xx - rng.uniform(-1, 1)) ** 2 + (yy - rng.uniform(-1, 1)) ** 2) / rng.uniform(0.05, 0.4))
-                for _ in range(4))
-        w = np.clip(w, 0, 1)
-    return c0 * (1 - w[..., None]) + c1 * w[..., None], (c0 + c1) / 2
-
-
-class SyntheticShapes(torch.utils.data.Dataset):
-    """The built-in data set: a shape of one of 10 classes with random position, size, rotation
-    and colour on a textured background. Image i is a pure function of (seed, split, i), at any size."""
-
-    num_classes = len(SHAPES)
-
-    def __init__(self, num_images, size, split="train", seed=0):
-        self.n, self.size, self.seed = num_images, size, seed
-        self.split = {"train": 0, "val": 1}[split]
-
-    def __len__(self):
-        return self.n
-
-    def render(self, i):
-        rng = np.random.default_rng([self.seed, self.split, i])
-        label = i % self.num_classes
-        s = 2 * self.size  # draw at 2x, then box-filter down: anti-aliased edges
-        yy, xx = np.meshgrid(np.linspace(-1, 1, s), np.linspace(-1, 1, s), indexing="ij")
-        image, bg_mean = _background(rng, yy, xx)
-        colour = rng.uniform(0, 1, 3)
-        while np.abs(colour - bg_mean).sum() < 0.6:
-            colour = rng.uniform(0, 1, 3)
-        radius = rng.uniform(0.35, 0.65)
-        cy, cx = rng.uniform(-0.9 + radius, 0.9 - radius, 2)
-        angle = rng.uniform(0, 2 * np.pi)
-        u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
-        v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
-        mask = _shape_mask(SHAPES[label], u, v, radius)
-        image = np.where(mask[..., None], colour, image)
-        image = image.reshape(self.size, 2, self.size, 2, 3).mean(axis=(1, 3))
-        return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), label
-
-    def __getitem__(self, i):
-        arr, label = self.render(i)
-        return to_tensor(arr), label
-
-
-def labels_of(data):
-    """Every label of a data set without reading its images."""
-    if isinstance(data, torch.utils.data.Subset):
-        labels = labels_of(data.dataset)
-        return [labels[i] for i in data.indices]
-    if isinstance(data, ImageFolder):
-        return [label for _, label in data.samples]
-    return [i % data.num_classes for i in range(len(data))]
-
-
-def one_per_class(data, num=10):
-    """Indices of the first image of each class (up to `num` classes): grids that show every class."""
-    first = {}
-    for i, label in enumerate(labels_of(data)):
-        first.setdefault(label, i)
-    return sorted(first.values())[:num]
-
-
-def build_dataset(data, size, split="train", num_images=None, seed=0, skip_bad=False):
-    """'synthetic' -> the built-in data set (num_images of them, default 10,000 train / 1,000 val);
-    anything else is a class-folder root (num_images, if set, keeps an evenly spaced subset)."""
-    if data == "synthetic":
-        return SyntheticShapes(num_images or (10000 if split == "train" else 1000), size, split, seed)
-    dataset = ImageFolder(data, size, skip_bad)
-    if num_images and num_images < len(dataset):
-        keep = np.linspace(0, len(dataset) - 1, num_images).round().astype(int).tolist()
-        subset = torch.utils.data.Subset(dataset, keep)
-        subset.num_classes = dataset.num_classes
-        return subset
-    return dataset
 
 
 #################################################################################
@@ -386,6 +188,40 @@ class Encoder(Transformer):
         return (moments, features) if return_features else moments
 
 
+class Posterior:
+    """Diagonal Gaussian over tokens (`models/rectok.py`): moments = [mean | logvar], logvar clamped to
+    [-30, 20]."""
+
+    def __init__(self, moments):
+        self.mean, logvar = moments.float().chunk(2, dim=-1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, eps=None):
+        eps = torch.randn_like(self.mean) if eps is None else eps
+        return self.mean + self.std * eps
+
+    def kl(self):
+        """Per sample: 0.5 * sum over (visible) tokens and channels of mean^2 + var - 1 - logvar."""
+        return 0.5 * (self.mean ** 2 + self.std ** 2 - 1.0 - self.logvar).sum(dim=(1, 2))
+
+
+def shift(u, s):
+    """The dimension-dependent shift: s*u / (1 + (s-1)*u); for s > 1 it pushes samples toward noise."""
+    return s * u / (1 + (s - 1) * u)
+
+
+def latent_shift(grid, channels):
+    """s = sqrt(h*w*C / 4096): 2.828 for C = 128 at a 16 x 16 grid."""
+    return math.sqrt(grid * grid * channels / 4096)
+
+
+def forward_flow(z, tau, eps, gamma):
+    """The forward flow the tokenizer trains along (FSD): z_tau = (1 - tau) * z + tau * gamma * eps. Tokenizer
+    time: tau = 0 is the clean latent, tau = 1 noise (the generator's t runs the other way, see dit.py)."""
+    return (1 - tau) * z + tau * gamma * eps
+
+
 class PixelDecoder(Transformer):
     """Linear(C, D) -> mask tokens at dropped positions -> + pos -> RMSNorm -> blocks -> RMSNorm -> 1x1 conv
     to p*p*3 -> depth-to-space "(p1 p2 c)" -> 3x3 conv (`models/rectok.py`). No output activation."""
@@ -446,40 +282,6 @@ class MLPSemanticDecoder(nn.Module):
         if ids_restore is not None:
             x = unmask(x, self.mask_embedding, ids_restore)
         return self.mlp(x)
-
-
-def shift(u, s):
-    """The dimension-dependent shift: s*u / (1 + (s-1)*u); for s > 1 it pushes samples toward noise."""
-    return s * u / (1 + (s - 1) * u)
-
-
-def forward_flow(z, tau, eps, gamma):
-    """The forward flow the tokenizer trains along (FSD): z_tau = (1 - tau) * z + tau * gamma * eps. Tokenizer
-    time: tau = 0 is the clean latent, tau = 1 noise (the generator's t runs the other way, see dit.py)."""
-    return (1 - tau) * z + tau * gamma * eps
-
-
-def latent_shift(grid, channels):
-    """s = sqrt(h*w*C / 4096): 2.828 for C = 128 at a 16 x 16 grid."""
-    return math.sqrt(grid * grid * channels / 4096)
-
-
-class Posterior:
-    """Diagonal Gaussian over tokens (`models/rectok.py`): moments = [mean | logvar], logvar clamped to
-    [-30, 20]."""
-
-    def __init__(self, moments):
-        self.mean, logvar = moments.float().chunk(2, dim=-1)
-        self.logvar = logvar.clamp(-30.0, 20.0)
-        self.std = torch.exp(0.5 * self.logvar)
-
-    def sample(self, eps=None):
-        eps = torch.randn_like(self.mean) if eps is None else eps
-        return self.mean + self.std * eps
-
-    def kl(self):
-        """Per sample: 0.5 * sum over (visible) tokens and channels of mean^2 + var - 1 - logvar."""
-        return 0.5 * (self.mean ** 2 + self.std ** 2 - 1.0 - self.logvar).sum(dim=(1, 2))
 
 
 class RecTok(nn.Module):
@@ -822,8 +624,7 @@ PRESETS = {
     # The semantic decoder is kept well below the encoder, as in the paper (a 192-wide, 3-layer decoder
     # on a 768-wide, 12-layer encoder): one as large as the encoder computes the teacher's features from
     # pixel-like latents itself and the latents learn little class. base_lr 1.6e-2 (4e-3 at batch 64):
-    # a few hundred steps need a large rate. Linear probe on the token-averaged latents, measured: "mini"
-    # semantic decoder at base_lr 2e-3 / 8e-3: 11% / 14%; this preset: 21-27%; no semantic loss: 11%.
+    # a few hundred steps need a large rate (the README's "central claim in miniature" has the measurements).
     "tiny": dict(image_size=32, patch_size=4, channels=16, encoder_size="mini", decoder_size="mini",
                  sem_size="micro", teacher="standin", epochs=8, batch_size=64, base_lr=1.6e-2,
                  gan_start_epoch=100, num_train=3000, perceptual_weight=0.0, ema=0.99),
@@ -877,14 +678,6 @@ def ensure_standin_teacher(args):
     distill.train_standin(distill.parse_args(["--out", "runs/teacher"]))  # every rank takes part
 
 
-def save_grid(rows, path):
-    """Rows of images in [0, 1] (each (N, 3, H, W)) -> one PNG."""
-    grid = torch.cat([torch.cat(list(r.float().cpu()), dim=2) for r in rows], dim=1)
-    arr = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(arr).save(path)
-
-
 class Trainer:
     """Everything a training run holds, for stage 1 (`train`: the whole tokenizer with the teacher) and
     stage 2 (`finetune`: the pixel decoder alone, on the clean posterior sample), so that the step,
@@ -906,15 +699,15 @@ class Trainer:
         else:
             self.teacher = None
             self.model, self.config = stage2_model(args, self.device)
-            args.image_size = self.config["img_size"]
+        self.image_size = self.config["img_size"]
         if self.teacher is not None:
             self.teacher.to(self.device)
         self.ema = distill.make_ema(self.model)
-        self.ddp = (nn.parallel.DistributedDataParallel(self.model) if dist_ready() else self.model)
+        self.ddp = (nn.parallel.DistributedDataParallel(self.model) if distill.is_distributed() else self.model)
+        latent_terms = (dict(kl_weight=args.kl_weight, sem_weight=args.sem_weight, sem_loss=args.sem_loss)
+                        if self.stage == 1 else dict(kl_weight=0.0))  # stage 2: pixels only
         self.loss = TokenizerLoss(build_perceptual(args), perceptual_weight=args.perceptual_weight,
-                                  kl_weight=args.kl_weight if self.stage == 1 else 0.0,
-                                  sem_weight=args.sem_weight, sem_loss=args.sem_loss,
-                                  gan_weight=args.gan_weight, gan_start_epoch=args.gan_start_epoch)
+                                  gan_weight=args.gan_weight, gan_start_epoch=args.gan_start_epoch, **latent_terms)
         self.loss.to(self.device)
         distill.broadcast_module(self.loss.discriminator)  # DDP does this for the tokenizer
         self.global_batch = args.batch_size * args.grad_accum * self.world
@@ -924,20 +717,21 @@ class Trainer:
                                      betas=(0.9, 0.95), fused=True)
         self.d_opt = torch.optim.AdamW(distill.weight_decay_groups(self.loss.discriminator, args.weight_decay),
                                        lr=self.lr, betas=(0.9, 0.95), fused=True)
-        self.data = build_dataset(args.data, args.image_size, "train", args.num_train, args.seed,
-                                  args.skip_bad_images)
+        self.data = distill.build_dataset(args.data, self.image_size, "train", args.num_train, args.seed,
+                                          args.skip_bad_images)
         self.loader, self.sampler = distill.make_loader(self.data, args.batch_size, args.seed, self.rank,
                                                         self.world, args.workers, self.device)
         self.flip_gen = torch.Generator().manual_seed(args.seed * self.world + self.rank)
-        self.steps_per_epoch = len(self.data) // (args.batch_size * self.world * args.grad_accum)
-        self.total_steps = args.epochs * self.steps_per_epoch
-        self.step, self.grid_images = 0, None
-        self.guard = distill.FiniteGuard(self.device)
-        self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
+        self.grid_images, self.autocast = None, distill.autocast(self.device)
+        self.run = distill.Run(  # resumes OUT/latest.pt if there is one
+            args, "tokenizer", self.world, self.device, len(self.data) // self.global_batch, self.global_batch,
+            {"model": self.model, "ema": self.ema, "optimizer": self.opt, "discriminator": self.loss.discriminator,
+             "d_optimizer": self.d_opt}, {"flip_rng": self.flip_gen}, match={"config": self.config},
+            check={"tokenizer": self.model, "discriminator": self.loss.discriminator})
 
     # ----- one optimisation step (`main_reconstruction.py`, `utils/losses.py`) -----
     def set_lr(self):
-        progress = self.step / self.total_steps
+        progress = self.run.step / self.run.total
         for opt in (self.opt, self.d_opt):
             for g in opt.param_groups:
                 g["lr"] = self.lr * distill.warmup_cosine(progress, self.args.warmup)
@@ -950,7 +744,7 @@ class Trainer:
         decoded = []
         for i, x in enumerate(batches):
             sync = i == len(batches) - 1
-            with (self.ddp.no_sync() if not sync and dist_ready() else contextlib.nullcontext()):
+            with (self.ddp.no_sync() if not sync and distill.is_distributed() else contextlib.nullcontext()):
                 with torch.no_grad(), self.autocast:
                     target = self.teacher(x) if self.teacher is not None else None
                 with self.autocast:  # stage 2: no flow noise, the decoder reads the clean sample
@@ -965,7 +759,6 @@ class Trainer:
         if self.loss.gan_on(epoch):
             terms["disc"] = self.discriminator_step(batches, decoded, epoch)
         terms["total"], terms["grad_norm"] = total.detach(), grad_norm.detach()
-        self.guard.add(terms["total"])
         return terms
 
     def discriminator_step(self, batches, decoded, epoch):
@@ -983,109 +776,55 @@ class Trainer:
         self.d_opt.zero_grad(set_to_none=True)
         return d_loss.detach()
 
-    # ----- checkpoints (atomic, rank 0, barrier; resume exactly) -----
-    def state(self):
-        return {"kind": "tokenizer", "config": self.config, "model": self.model.state_dict(),
-                "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
-                "discriminator": self.loss.discriminator.state_dict(), "d_optimizer": self.d_opt.state_dict(),
-                "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                "global_batch": self.global_batch, "args": vars(self.args),
-                "rng": distill.gather_objects(distill.rng_state(), self.world),
-                "flip_rng": distill.gather_objects(self.flip_gen.get_state(), self.world)}
-
-    def save(self, name="latest.pt"):
-        self.guard.check(self.step)
-        distill.assert_ranks_agree({"tokenizer": self.model, "discriminator": self.loss.discriminator})
-        state = self.state()  # every rank joins the RNG gather
-        if self.rank == 0:
-            distill.atomic_save(state, os.path.join(self.args.out, name))
-        distill.barrier()
-
-    def resume(self):
-        if not self.args.bench:
-            self.step = distill.resume(
-                os.path.join(self.args.out, "latest.pt"), "tokenizer", self.rank, self.world,
-                {"model": self.model, "ema": self.ema, "optimizer": self.opt,
-                 "discriminator": self.loss.discriminator, "d_optimizer": self.d_opt},
-                {"flip_rng": self.flip_gen}, match={"config": self.config, "global_batch": self.global_batch})
-
     @torch.no_grad()
     def save_reconstructions(self):
         """Originals above EMA reconstructions of a fixed set of images, one per class (the first 10
         classes; the built-in data's val split, or the training folder itself), read once per run."""
         if self.grid_images is None:
-            val = self.data if self.args.data != "synthetic" else build_dataset(
-                "synthetic", self.args.image_size, "val", 100, self.args.seed)
-            self.grid_images = torch.stack([val[i][0] for i in one_per_class(val)])
+            val = self.data if self.args.data != "synthetic" else distill.build_dataset(
+                "synthetic", self.image_size, "val", 100, self.args.seed)
+            self.grid_images = torch.stack([val[i][0] for i in distill.one_per_class(val)])
         x = self.grid_images.to(self.device)
         with self.autocast:
             recon = self.ema.reconstruct(x)
-        save_grid([x * 0.5 + 0.5, recon], os.path.join(self.args.out, f"recon_{self.step:07d}.png"))
-
-
-def dist_ready():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def micro_batches(loader, accum):
-    """Group the loader's batches into optimizer steps of `accum` micro-batches."""
-    group = []
-    for x, _ in loader:
-        group.append(x)
-        if len(group) == accum:
-            yield group
-            group = []
+        distill.save_grid([x * 0.5 + 0.5, recon], os.path.join(self.args.out, f"recon_{self.run.step:07d}.png"))
 
 
 def train(args):
-    run = Trainer(args)
-    run.resume()
-    log = distill.log
-    trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-    log(f"RecTok stage {run.stage}: {trained / 1e6:.2f}M trained parameters "
-        f"(teacher {args.teacher if run.teacher is not None else 'none'}), {len(run.data)} images, "
-        f"{run.world} process(es) x batch {args.batch_size} x accum {args.grad_accum}, lr {run.lr:.2e}, "
-        f"{run.total_steps} steps")
-    stop = min(run.total_steps, args.stop_at or run.total_steps)
-    if args.bench:
-        stop = min(run.total_steps, args.bench)
-    meter = distill.Throughput(run.device)
-    bench = distill.Bench(args.bench, run.device) if args.bench else None
-    run.model.train()
-    while run.step < stop:
+    """Stage 1 (`train`) or stage 2 (`finetune`): the same loop, the stage decides what Trainer built."""
+    t = Trainer(args)
+    run = t.run
+    trained = sum(p.numel() for p in t.model.parameters() if p.requires_grad)
+    distill.log(f"RecTok stage {t.stage}: {trained / 1e6:.2f}M trained parameters "
+                f"(teacher {args.teacher if t.teacher is not None else 'none'}), {len(t.data)} images, "
+                f"{t.world} process(es) x batch {args.batch_size} x accum {args.grad_accum}, lr {t.lr:.2e}, "
+                f"{run.total} steps")
+    t.model.train()
+    while run.step < run.stop:
         epoch, in_epoch = divmod(run.step, run.steps_per_epoch)
-        run.sampler.set_position(epoch, in_epoch * args.grad_accum)
-        for batches in micro_batches(run.loader, args.grad_accum):
-            batches = [distill.random_flip(x.to(run.device, non_blocking=True), run.flip_gen) for x in batches]
-            terms = run.train_step(batches, epoch)
-            run.step += 1
-            meter.add(sum(x.shape[0] for x in batches) * run.world)
-            if bench:
-                bench.tick(sum(x.shape[0] for x in batches) * run.world)
-            if run.step % args.log_every == 0 or run.step == stop:
-                run.guard.check(run.step)
+        t.sampler.set_position(epoch, in_epoch * args.grad_accum)
+        for batches in distill.micro_batches(t.loader, args.grad_accum):
+            batches = [distill.random_flip(x.to(t.device, non_blocking=True), t.flip_gen) for x in batches]
+            terms = t.train_step(batches, epoch)
+            run.tick(sum(x.shape[0] for x in batches) * t.world, terms["total"])
+            if run.log_due():
                 losses = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
-                log(f"step {run.step}/{run.total_steps} epoch {run.step / run.steps_per_epoch:.2f} {losses} "
-                    f"lr {run.opt.param_groups[0]['lr']:.2e} {meter.report()}")
-            if bench:
-                if run.step >= stop:
-                    break
-                continue
-            if run.rank == 0 and args.grid_every and run.step % args.grid_every == 0:
-                run.save_reconstructions()
-            if run.step % args.ckpt_every == 0 or run.step % run.steps_per_epoch == 0 or run.step == stop:
+                distill.log(f"step {run.step}/{run.total} epoch {run.epoch:.2f} {losses} "
+                            f"lr {t.opt.param_groups[0]['lr']:.2e} {run.meter.report()}")
+            if not run.bench and run.rank == 0 and args.grid_every and run.step % args.grid_every == 0:
+                t.save_reconstructions()
+            if run.checkpoint_due():
                 run.save()
-            if args.save_every and run.step % (args.save_every * run.steps_per_epoch) == 0:
+            if not run.bench and args.save_every and run.step % (args.save_every * run.steps_per_epoch) == 0:
                 run.save(f"epoch_{run.step // run.steps_per_epoch:04d}.pt")
-            if run.step >= stop or run.step % run.steps_per_epoch == 0:
+            if run.step >= run.stop or run.epoch_end():
                 break
-    if bench:
-        run.bench = bench.report(f"RecTok stage {run.stage}")
-    elif run.rank == 0:
-        run.save_reconstructions()
-        log(f"wrote {os.path.join(args.out, 'latest.pt')} and reconstruction grids in {args.out}")
+    t.bench = run.done(f"RecTok stage {t.stage}")
+    if not run.bench and run.rank == 0:
+        t.save_reconstructions()
+        distill.log(f"wrote {os.path.join(args.out, 'latest.pt')} and reconstruction grids in {args.out}")
     distill.cleanup_distributed()
-    return run
+    return t
 
 
 #################################################################################
@@ -1116,9 +855,9 @@ def stage2_model(args, device):
 #################################################################################
 
 
-def eval_loader(args, rank, world):
+def eval_loader(args, size, rank, world):
     """Held-out images, center crop, no flip, split over ranks without padding."""
-    data = build_dataset(args.data, args.image_size, "val", args.num_eval, args.seed, args.skip_bad_images)
+    data = distill.build_dataset(args.data, size, "val", args.num_eval, args.seed, args.skip_bad_images)
     shard = torch.utils.data.Subset(data, list(range(rank, len(data), world)))
     return data, torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers)
 
@@ -1135,7 +874,7 @@ def reconstruction_pass(model, loader, device, inception):
     feats = {"recon": [], "real": []}
     for x, _ in loader:
         x = x.to(device)
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        with distill.autocast(device):
             recon = model.reconstruct(x).float()
         real = x * 0.5 + 0.5
         mse = ((recon - real) ** 2).mean(dim=(1, 2, 3))
@@ -1144,7 +883,7 @@ def reconstruction_pass(model, loader, device, inception):
             real_u8 = ((x.float() + 1) * 127.5).round().to(torch.uint8)  # the data's own uint8 pixels
             for name, images in (("recon", to_uint8(recon)), ("real", real_u8)):
                 feats[name].append(inception(fid.preprocess(images))[0].double().cpu())
-    return psnr_sum, {k: fid.gather(torch.cat(v), device) for k, v in feats.items() if v}
+    return psnr_sum, {k: distill.gather(torch.cat(v)).numpy() for k, v in feats.items() if v}
 
 
 @torch.no_grad()
@@ -1161,32 +900,31 @@ def evaluate(args):
     inception = fid.FIDInception().load(args.inception_weights).to(device) if args.rfid else None
     for weights in ("model", "ema"):
         model, config = load_tokenizer(args.ckpt, weights, device)
-        args.image_size = config["img_size"]
-        data, loader = eval_loader(args, rank, world)
+        data, loader = eval_loader(args, config["img_size"], rank, world)
         psnr_sum, feats = reconstruction_pass(model, loader, device, inception)
         if world > 1:
             dist.all_reduce(psnr_sum)
         results[weights] = {"psnr": psnr_sum.item() / len(data), "num_images": len(data)}
         if inception is not None:
-            ref = reference_statistics(args, feats["real"], len(data), rank)
+            ref = reference_statistics(args, feats["real"], config["img_size"], len(data), rank)
             results[weights]["rfid"] = fid.frechet_distance(*fid.statistics(feats["recon"]), *ref)
         distill.log(f"{weights}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[weights].items()))
         if rank == 0:
-            x = torch.stack([data[i][0] for i in one_per_class(data)]).to(device)
-            save_grid([x * 0.5 + 0.5, model.reconstruct(x)], os.path.join(out_dir, f"eval_{tag}_{weights}.png"))
+            x = torch.stack([data[i][0] for i in distill.one_per_class(data)]).to(device)
+            distill.save_grid([x * 0.5 + 0.5, model.reconstruct(x)], os.path.join(out_dir, f"eval_{tag}_{weights}.png"))
     if rank == 0:
         path = os.path.join(out_dir, f"metrics_{tag}.json")
-        write_json(path, {"checkpoint": args.ckpt, "data": args.data, **results})
+        distill.write_json(path, {"checkpoint": args.ckpt, "data": args.data, **results})
         distill.log(f"wrote {path}")
     distill.cleanup_distributed()
     return results
 
 
-def reference_statistics(args, real_feats, n, rank):
+def reference_statistics(args, real_feats, size, n, rank):
     """FID statistics of the evaluation images: read from --ref-stats if it exists, else computed from
     `real_feats` and written there (atomically, by rank 0)."""
     path = args.ref_stats or os.path.join(
-        "runs", "fid_stats", f"{os.path.basename(os.path.normpath(args.data))}_{args.image_size}px_{n}.npz")
+        "runs", "fid_stats", f"{os.path.basename(os.path.normpath(args.data))}_{size}px_{n}.npz")
     if os.path.isfile(path):
         return fid.load_statistics(path)
     mu, sigma = fid.statistics(real_feats)
@@ -1194,10 +932,6 @@ def reference_statistics(args, real_feats, n, rank):
         distill.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
         distill.log(f"wrote reference statistics {path}")
     return mu, sigma
-
-
-def write_json(path, obj):
-    distill.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 #################################################################################
@@ -1277,7 +1011,7 @@ def encode(args):
     and never writes an index twice. stats.npz is computed at the end from the stored means in float64."""
     rank, world, device = distill.setup_distributed()
     model, config = load_tokenizer(args.ckpt, "ema", device)
-    data = build_dataset(args.data, config["img_size"], "train", args.num_train, args.seed, args.skip_bad_images)
+    data = distill.build_dataset(args.data, config["img_size"], "train", args.num_train, args.seed, args.skip_bad_images)
     meta = cache_meta(args, model, config, data)
     if rank == 0:
         distill.prepare_out_dir(args.out)
@@ -1288,7 +1022,7 @@ def encode(args):
                        fix=f"It holds other latents than this command would write: encode into a fresh "
                            f"--out (or delete {args.out})")
         else:
-            write_json(meta_path, meta)
+            distill.write_json(meta_path, meta)
     distill.barrier()
     mine = range(rank * meta["num_shards"] // world, (rank + 1) * meta["num_shards"] // world)
     shards = {k: open_shard(args.out, meta, k, "w+") for k in mine}
@@ -1303,7 +1037,7 @@ def encode(args):
         batch = todo[start:start + len(y)]
         start += len(y)
         x = x.to(device, non_blocking=True)
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        with distill.autocast(device):
             both = model.encode(torch.cat([x, x.flip(-1)])).float()
         values = {"moments": both[:len(y)].cpu().numpy().astype(np.float16),
                   "moments_flip": both[len(y):].cpu().numpy().astype(np.float16), "labels": y.numpy()}
@@ -1342,7 +1076,7 @@ def cache_statistics(shards, channels, device, chunk=4096):
             mean = torch.from_numpy(np.asarray(moments[s:s + chunk, :, :channels])).double()
             mean = mean.reshape(-1, channels).to(device)
             sums += torch.stack([torch.full_like(mean[0], mean.shape[0]), mean.sum(0), (mean ** 2).sum(0)])
-    if dist_ready():
+    if distill.is_distributed():
         dist.all_reduce(sums)
     count, total, square = sums
     mu = total / count
@@ -1405,87 +1139,108 @@ def sample_latent(moments, mu, sigma, grid, generator=None):
     return z.transpose(1, 2).reshape(moments.shape[0], -1, grid, grid)  # B x L x C -> B x C x h x w
 
 
-#: the default run folder of each mode (evaluate writes next to its checkpoint)
-DEFAULT_OUT = {"train": "runs/tokenizer", "finetune": "runs/tokenizer_ft", "encode": "runs/latents",
-               "evaluate": None}
+MODES = ("train", "finetune", "evaluate", "encode")
 
 
-def build_parser(add_help=True):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=distill.HelpFormatter, add_help=add_help)
-    p.add_argument("mode", nargs="?", default="train", choices=sorted(DEFAULT_OUT),
-                   help="train: stage 1; finetune: stage 2 (decoder); evaluate: PSNR; encode: latent cache")
+def add_data_flags(p, mode):
+    """Flags every mode reads: the images, the run folder, batches, workers."""
+    out = {"train": distill.RUNS["tokenizer"], "finetune": distill.RUNS["tokenizer_ft"],
+           "encode": distill.RUNS["latents"], "evaluate": "the checkpoint's folder"}[mode]
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                   help="sets the defaults below (finetune adds its stage-2 values)")
+                   help="sets the defaults below" + (" (stage 1's, with stage 2's overrides)" if mode == "finetune" else ""))
     p.add_argument("--data", default="synthetic", help="'synthetic' (built-in) or an ImageNet-style folder")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out (and count) unreadable files")
-    p.add_argument("--out", help="run folder (train: runs/tokenizer, finetune: runs/tokenizer_ft, encode: "
-                   "runs/latents, evaluate: the checkpoint's folder); a run folder with latest.pt resumes")
-    p.add_argument("--num-train", type=int, help="use this many training images")
-    p.add_argument("--init", default="runs/tokenizer/latest.pt", help="finetune: the stage-1 checkpoint")
-    p.add_argument("--ckpt", default="runs/tokenizer_ft/latest.pt", help="evaluate/encode: the tokenizer")
-    p.add_argument("--num-eval", type=int, default=1000, help="evaluate: held-out images")
-    p.add_argument("--rfid", action="store_true", help="evaluate: also rFID (needs the FID Inception)")
-    p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 path (default: URL)")
-    p.add_argument("--ref-stats", default=None, help="evaluate: reference statistics cache (.npz)")
-    p.add_argument("--shard-size", type=int, default=4096, help="encode: images per latent-cache shard file")
-    # model (`models/rectok.py`)
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--channels", type=int, help="latent channels C")
-    p.add_argument("--encoder-size", choices=sorted(SIZES))
-    p.add_argument("--decoder-size", choices=sorted(SIZES))
-    p.add_argument("--sem-size", choices=sorted(SIZES))
-    p.add_argument("--sem-decoder", default="transformer", choices=["transformer", "mlp", "none"],
-                   help="'none' trains without the semantic loss (no FSD, no RAD)")
-    p.add_argument("--mask-ratio", type=float, default=0.4, help="0 turns MAE masking (RAD) off")
-    p.add_argument("--mask-ratio-min", type=float, default=-0.1)
-    p.add_argument("--noise-schedule", default="shift", choices=["shift", "uniform", "lognorm"])
-    p.add_argument("--gamma", type=float, default=1.0, help="flow noise scale; 0 turns the flow off")
-    # teacher (`utils/foundation_models.py`)
-    p.add_argument("--teacher", help="'standin' or an official one, e.g. dinov3_vitl16")
-    p.add_argument("--teacher-weights", default=None,
-                   help="checkpoint path or URL (default: runs/teacher/teacher.pt for the stand-in)")
-    p.add_argument("--no-teacher-jitter", action="store_true",
-                   help="run DINOv3 without the training-mode RoPE rescale the release used")
-    # losses (`utils/losses.py`)
-    p.add_argument("--perceptual-weight", type=float)
-    p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--sem-weight", type=float, default=1.0)
-    p.add_argument("--sem-loss", default="cosine", choices=["cosine", "l2", "l1"])
-    p.add_argument("--gan-weight", type=float, default=0.1)
-    p.add_argument("--gan-start-epoch", type=int)
-    p.add_argument("--vgg16-weights", default=VGG16_URL)
-    p.add_argument("--lpips-weights", default=LPIPS_URL)
-    p.add_argument("--convnext-weights", default=CONVNEXT_S_URL)
-    # optimisation (`main_reconstruction.py`)
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--out", default=None if mode == "evaluate" else out, help=f"run folder ({out})" + (
+        "; a folder with latest.pt resumes" if mode in ("train", "finetune") else ""))
     p.add_argument("--batch-size", type=int, help="per process")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--base-lr", type=float, help="lr = base_lr * global_batch / 256")
-    p.add_argument("--warmup", type=float, default=0.25, help="fraction of training")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--clip", type=float, default=3.0, help="gradient-norm clip, tokenizer and discriminator")
-    p.add_argument("--ema", type=float, help="EMA decay (paper 0.999)")
-    # run control
+    if mode != "evaluate":
+        p.add_argument("--num-train", type=int, help="use this many training images")
+
+
+def add_model_flags(p):
+    """Stage 1 only: stage 2 and the others read the architecture from their checkpoint."""
+    g = p.add_argument_group("model (`models/rectok.py`) and teacher (`utils/foundation_models.py`)")
+    g.add_argument("--image-size", type=int)
+    g.add_argument("--patch-size", type=int)
+    g.add_argument("--channels", type=int, help="latent channels C")
+    g.add_argument("--encoder-size", choices=sorted(SIZES))
+    g.add_argument("--decoder-size", choices=sorted(SIZES))
+    g.add_argument("--sem-size", choices=sorted(SIZES))
+    g.add_argument("--sem-decoder", default="transformer", choices=["transformer", "mlp", "none"],
+                   help="'none' trains without the semantic loss (no FSD, no RAD)")
+    g.add_argument("--mask-ratio", type=float, default=0.4, help="0 turns MAE masking (RAD) off")
+    g.add_argument("--mask-ratio-min", type=float, default=-0.1)
+    g.add_argument("--noise-schedule", default="shift", choices=["shift", "uniform", "lognorm"])
+    g.add_argument("--gamma", type=float, default=1.0, help="flow noise scale; 0 turns the flow off")
+    g.add_argument("--teacher", help="'standin' or an official one, e.g. dinov3_vitl16")
+    g.add_argument("--teacher-weights", default=None,
+                   help="checkpoint path or URL (default: runs/teacher/teacher.pt for the stand-in)")
+    g.add_argument("--no-teacher-jitter", action="store_true",
+                   help="run DINOv3 without the training-mode RoPE rescale the release used")
+    g.add_argument("--kl-weight", type=float, default=1e-6)
+    g.add_argument("--sem-weight", type=float, default=1.0)
+    g.add_argument("--sem-loss", default="cosine", choices=["cosine", "l2", "l1"])
+
+
+def add_training_flags(p):
+    """Both training stages: losses on pixels, optimisation, run control."""
+    g = p.add_argument_group("losses (`utils/losses.py`) and optimisation (`main_reconstruction.py`)")
+    g.add_argument("--perceptual-weight", type=float)
+    g.add_argument("--gan-weight", type=float, default=0.1)
+    g.add_argument("--gan-start-epoch", type=int)
+    g.add_argument("--vgg16-weights", default=VGG16_URL)
+    g.add_argument("--lpips-weights", default=LPIPS_URL)
+    g.add_argument("--convnext-weights", default=CONVNEXT_S_URL)
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--base-lr", type=float, help="lr = base_lr * global_batch / 256")
+    g.add_argument("--warmup", type=float, default=0.25, help="fraction of training")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--clip", type=float, default=3.0, help="gradient-norm clip, tokenizer and discriminator")
+    g.add_argument("--ema", type=float, help="EMA decay (paper 0.999)")
     distill.add_run_flags(p, ckpt_every=500, save_every=50, save_unit="epochs")
     p.add_argument("--grid-every", type=int, default=500, help="reconstruction grid PNG every N steps (0: off)")
     p.add_argument("--random-weights", action="store_true",
                    help="with --bench: random teacher and perceptual weights (no downloads)")
+
+
+def build_parser(mode, add_help=True):
+    """The command line of one mode, with only the flags that mode reads (any other fails)."""
+    p = argparse.ArgumentParser(prog=f"tokenizer.py {mode}", description=__doc__,
+                                formatter_class=distill.HelpFormatter, add_help=add_help)
+    add_data_flags(p, mode)
+    if mode == "train":
+        add_model_flags(p)
+    if mode in ("train", "finetune"):
+        add_training_flags(p)
+        if mode == "finetune":
+            p.add_argument("--init", default=os.path.join(distill.RUNS["tokenizer"], "latest.pt"),
+                           help="the stage-1 checkpoint")
+        return p
+    p.add_argument("--ckpt", default=os.path.join(distill.RUNS["tokenizer_ft"], "latest.pt"), help="the tokenizer")
+    if mode == "evaluate":
+        p.add_argument("--num-eval", type=int, default=1000, help="held-out images")
+        p.add_argument("--rfid", action="store_true", help="also rFID (needs the FID Inception)")
+        p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 path (default: URL)")
+        p.add_argument("--ref-stats", default=None, help="reference statistics cache (.npz)")
+    else:
+        p.add_argument("--shard-size", type=int, default=4096, help="images per latent-cache shard file")
+    distill.add_run_flags(p, train=False)
     return p
 
 
-def preset_defaults(first):
-    """The preset's values for the chosen mode: stage 1's recipe, with stage 2's overrides for finetune."""
-    stage2 = FINETUNE[first.preset] if first.mode == "finetune" else {}
-    return dict(PRESETS[first.preset], **stage2, out=DEFAULT_OUT[first.mode])
-
-
 def parse_args(argv=None):
-    p, args = distill.parse_with_preset(build_parser, preset_defaults, argv)
-    if args.random_weights and not args.bench:
+    """`tokenizer.py [train | finetune | evaluate | encode] [flags]`; no mode means train."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode = argv.pop(0) if argv and argv[0] in MODES else "train"
+    stage2 = (lambda first: FINETUNE[first.preset]) if mode == "finetune" else (lambda first: {})
+    p, args = distill.parse_with_preset(lambda add_help: build_parser(mode, add_help),
+                                        lambda first: dict(PRESETS[first.preset], **stage2(first)), argv)
+    args.mode = mode
+    if getattr(args, "random_weights", False) and not args.bench:
         p.error("--random-weights is for --bench only: training needs the real teacher")
-    if args.teacher_weights is None and args.teacher == "standin":
-        args.teacher_weights = "runs/teacher/teacher.pt"
+    if mode == "train" and args.teacher_weights is None and args.teacher == "standin":
+        args.teacher_weights = os.path.join(distill.RUNS["teacher"], "teacher.pt")
     return args
 
 
