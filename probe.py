@@ -291,9 +291,9 @@ def main(argv=None):
     taus = args.sweep_tau or [args.tau if args.feature == "flow" else 0.0]
     kind = "flow" if args.sweep_tau else args.feature
     train = distill.build_dataset(args.data, config["img_size"], "train", args.num_train, args.data_seed,
-                                    args.skip_bad_images)
+                                  args.skip_bad_images)
     val = distill.build_dataset(args.val_data or args.data, config["img_size"], "val", args.num_val,
-                                  args.data_seed, args.skip_bad_images)
+                                args.data_seed, args.skip_bad_images)
     features, y = training_features(model, train, kind, taus, args, device)
     xvs, yv = extract(model, val, kind, taus, args, device)
     accs = train_heads(features, y, xvs, yv, train.num_classes, args)
@@ -306,9 +306,8 @@ def main(argv=None):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         chance = 100 / train.num_classes
-        distill.write_json(os.path.join(args.out, "probe.json"), {"tokenizer": args.tokenizer, "protocol":
-                                                                    args.protocol, "chance": chance,
-                                                                    "results": results})
+        distill.write_json(os.path.join(args.out, "probe.json"), {
+            "tokenizer": args.tokenizer, "protocol": args.protocol, "chance": chance, "results": results})
         if args.sweep_tau:
             plot_tau({os.path.basename(os.path.normpath(args.out)): results},
                      os.path.join(args.out, "probe_tau.png"), chance)

@@ -102,11 +102,11 @@ def save_png(array, path):
     distill.atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))  # one that exists is whole
 
 
-def pack(args, num):
+def pack(args, num, num_classes):
     """All PNGs -> one .npz (arr_0, labels) and a preview grid."""
     folder = os.path.join(args.out, "images")
     arr = np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png"))) for i in range(num)])
-    labels = np.arange(num) % args.num_classes
+    labels = np.arange(num) % num_classes
     distill.atomic_write(os.path.join(args.out, "samples.npz"), lambda f: np.savez(f, arr_0=arr, labels=labels))
     save_preview(arr, labels, os.path.join(args.out, "preview.png"))
 
@@ -158,7 +158,6 @@ def main(argv=None):
     if rank == 0:
         distill.prepare_out_dir(os.path.join(args.out, "images"))
     model, guide, tok, mu, sigma = load_models(args, device)
-    args.num_classes = model.num_classes
     check_provenance(args, provenance(args, model, guide, tok, mu, sigma))
     distill.barrier()
     folder = os.path.join(args.out, "images")
@@ -180,7 +179,7 @@ def main(argv=None):
                         f"peak mem {distill.peak_memory_gb(device):.2f} GB")
     distill.barrier()
     if rank == 0:
-        pack(args, args.num_images)
+        pack(args, args.num_images, model.num_classes)
         distill.log(f"wrote {args.num_images} PNGs, samples.npz and preview.png in {args.out}")
     distill.barrier()
     metrics = evaluate(args, device) if args.ref_stats else {}
@@ -295,7 +294,8 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (CFG, or autoguidance with --guide)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="CFG time interval")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--global-batch-size", type=int, default=50, help="images per step over all ranks (the same images for any rank count)")
+    p.add_argument("--global-batch-size", type=int, default=50,
+                   help="images per step over all ranks (the same images for any rank count)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA")
     p.add_argument("--out", default="runs/samples")
     p.add_argument("--ref-stats", default=None, help="reference statistics .npz for FID (mu, sigma)")

@@ -6,42 +6,51 @@ see its README), map them to our names, feed the stored inputs and compare with 
 Map, from the paper's ideas and the project's guarantees to the tests (`pytest -k NAME` runs one):
 
   The method
-    FSD + RAD (semantic decoder on z_tau, masked) test_semantic_decoder_parity, test_stage1_forward_and_losses_parity
-    the flow z_tau, the shift, tau schedules     test_posterior_and_flow_parity, test_draw_tau_schedules,
-                                                 test_gamma_zero_turns_the_flow_off, test_transport_parity
-    MAE masking (RAD's input)                    test_mask_ratio_distribution, test_encoder_parity
-    the teacher (DINOv2/v3, stand-in)            test_teacher_parity, test_teacher_preprocess_parity,
-                                                 test_teacher_targets_in_stage1_forward,
-                                                 test_teacher_rope_jitter_is_drawn_in_train_mode_only
-    losses (LPIPS, ConvNeXt, PatchGAN)           test_lpips_parity, test_convnext_perceptual_parity, test_patchgan_parity
-    stage 2 (decoder fine-tuning)                test_finetune_changes_only_the_decoder,
-                                                 test_finetune_preset_is_the_released_stage2_recipe
-    DiT^DH and its sampler                       test_ditdh_forward_parity, test_sampler_parity, test_dit_loss_falls
-    FID / IS / P&R, the offline judge            test_fid_inception_parity, test_frechet_parity,
-                                                 test_inception_score_parity, test_judge_scores
-    linear probing                               test_probe_finds_planted_linear_structure,
-                                                 test_research_probe_is_adam_at_a_constant_lr, test_probe_training_views
+    FSD + RAD (semantic decoder on z_tau, masked):
+      test_semantic_decoder_parity, test_stage1_forward_and_losses_parity
+    the flow z_tau, the shift, tau schedules:
+      test_posterior_and_flow_parity, test_draw_tau_schedules, test_gamma_zero_turns_the_flow_off,
+      test_transport_parity
+    MAE masking (RAD's input):
+      test_mask_ratio_distribution, test_encoder_parity
+    the teacher (DINOv2/v3, stand-in):
+      test_teacher_parity, test_teacher_preprocess_parity, test_teacher_targets_in_stage1_forward,
+      test_teacher_rope_jitter_is_drawn_in_train_mode_only
+    losses (LPIPS, ConvNeXt, PatchGAN):
+      test_lpips_parity, test_convnext_perceptual_parity, test_patchgan_parity
+    stage 2 (decoder fine-tuning):
+      test_finetune_changes_only_the_decoder, test_finetune_preset_is_the_released_stage2_recipe
+    DiT^DH and its sampler:
+      test_ditdh_forward_parity, test_sampler_parity, test_dit_loss_falls
+    FID / IS / P&R, the offline judge:
+      test_fid_inception_parity, test_frechet_parity, test_inception_score_parity, test_judge_scores
+    linear probing:
+      test_probe_finds_planted_linear_structure, test_research_probe_is_adam_at_a_constant_lr,
+      test_probe_training_views
   Guarantees
-    released weights load (strict keys)          test_official_*_keys_load_strictly, test_load_released_tokenizer_layout,
-                                                 test_load_official_dit_ema_without_buffers, test_sampling_from_released_layout
-    exact resume (stop + resume = uninterrupted) test_*_resume_is_exact, test_*_two_processes_resume_exactly,
-                                                 test_interrupted_encode_resumes_to_the_same_files,
-                                                 test_interrupted_sampling_resumes_to_the_same_set,
-                                                 test_checkpoints_at_every_epoch_end
-    rank independence (2 gloo processes)         test_standin_two_process_gloo, test_cache_same_with_two_processes,
-                                                 test_sampling_is_the_same_on_two_processes,
-                                                 test_fid_features_two_processes_equal_one,
-                                                 test_probe_two_processes_equal_one, test_ranks_agree_check_and_broadcast
-    recipe defaults and the command line         test_presets_are_the_parser_defaults, test_bench_is_one_rule_in_every_trainer,
-                                                 test_weight_decay_skips_embeddings_and_tokens, test_dit_lr_decay_ends_at_its_own_epoch
-    bad input, clear errors                      test_*_bad_inputs, test_*_errors, test_image_folder_errors,
-                                                 test_dit_mismatch_errors, test_unwritable_out_and_full_disk,
-                                                 test_encode_refuses_to_resume_into_a_cache_of_other_images,
-                                                 test_sampling_refuses_a_folder_made_otherwise
-    checkpoint safety                            test_no_loader_runs_code_from_a_checkpoint,
-                                                 test_wrong_or_damaged_checkpoints_say_what_they_are,
-                                                 test_divergence_stops_before_anything_is_saved
-    the whole pipeline                           test_pipeline_end_to_end
+    released weights load (strict keys):
+      test_official_*_keys_load_strictly, test_load_released_tokenizer_layout,
+      test_load_official_dit_ema_without_buffers, test_sampling_from_released_layout
+    exact resume (stop + resume = uninterrupted):
+      test_*_resume_is_exact, test_*_two_processes_resume_exactly,
+      test_interrupted_encode_resumes_to_the_same_files, test_interrupted_sampling_resumes_to_the_same_set,
+      test_checkpoints_at_every_epoch_end
+    rank independence (2 gloo processes):
+      test_standin_two_process_gloo, test_cache_same_with_two_processes,
+      test_sampling_is_the_same_on_two_processes, test_fid_features_two_processes_equal_one,
+      test_probe_two_processes_equal_one, test_ranks_agree_check_and_broadcast
+    recipe defaults and the command line:
+      test_presets_are_the_parser_defaults, test_bench_is_one_rule_in_every_trainer,
+      test_weight_decay_skips_embeddings_and_tokens, test_dit_lr_decay_ends_at_its_own_epoch
+    bad input, clear errors:
+      test_*_bad_inputs, test_*_errors, test_image_folder_errors, test_dit_mismatch_errors,
+      test_unwritable_out_and_full_disk, test_encode_refuses_to_resume_into_a_cache_of_other_images,
+      test_sampling_refuses_a_folder_made_otherwise
+    checkpoint safety:
+      test_no_loader_runs_code_from_a_checkpoint, test_wrong_or_damaged_checkpoints_say_what_they_are,
+      test_divergence_stops_before_anything_is_saved
+    the whole pipeline:
+      test_pipeline_end_to_end
 
 Layout: parity machinery, the fixtures (one run chain shared by all), then one section per file, each
 ordered parity, numerics, runs, errors.

@@ -1011,7 +1011,8 @@ def encode(args):
     and never writes an index twice. stats.npz is computed at the end from the stored means in float64."""
     rank, world, device = distill.setup_distributed()
     model, config = load_tokenizer(args.ckpt, "ema", device)
-    data = distill.build_dataset(args.data, config["img_size"], "train", args.num_train, args.seed, args.skip_bad_images)
+    data = distill.build_dataset(args.data, config["img_size"], "train", args.num_train, args.seed,
+                                 args.skip_bad_images)
     meta = cache_meta(args, model, config, data)
     if rank == 0:
         distill.prepare_out_dir(args.out)
@@ -1147,7 +1148,7 @@ def add_data_flags(p, mode):
     out = {"train": distill.RUNS["tokenizer"], "finetune": distill.RUNS["tokenizer_ft"],
            "encode": distill.RUNS["latents"], "evaluate": "the checkpoint's folder"}[mode]
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                   help="sets the defaults below" + (" (stage 1's, with stage 2's overrides)" if mode == "finetune" else ""))
+                   help="sets the defaults below" + (" (stage 1's and stage 2's)" if mode == "finetune" else ""))
     p.add_argument("--data", default="synthetic", help="'synthetic' (built-in) or an ImageNet-style folder")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out (and count) unreadable files")
     p.add_argument("--out", default=None if mode == "evaluate" else out, help=f"run folder ({out})" + (
