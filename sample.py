@@ -7,12 +7,12 @@ contiguous runs, so every image is computed in the same batch whatever the numbe
 files are the same with 1 GPU or 64. A crash resumes by skipping the batches whose PNGs all exist.
 
 Run:
-    python sample.py                                          # tiny: 100 samples from runs/dit
-    torchrun --nproc_per_node=8 sample.py --dit runs/dit_xl/latest.pt --num-images 50000 --steps 150 \\
+    python sample.py                                          # tiny: 100 samples from runs/dit, 50 points
+    torchrun --nproc_per_node=8 sample.py --preset paper --dit runs/dit_xl/latest.pt --num-images 50000 \\
         --ref-stats /refs/VIRTUAL_imagenet256_labeled.npz     # gFID-50K without guidance
     ... --guide runs/dit_s/latest.pt --cfg 1.29               # autoguidance (the paper's guided numbers)
     ... --cfg 1.5 --cfg-interval 0.0 0.7                      # classifier-free guidance on an interval
-    sample.py --dit DiTDDT_xl.pth --guide DiTDDT_s.pth --cfg 1.29 --tokenizer RecTok_decft.pth \
+    sample.py --preset paper --dit DiTDDT_xl.pth --guide DiTDDT_s.pth --cfg 1.29 --tokenizer RecTok_decft.pth \
         --latent-stats /latents/rectok/stats.npz ...          # the authors' released weights
 
 Writes OUT/images/{i:06d}.png, OUT/provenance.json (what made them: the generator, guide and tokenizer
@@ -280,8 +280,17 @@ def evaluate(args, device):
     return metrics
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=distill.HelpFormatter)
+PRESETS = {
+    "paper": dict(steps=150),  # the released sampler: 150 grid points
+    # On the tiny pipeline 50 points score as 150 do (judge accuracy 19% vs 18%, Frechet 57.1 vs 56.6; see
+    # the README) in less than half the time.
+    "tiny": dict(steps=50),
+}
+
+
+def build_parser(add_help=True):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=distill.HelpFormatter, add_help=add_help)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
     p.add_argument("--dit", default="runs/dit/latest.pt", help="generator checkpoint (EMA weights are used)")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one the "
                    "generator's latent cache came from)")
@@ -290,7 +299,7 @@ def parse_args(argv=None):
                    "encoded with their tokenizer (`tokenizer.py encode --ckpt RecTok_decft.pth`)")
     # not `--num`: torchrun would take it for an abbreviation of its own --numa-binding
     p.add_argument("--num-images", type=int, default=100, help="number of images (the paper: 50000)")
-    p.add_argument("--steps", type=int, default=150, help="Euler grid points (steps + 1)")
+    p.add_argument("--steps", type=int, help="Euler grid points (steps + 1)")
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (CFG, or autoguidance with --guide)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="CFG time interval")
     p.add_argument("--seed", type=int, default=0)
@@ -308,7 +317,11 @@ def parse_args(argv=None):
     p.add_argument("--judge-data", default="synthetic", help="held-out real images for the judge: its val split")
     p.add_argument("--judge-real", type=int, default=1000, help="how many held-out real images")
     p.add_argument("--log-every", type=int, default=1, help="log every N batches")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return distill.parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)[1]
 
 
 if __name__ == "__main__":

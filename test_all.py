@@ -995,7 +995,7 @@ def test_tokenizer_bad_inputs(standin_teacher, tmp_path):
 
 
 PRESET_STAGES = [(distill, distill.PRESETS, []), (tokenizer, tokenizer.PRESETS, []),
-                 (dit, dit.PRESETS, ["--latents", "x"]), (probe, probe.PRESETS, [])]
+                 (dit, dit.PRESETS, ["--latents", "x"]), (probe, probe.PRESETS, []), (sample, sample.PRESETS, [])]
 
 
 @pytest.mark.parametrize("module,presets,extra", PRESET_STAGES, ids=lambda v: getattr(v, "__name__", ""))
