@@ -144,8 +144,7 @@ def gather_objects(obj, world):
 
 def gather(x):
     """Every rank's rows of a CPU tensor, concatenated in rank order (shards may be uneven)."""
-    rank, world = world_info()
-    return torch.cat(gather_objects(x, world))
+    return torch.cat(gather_objects(x, world_info()[1]))
 
 
 def broadcast_module(module):
@@ -474,10 +473,10 @@ class Run:
     them all; the constructor resumes OUT/latest.pt through `resume`, which reads them back and refuses a
     checkpoint made otherwise. --bench N: N steps, nothing read or written, one line (Bench)."""
 
-    def __init__(self, args, kind, world, device, steps_per_epoch, global_batch, states, generators=None,
-                 match=None, check=None):
-        self.args, self.kind, self.world, self.device = args, kind, world, device
-        self.rank = world_info()[0]
+    def __init__(self, args, kind, device, steps_per_epoch, global_batch, states, generators=None, match=None,
+                 check=None):
+        self.args, self.kind, self.device = args, kind, device
+        self.rank, self.world = world_info()
         self.steps_per_epoch, self.global_batch = steps_per_epoch, global_batch
         self.total = args.epochs * steps_per_epoch
         self.stop = min(self.total, args.bench or args.stop_at or self.total)
@@ -487,8 +486,8 @@ class Run:
         self.latest = os.path.join(args.out, "latest.pt")
         self.meter, self.guard = Throughput(device), FiniteGuard(device)
         self.bench = Bench(args.bench, device) if args.bench else None
-        self.step = 0 if args.bench else resume(self.latest, kind, self.rank, world, states, self.generators,
-                                                self.match)
+        self.step = 0 if args.bench else resume(self.latest, kind, self.rank, self.world, states,
+                                                self.generators, self.match)
 
     @property
     def epoch(self):
@@ -1440,7 +1439,7 @@ def train_standin(args):
         val_set, batch_size=args.batch_size, num_workers=args.workers,
         sampler=torch.utils.data.DistributedSampler(val_set, world, rank, shuffle=False))
     flip_gen = torch.Generator().manual_seed(args.seed * world + rank)
-    run = Run(args, "teacher", world, device, len(train_set) // (args.batch_size * world), args.batch_size * world,
+    run = Run(args, "teacher", device, len(train_set) // (args.batch_size * world), args.batch_size * world,
               {"model": model, "ema": ema, "optimizer": opt}, {"flip_rng": flip_gen}, match={"config": config},
               check={"stand-in teacher": model})
     log(f"stand-in teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "

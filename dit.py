@@ -355,7 +355,7 @@ def train(args):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=0.0, fused=True)  # CPU too
     loader, sampler = distill.make_loader(cache, args.batch_size, args.seed, rank, world, args.workers, device)
-    run = distill.Run(args, "generator", world, device, len(cache) // (args.batch_size * world),
+    run = distill.Run(args, "generator", device, len(cache) // (args.batch_size * world),
                       args.batch_size * world, {"model": model, "ema": ema, "optimizer": opt},
                       match={"config": config, "source": latent_source(args, cache)})
     s = tokenizer.latent_shift(cache.meta["grid"], cache.meta["channels"])

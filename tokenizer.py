@@ -724,7 +724,7 @@ class Trainer:
         self.flip_gen = torch.Generator().manual_seed(args.seed * self.world + self.rank)
         self.grid_images, self.autocast = None, distill.autocast(self.device)
         self.run = distill.Run(  # resumes OUT/latest.pt if there is one
-            args, "tokenizer", self.world, self.device, len(self.data) // self.global_batch, self.global_batch,
+            args, "tokenizer", self.device, len(self.data) // self.global_batch, self.global_batch,
             {"model": self.model, "ema": self.ema, "optimizer": self.opt, "discriminator": self.loss.discriminator,
              "d_optimizer": self.d_opt}, {"flip_rng": self.flip_gen}, match={"config": self.config},
             check={"tokenizer": self.model, "discriminator": self.loss.discriminator})
