@@ -844,30 +844,28 @@ def test_ranks_agree_check_and_broadcast(tmp_path):
         assert lines[1] == "agree after broadcast"
 
 
-def tiny_trainer(teacher, tmp_path, *extra):
-    return tokenizer.Trainer(tokenizer.parse_args(tok_args(teacher, str(tmp_path / "unit"), *extra)))
-
-
-def test_discriminator_step_reads_every_micro_batch_and_is_clipped(standin_teacher, tmp_path):
+def test_discriminator_step_reads_every_micro_batch_and_is_clipped(tmp_path):
     """The authors' order: D's hinge loss on every micro-batch, gradients averaged, clipped at --clip like
     the generator's, one step."""
-    run = tiny_trainer(standin_teacher, tmp_path, "--gan-start-epoch", "0", "--grad-accum", "2", "--clip", "0.01")
+    args = tokenizer.parse_args(tok_args("unused.pt", str(tmp_path), "--gan-start-epoch", "0", "--clip", "0.01"))
+    loss = tokenizer.build_loss(args, 1, "cpu")
+    d_opt = torch.optim.AdamW(loss.discriminator.parameters(), lr=1e-4)
     calls, seen = [], {}
-    loss_fn = run.loss.discriminator_loss
-    run.loss.discriminator_loss = lambda x, fake, epoch: calls.append((x, fake)) or loss_fn(x, fake, epoch)
-    before = {k: v.clone() for k, v in run.loss.discriminator.state_dict().items()}
-    step = run.d_opt.step
-    grads = lambda: [p.grad.clone() for p in run.loss.discriminator.parameters()]  # noqa: E731
-    run.d_opt.step = lambda: seen.update(grads=grads()) or step()
+    loss_fn = loss.discriminator_loss
+    loss.discriminator_loss = lambda x, fake, epoch: calls.append((x, fake)) or loss_fn(x, fake, epoch)
+    before = {k: v.clone() for k, v in loss.discriminator.state_dict().items()}
+    step = d_opt.step
+    grads = lambda: [p.grad.clone() for p in loss.discriminator.parameters()]  # noqa: E731
+    d_opt.step = lambda: seen.update(grads=grads()) or step()
     torch.manual_seed(0)
     batches = [torch.rand(4, 3, 32, 32) * 2 - 1 for _ in range(2)]
-    run.model.train()
-    run.train_step(batches, epoch=0)
+    decoded = [torch.rand(4, 3, 32, 32) * 2 - 1 for _ in range(2)]  # the generator's reconstructions
+    tokenizer.discriminator_step(loss, d_opt, batches, decoded, 0, args.clip)
     assert len(calls) == 2 and all(torch.equal(x, b) for (x, _), b in zip(calls, batches))
     ref = tokenizer.PatchGAN()
     ref.load_state_dict(before)
-    loss = sum(tokenizer.hinge_d_loss(ref(x.float() * 0.5 + 0.5), ref(f.float() * 0.5 + 0.5)) for x, f in calls) / 2
-    loss.backward()
+    ref_loss = sum(tokenizer.hinge_d_loss(ref(x * 0.5 + 0.5), ref(f * 0.5 + 0.5)) for x, f in calls) / 2
+    ref_loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.01)
     assert norm > 0.01  # the clip is active
     for got, want in zip(seen["grads"], (p.grad for p in ref.parameters())):

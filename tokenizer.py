@@ -656,14 +656,16 @@ def build_perceptual(args):
     return PerceptualLoss().load_official(args.vgg16_weights, args.lpips_weights, args.convnext_weights)
 
 
-def build_stage1_teacher(args, grid):
+def build_stage1_teacher(args, grid, device):
     if args.sem_decoder == "none":
         return None
     if args.random_weights and args.teacher in distill.ARCHS:
-        return distill.Teacher(distill.DinoViT(**distill.ARCHS[args.teacher]), "dino", grid,
-                               rope_jitter=not args.no_teacher_jitter)
-    return distill.build_teacher(args.teacher, args.teacher_weights, grid=grid,
-                                 rope_jitter=not args.no_teacher_jitter)
+        teacher = distill.Teacher(distill.DinoViT(**distill.ARCHS[args.teacher]), "dino", grid,
+                                  rope_jitter=not args.no_teacher_jitter)
+    else:
+        teacher = distill.build_teacher(args.teacher, args.teacher_weights, grid=grid,
+                                        rope_jitter=not args.no_teacher_jitter)
+    return teacher.to(device)
 
 
 def ensure_standin_teacher(args):
@@ -678,153 +680,136 @@ def ensure_standin_teacher(args):
     distill.train_standin(distill.parse_args(["--out", "runs/teacher"]))  # every rank takes part
 
 
-class Trainer:
-    """Everything a training run holds, for stage 1 (`train`: the whole tokenizer with the teacher) and
-    stage 2 (`finetune`: the pixel decoder alone, on the clean posterior sample), so that the step,
-    checkpointing and resume are written once."""
+def build_loss(args, stage, device):
+    """The stage's TokenizerLoss, its discriminator identical on every rank (DDP does this for the tokenizer)."""
+    latent_terms = (dict(kl_weight=args.kl_weight, sem_weight=args.sem_weight, sem_loss=args.sem_loss)
+                    if stage == 1 else dict(kl_weight=0.0))  # stage 2: pixels only
+    loss = TokenizerLoss(build_perceptual(args), perceptual_weight=args.perceptual_weight,
+                         gan_weight=args.gan_weight, gan_start_epoch=args.gan_start_epoch, **latent_terms)
+    distill.broadcast_module(loss.to(device).discriminator)
+    return loss
 
-    def __init__(self, args):
-        self.args, self.stage = args, 2 if args.mode == "finetune" else 1
-        self.rank, self.world, self.device = distill.setup_distributed()
-        if self.rank == 0 and not args.bench:
-            distill.prepare_out_dir(args.out)
-        if self.stage == 1:
-            ensure_standin_teacher(args)  # before seeding: the same run whether or not it had to train one
-        torch.manual_seed(args.seed * self.world + self.rank)
-        random.seed(args.seed * self.world + self.rank)
-        if self.stage == 1:
-            self.teacher = build_stage1_teacher(args, args.image_size // args.patch_size)
-            self.config = model_config(args, self.teacher.dim if self.teacher else 0)
-            self.model = RecTok(**self.config).to(self.device)
-        else:
-            self.teacher = None
-            self.model, self.config = stage2_model(args, self.device)
-        self.image_size = self.config["img_size"]
-        if self.teacher is not None:
-            self.teacher.to(self.device)
-        self.ema = distill.make_ema(self.model)
-        self.ddp = (nn.parallel.DistributedDataParallel(self.model) if distill.is_distributed() else self.model)
-        latent_terms = (dict(kl_weight=args.kl_weight, sem_weight=args.sem_weight, sem_loss=args.sem_loss)
-                        if self.stage == 1 else dict(kl_weight=0.0))  # stage 2: pixels only
-        self.loss = TokenizerLoss(build_perceptual(args), perceptual_weight=args.perceptual_weight,
-                                  gan_weight=args.gan_weight, gan_start_epoch=args.gan_start_epoch, **latent_terms)
-        self.loss.to(self.device)
-        distill.broadcast_module(self.loss.discriminator)  # DDP does this for the tokenizer
-        self.global_batch = args.batch_size * args.grad_accum * self.world
-        self.lr = args.base_lr * self.global_batch / 256
-        # fused AdamW on CUDA and on the CPU too (174M parameters: 0.12 s a step against 0.53 s unfused)
-        self.opt = torch.optim.AdamW(distill.weight_decay_groups(self.model, args.weight_decay), lr=self.lr,
-                                     betas=(0.9, 0.95), fused=True)
-        self.d_opt = torch.optim.AdamW(distill.weight_decay_groups(self.loss.discriminator, args.weight_decay),
-                                       lr=self.lr, betas=(0.9, 0.95), fused=True)
-        self.data = distill.build_dataset(args.data, self.image_size, "train", args.num_train, args.seed,
-                                          args.skip_bad_images)
-        self.loader, self.sampler = distill.make_loader(self.data, args.batch_size, args.seed, self.rank,
-                                                        self.world, args.workers, self.device)
-        self.flip_gen = torch.Generator().manual_seed(args.seed * self.world + self.rank)
-        self.grid_images, self.autocast = None, distill.autocast(self.device)
-        self.run = distill.Run(  # resumes OUT/latest.pt if there is one
-            args, "tokenizer", self.device, len(self.data) // self.global_batch, self.global_batch,
-            {"model": self.model, "ema": self.ema, "optimizer": self.opt, "discriminator": self.loss.discriminator,
-             "d_optimizer": self.d_opt}, {"flip_rng": self.flip_gen}, match={"config": self.config},
-            check={"tokenizer": self.model, "discriminator": self.loss.discriminator})
 
-    # ----- one optimisation step (`main_reconstruction.py`, `utils/losses.py`) -----
-    def set_lr(self):
-        progress = self.run.step / self.run.total
-        for opt in (self.opt, self.d_opt):
-            for g in opt.param_groups:
-                g["lr"] = self.lr * distill.warmup_cosine(progress, self.args.warmup)
+def discriminator_step(loss, d_opt, batches, decoded, epoch, clip):
+    """The discriminator's step follows the generator's, as the authors' loop orders it: its hinge loss
+    on every micro-batch (gradients averaged over micro-batches and ranks), clipped at --clip like the
+    generator's, one optimizer step. Returns the last micro-batch's loss."""
+    disc = loss.discriminator
+    disc.requires_grad_(True)
+    for x, fake in zip(batches, decoded):
+        d_loss = loss.discriminator_loss(x, fake, epoch)
+        (d_loss / len(batches)).backward()
+    distill.allreduce_grads(disc)
+    nn.utils.clip_grad_norm_(disc.parameters(), clip)
+    d_opt.step()
+    d_opt.zero_grad(set_to_none=True)
+    disc.requires_grad_(False)  # the generator's step only reads D
+    return d_loss.detach()
 
-    def train_step(self, batches, epoch):
-        """One optimizer step over `grad_accum` micro-batches; returns detached loss terms."""
-        args = self.args
-        self.set_lr()
-        self.loss.discriminator.requires_grad_(False)  # the generator step only reads D
-        decoded = []
-        for i, x in enumerate(batches):
-            sync = i == len(batches) - 1
-            with (self.ddp.no_sync() if not sync and distill.is_distributed() else contextlib.nullcontext()):
-                with torch.no_grad(), self.autocast:
-                    target = self.teacher(x) if self.teacher is not None else None
-                with self.autocast:  # stage 2: no flow noise, the decoder reads the clean sample
-                    out = self.ddp(x) if self.stage == 1 else self.ddp(x, tau=x.new_zeros(len(x), 1, 1))
-                total, terms = self.loss.generator_loss(x, out, target, epoch)
-                (total / len(batches)).backward()
-            decoded.append(out["decoded"].detach())
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        distill.update_ema(self.ema, self.model, args.ema)
-        if self.loss.gan_on(epoch):
-            terms["disc"] = self.discriminator_step(batches, decoded, epoch)
-        terms["total"], terms["grad_norm"] = total.detach(), grad_norm.detach()
-        return terms
 
-    def discriminator_step(self, batches, decoded, epoch):
-        """The discriminator's step follows the generator's, as the authors' loop orders it: its hinge loss
-        on every micro-batch (gradients averaged over micro-batches and ranks), clipped at --clip like the
-        generator's, one optimizer step. Returns the last micro-batch's loss."""
-        disc = self.loss.discriminator
-        disc.requires_grad_(True)
-        for x, fake in zip(batches, decoded):
-            d_loss = self.loss.discriminator_loss(x, fake, epoch)
-            (d_loss / len(batches)).backward()
-        distill.allreduce_grads(disc)
-        nn.utils.clip_grad_norm_(disc.parameters(), self.args.clip)
-        self.d_opt.step()
-        self.d_opt.zero_grad(set_to_none=True)
-        return d_loss.detach()
+def grid_images(args, data, size):
+    """A fixed set of images, one per class (the first 10 classes; the built-in data's val split, or the
+    training folder itself), for the reconstruction grids."""
+    val = data if args.data != "synthetic" else distill.build_dataset("synthetic", size, "val", 100, args.seed)
+    return torch.stack([val[i][0] for i in distill.one_per_class(val)])
 
-    @torch.no_grad()
-    def save_reconstructions(self):
-        """Originals above EMA reconstructions of a fixed set of images, one per class (the first 10
-        classes; the built-in data's val split, or the training folder itself), read once per run."""
-        if self.grid_images is None:
-            val = self.data if self.args.data != "synthetic" else distill.build_dataset(
-                "synthetic", self.image_size, "val", 100, self.args.seed)
-            self.grid_images = torch.stack([val[i][0] for i in distill.one_per_class(val)])
-        x = self.grid_images.to(self.device)
-        with self.autocast:
-            recon = self.ema.reconstruct(x)
-        distill.save_grid([x * 0.5 + 0.5, recon], os.path.join(self.args.out, f"recon_{self.run.step:07d}.png"))
+
+@torch.no_grad()
+def save_reconstructions(ema, images, device, path):
+    """Originals above the EMA tokenizer's reconstructions."""
+    x = images.to(device)
+    with distill.autocast(device):
+        recon = ema.reconstruct(x)
+    distill.save_grid([x * 0.5 + 0.5, recon], path)
 
 
 def train(args):
-    """Stage 1 (`train`) or stage 2 (`finetune`): the same loop, the stage decides what Trainer built."""
-    t = Trainer(args)
-    run = t.run
-    trained = sum(p.numel() for p in t.model.parameters() if p.requires_grad)
-    distill.log(f"RecTok stage {t.stage}: {trained / 1e6:.2f}M trained parameters "
-                f"(teacher {args.teacher if t.teacher is not None else 'none'}), {len(t.data)} images, "
-                f"{t.world} process(es) x batch {args.batch_size} x accum {args.grad_accum}, lr {t.lr:.2e}, "
+    """Stage 1 (`train`: the whole tokenizer, with the teacher) or stage 2 (`finetune`: the pixel decoder
+    alone, on the clean posterior sample, see stage2_model): one loop, the stage changes the lines that say so."""
+    stage = 2 if args.mode == "finetune" else 1
+    rank, world, device = distill.setup_distributed()
+    if rank == 0 and not args.bench:
+        distill.prepare_out_dir(args.out)
+    if stage == 1:
+        ensure_standin_teacher(args)  # before seeding: the same run whether or not it had to train one
+    torch.manual_seed(args.seed * world + rank)
+    random.seed(args.seed * world + rank)
+    if stage == 1:
+        teacher = build_stage1_teacher(args, args.image_size // args.patch_size, device)
+        config = model_config(args, teacher.dim if teacher is not None else 0)
+        model = RecTok(**config).to(device)
+    else:
+        teacher, (model, config) = None, stage2_model(args, device)
+    ema = distill.make_ema(model)
+    ddp = nn.parallel.DistributedDataParallel(model) if distill.is_distributed() else model
+    loss_fn = build_loss(args, stage, device)
+    global_batch = args.batch_size * args.grad_accum * world
+    lr = args.base_lr * global_batch / 256
+    # fused AdamW on CUDA and on the CPU too (174M parameters: 0.12 s a step against 0.53 s unfused)
+    opt, d_opt = (torch.optim.AdamW(distill.weight_decay_groups(net, args.weight_decay), lr=lr, betas=(0.9, 0.95),
+                                    fused=True) for net in (model, loss_fn.discriminator))
+    data = distill.build_dataset(args.data, config["img_size"], "train", args.num_train, args.seed,
+                                 args.skip_bad_images)
+    loader, sampler = distill.make_loader(data, args.batch_size, args.seed, rank, world, args.workers, device)
+    flip_gen = torch.Generator().manual_seed(args.seed * world + rank)
+    run = distill.Run(  # resumes OUT/latest.pt if there is one
+        args, "tokenizer", device, len(data) // global_batch, global_batch,
+        {"model": model, "ema": ema, "optimizer": opt, "discriminator": loss_fn.discriminator, "d_optimizer": d_opt},
+        {"flip_rng": flip_gen}, match={"config": config},
+        check={"tokenizer": model, "discriminator": loss_fn.discriminator})
+    images = grid_images(args, data, config["img_size"]) if rank == 0 and not args.bench else None
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    distill.log(f"RecTok stage {stage}: {trained / 1e6:.2f}M trained parameters "
+                f"(teacher {args.teacher if teacher is not None else 'none'}), {len(data)} images, "
+                f"{world} process(es) x batch {args.batch_size} x accum {args.grad_accum}, lr {lr:.2e}, "
                 f"{run.total} steps")
-    t.model.train()
+    autocast = distill.autocast(device)
+    loss_fn.discriminator.requires_grad_(False)  # the generator's step only reads D
+    model.train()
     while run.step < run.stop:
         epoch, in_epoch = divmod(run.step, run.steps_per_epoch)
-        t.sampler.set_position(epoch, in_epoch * args.grad_accum)
-        for batches in distill.micro_batches(t.loader, args.grad_accum):
-            batches = [distill.random_flip(x.to(t.device, non_blocking=True), t.flip_gen) for x in batches]
-            terms = t.train_step(batches, epoch)
-            run.tick(sum(x.shape[0] for x in batches) * t.world, terms["total"])
+        sampler.set_position(epoch, in_epoch * args.grad_accum)
+        for batches in distill.micro_batches(loader, args.grad_accum):
+            batches = [distill.random_flip(x.to(device, non_blocking=True), flip_gen) for x in batches]
+            for g in opt.param_groups + d_opt.param_groups:
+                g["lr"] = lr * distill.warmup_cosine(run.step / run.total, args.warmup)
+            decoded = []
+            for i, x in enumerate(batches):  # --grad-accum micro-batches, one gradient all-reduce at the last
+                last = i == len(batches) - 1
+                with ddp.no_sync() if not last and distill.is_distributed() else contextlib.nullcontext():
+                    with torch.no_grad(), autocast:
+                        target = teacher(x) if teacher is not None else None  # its patch features
+                    with autocast:  # stage 2: no flow noise, the decoder reads the clean sample
+                        out = ddp(x) if stage == 1 else ddp(x, tau=x.new_zeros(len(x), 1, 1))
+                    total, terms = loss_fn.generator_loss(x, out, target, epoch)
+                    (total / len(batches)).backward()
+                decoded.append(out["decoded"].detach())
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            distill.update_ema(ema, model, args.ema)
+            if loss_fn.gan_on(epoch):
+                terms["disc"] = discriminator_step(loss_fn, d_opt, batches, decoded, epoch, args.clip)
+            run.tick(sum(len(x) for x in batches) * world, total)
             if run.log_due():
-                losses = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
-                distill.log(f"step {run.step}/{run.total} epoch {run.epoch:.2f} {losses} "
-                            f"lr {t.opt.param_groups[0]['lr']:.2e} {run.meter.report()}")
-            if not run.bench and run.rank == 0 and args.grid_every and run.step % args.grid_every == 0:
-                t.save_reconstructions()
+                terms.update(total=total, grad_norm=grad_norm)
+                distill.log(f"step {run.step}/{run.total} epoch {run.epoch:.2f} "
+                            + " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
+                            + f" lr {opt.param_groups[0]['lr']:.2e} {run.meter.report()}")
+            if images is not None and args.grid_every and run.step % args.grid_every == 0:
+                save_reconstructions(ema, images, device, os.path.join(args.out, f"recon_{run.step:07d}.png"))
             if run.checkpoint_due():
                 run.save()
             if not run.bench and args.save_every and run.step % (args.save_every * run.steps_per_epoch) == 0:
                 run.save(f"epoch_{run.step // run.steps_per_epoch:04d}.pt")
             if run.step >= run.stop or run.epoch_end():
                 break
-    t.bench = run.done(f"RecTok stage {t.stage}")
-    if not run.bench and run.rank == 0:
-        t.save_reconstructions()
+    result = run.done(f"RecTok stage {stage}")
+    if images is not None:
+        save_reconstructions(ema, images, device, os.path.join(args.out, f"recon_{run.step:07d}.png"))
         distill.log(f"wrote {os.path.join(args.out, 'latest.pt')} and reconstruction grids in {args.out}")
     distill.cleanup_distributed()
-    return t
+    return result
 
 
 #################################################################################
