@@ -398,6 +398,19 @@ def test_build_teacher_from_hf_safetensors(tmp_path, tiny_arch):
     assert teacher.dim == 64
 
 
+def test_dinov2_teacher_sees_the_tokenizer_grid(tmp_path, monkeypatch):
+    d, w = parity("teacher_dinov2_meta")
+    cfg = vit_config(d["config"])
+    monkeypatch.setitem(distill.ARCHS, "dinov2_tiny", cfg)
+    path = str(tmp_path / "v2.pth")
+    torch.save(w, path)
+    teacher = distill.build_teacher("dinov2_tiny", path, grid=6)
+    with torch.autocast("cpu", torch.bfloat16):
+        t = teacher(torch.rand(2, 3, 96, 96) * 2 - 1)
+    assert t.shape == (2, 36, 64) and t.dtype == torch.float32 and torch.isfinite(t).all()
+    assert not t.requires_grad
+
+
 def test_build_teacher_rejects_wrong_architecture(tmp_path, tiny_arch):
     d, w = parity("teacher_dinov2_hf")
     path = str(tmp_path / "v2.pth")
@@ -419,19 +432,6 @@ def test_teacher_weights_errors(tmp_path, monkeypatch):
         distill.build_teacher("dinov4", None)
     with pytest.raises(FileNotFoundError, match="python distill.py"):
         distill.build_teacher("standin", str(tmp_path / "none.pt"))
-
-
-def test_dinov2_teacher_sees_the_tokenizer_grid(tmp_path, monkeypatch):
-    d, w = parity("teacher_dinov2_meta")
-    cfg = vit_config(d["config"])
-    monkeypatch.setitem(distill.ARCHS, "dinov2_tiny", cfg)
-    path = str(tmp_path / "v2.pth")
-    torch.save(w, path)
-    teacher = distill.build_teacher("dinov2_tiny", path, grid=6)
-    with torch.autocast("cpu", torch.bfloat16):
-        t = teacher(torch.rand(2, 3, 96, 96) * 2 - 1)
-    assert t.shape == (2, 36, 64) and t.dtype == torch.float32 and torch.isfinite(t).all()
-    assert not t.requires_grad
 
 
 #################################################################################
@@ -456,28 +456,6 @@ def test_adm_center_crop():
     out = distill.center_crop_adm(Image.fromarray(wide), 64)
     assert out.shape == (64, 64, 3)
     assert out[:, :30].max() < 10 and out[:, 34:].min() > 245  # the centre column is the edge
-
-
-def test_image_folder_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
-        distill.ImageFolder(str(tmp_path / "nope"), 32)
-    with pytest.raises(ValueError, match="no class sub-folders"):
-        distill.ImageFolder(str(tmp_path), 32)
-    (tmp_path / "cat").mkdir()
-    with pytest.raises(ValueError, match="no images"):
-        distill.ImageFolder(str(tmp_path), 32)
-    Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(tmp_path / "cat" / "ok.png")
-    (tmp_path / "cat" / "bad.jpg").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="1 of 2 files .* not readable images .*bad.jpg.*--skip-bad-images"):
-        distill.ImageFolder(str(tmp_path), 32)  # found when the folder is listed, not mid-run
-    data = distill.ImageFolder(str(tmp_path), 32, skip_bad=True)
-    assert len(data) == 1 and data.num_classes == 1
-    x, y = data[0]
-    assert x.shape == (3, 32, 32) and y == 0
-    good = tmp_path / "cat" / "ok.png"
-    good.write_bytes(good.read_bytes()[:60])  # the header reads, the pixels do not
-    with pytest.raises(RuntimeError, match="cannot read image .*ok.png"):
-        distill.ImageFolder(str(tmp_path), 32, skip_bad=True)[0]
 
 
 def test_sixteen_bit_greyscale_is_scaled(tmp_path):
@@ -516,6 +494,28 @@ def test_standin_two_process_gloo(tmp_path):
     ckpt = torch.load(os.path.join(out, "teacher.pt"), weights_only=True)
     assert ckpt["step"] == 16 and 0 <= ckpt["accuracy"] <= 1
     assert "held-out accuracy" in run.stdout and "img/s" in run.stdout
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        distill.ImageFolder(str(tmp_path / "nope"), 32)
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        distill.ImageFolder(str(tmp_path), 32)
+    (tmp_path / "cat").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        distill.ImageFolder(str(tmp_path), 32)
+    Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(tmp_path / "cat" / "ok.png")
+    (tmp_path / "cat" / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="1 of 2 files .* not readable images .*bad.jpg.*--skip-bad-images"):
+        distill.ImageFolder(str(tmp_path), 32)  # found when the folder is listed, not mid-run
+    data = distill.ImageFolder(str(tmp_path), 32, skip_bad=True)
+    assert len(data) == 1 and data.num_classes == 1
+    x, y = data[0]
+    assert x.shape == (3, 32, 32) and y == 0
+    good = tmp_path / "cat" / "ok.png"
+    good.write_bytes(good.read_bytes()[:60])  # the header reads, the pixels do not
+    with pytest.raises(RuntimeError, match="cannot read image .*ok.png"):
+        distill.ImageFolder(str(tmp_path), 32, skip_bad=True)[0]
 
 
 #################################################################################
@@ -558,33 +558,6 @@ def test_posterior_and_flow_parity():
     clamp = tokenizer.Posterior(i["moments_clamp"])
     assert_close(clamp.logvar, o["clamp_logvar"])
     assert_close(clamp.std, o["clamp_std"])
-
-
-def test_draw_tau_schedules():
-    """shift: tau = shift(U), mean pushed toward noise for s > 1; uniform: U(0,1); lognorm: sigmoid(N)."""
-    torch.manual_seed(0)
-    means = {}
-    for sched in ("shift", "uniform", "lognorm"):
-        m = tokenizer.RecTok(64, 16, 128, "tiny", "tiny", sem_decoder="none", noise_schedule=sched)
-        tau = m.draw_tau(20000, "cpu")
-        assert tau.shape == (20000, 1, 1) and tau.min() >= 0 and tau.max() <= 1
-        means[sched] = tau.mean().item()
-    assert means["uniform"] == pytest.approx(0.5, abs=0.01)
-    assert means["lognorm"] == pytest.approx(0.5, abs=0.01)
-    # a 4 x 4 grid with C = 128 has s = sqrt(16 * 128 / 4096) < 1, which pulls tau toward the clean end
-    assert tokenizer.latent_shift(4, 128) == pytest.approx(0.7071, rel=1e-4)
-    assert means["shift"] < 0.45
-    assert tokenizer.shift(torch.tensor(0.5), 4.0).item() == pytest.approx(0.8)  # s > 1: toward noise
-
-
-def test_mask_ratio_distribution():
-    """r = max(0, U(-0.1, 0.4)): 20% of batches unmasked, mean ratio 0.16 (`models/rectok.py`)."""
-    m = tokenizer.RecTok(64, 16, 8, "tiny", "tiny", sem_decoder="none")
-    random.seed(0)
-    r = np.array([m.draw_mask_ratio() for _ in range(40000)])
-    assert (r == 0).mean() == pytest.approx(0.2, abs=0.01)
-    assert r.mean() == pytest.approx(0.16, abs=0.005)
-    assert r.max() <= 0.4
 
 
 def test_pixel_decoder_parity(parity_sizes):
@@ -672,25 +645,6 @@ def test_convnext_perceptual_parity():
     assert p.mean().item() == pytest.approx(float(d["outputs"]["perceptual_mean"]), rel=1e-4)
 
 
-def test_perceptual_gradient_matches_one_batched_pass():
-    """The perceptual loss runs the target and the reconstruction as separate passes (so autograd never
-    differentiates the target); its gradient must equal that of one pass over the concatenated batch."""
-    d, w = parity("convnext_perceptual")
-    pl = perceptual_from_reference(w)
-    target = d["inputs"]["inputs"]
-    pred = d["inputs"]["pred"].clone().requires_grad_(True)
-    pl(target, pred).mean().backward()
-    ref_pred = d["inputs"]["pred"].clone().requires_grad_(True)
-    both = torch.cat([target, ref_pred])
-    lp = sum(lin((f[:2] - f[2:]) ** 2).mean(dim=(2, 3), keepdim=True)
-             for lin, f in zip(pl.lpips.lins, pl.lpips.taps(both * 2 - 1)))
-    logits = pl.convnext(both)
-    ((lp + 0.1 * torch.nn.functional.mse_loss(logits[:2], logits[2:])) / 1.1).mean().backward()
-    scale = ref_pred.grad.abs().max()
-    assert scale > 0
-    torch.testing.assert_close(pred.grad, ref_pred.grad, rtol=1e-4, atol=1e-5 * scale)
-
-
 def test_patchgan_parity():
     d, w = parity("patchgan")
     disc = tokenizer.PatchGAN()
@@ -764,56 +718,69 @@ def test_official_tokenizer_keys_load_strictly():
     assert sum(math.prod(s) for k, s in ours.items()) == pytest.approx(171.97e6, rel=1e-4)
 
 
+def test_draw_tau_schedules():
+    """shift: tau = shift(U), mean pushed toward noise for s > 1; uniform: U(0,1); lognorm: sigmoid(N)."""
+    torch.manual_seed(0)
+    means = {}
+    for sched in ("shift", "uniform", "lognorm"):
+        m = tokenizer.RecTok(64, 16, 128, "tiny", "tiny", sem_decoder="none", noise_schedule=sched)
+        tau = m.draw_tau(20000, "cpu")
+        assert tau.shape == (20000, 1, 1) and tau.min() >= 0 and tau.max() <= 1
+        means[sched] = tau.mean().item()
+    assert means["uniform"] == pytest.approx(0.5, abs=0.01)
+    assert means["lognorm"] == pytest.approx(0.5, abs=0.01)
+    # a 4 x 4 grid with C = 128 has s = sqrt(16 * 128 / 4096) < 1, which pulls tau toward the clean end
+    assert tokenizer.latent_shift(4, 128) == pytest.approx(0.7071, rel=1e-4)
+    assert means["shift"] < 0.45
+    assert tokenizer.shift(torch.tensor(0.5), 4.0).item() == pytest.approx(0.8)  # s > 1: toward noise
+
+
+def test_mask_ratio_distribution():
+    """r = max(0, U(-0.1, 0.4)): 20% of batches unmasked, mean ratio 0.16 (`models/rectok.py`)."""
+    m = tokenizer.RecTok(64, 16, 8, "tiny", "tiny", sem_decoder="none")
+    random.seed(0)
+    r = np.array([m.draw_mask_ratio() for _ in range(40000)])
+    assert (r == 0).mean() == pytest.approx(0.2, abs=0.01)
+    assert r.mean() == pytest.approx(0.16, abs=0.005)
+    assert r.max() <= 0.4
+
+
+def test_perceptual_gradient_matches_one_batched_pass():
+    """The perceptual loss runs the target and the reconstruction as separate passes (so autograd never
+    differentiates the target); its gradient must equal that of one pass over the concatenated batch."""
+    d, w = parity("convnext_perceptual")
+    pl = perceptual_from_reference(w)
+    target = d["inputs"]["inputs"]
+    pred = d["inputs"]["pred"].clone().requires_grad_(True)
+    pl(target, pred).mean().backward()
+    ref_pred = d["inputs"]["pred"].clone().requires_grad_(True)
+    both = torch.cat([target, ref_pred])
+    lp = sum(lin((f[:2] - f[2:]) ** 2).mean(dim=(2, 3), keepdim=True)
+             for lin, f in zip(pl.lpips.lins, pl.lpips.taps(both * 2 - 1)))
+    logits = pl.convnext(both)
+    ((lp + 0.1 * torch.nn.functional.mse_loss(logits[:2], logits[2:])) / 1.1).mean().backward()
+    scale = ref_pred.grad.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(pred.grad, ref_pred.grad, rtol=1e-4, atol=1e-5 * scale)
+
+
 #################################################################################
 #                     Tokenizer: training, resume, DDP, errors                  #
 #################################################################################
 
 
-def test_tokenizer_resume_is_exact(standin_teacher, tmp_path):
-    """k steps, stop, resume to n equals n straight steps, bit for bit (GAN on from step 0)."""
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    extra = ["--gan-start-epoch", "0", "--grad-accum", "2"]
-    tokenizer.main(tok_args(standin_teacher, a, *extra))
-    tokenizer.main(tok_args(standin_teacher, b, *extra, "--stop-at", "2"))
-    assert torch.load(os.path.join(b, "latest.pt"), weights_only=True)["step"] == 2
-    tokenizer.main(tok_args(standin_teacher, b, *extra))
-    ca = torch.load(os.path.join(a, "latest.pt"), weights_only=True)
-    cb = torch.load(os.path.join(b, "latest.pt"), weights_only=True)
-    assert ca["step"] == cb["step"] == 4
-    for part in ("model", "ema", "discriminator"):
-        for k in ca[part]:
-            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
-    assert os.path.isfile(os.path.join(a, "recon_0000004.png"))
-
-
-def test_tokenizer_two_processes_resume_exactly(standin_teacher, tmp_path):
-    """Stage 1 on 2 gloo processes with the GAN on from step 0 and 2 micro-batches: the ranks hold the same
-    tokenizer and discriminator (every checkpoint checks it, or the run stops), and a stop at step 2 plus a
-    resume ends bit-identical to the uninterrupted 2-process run, discriminator included."""
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    extra = ["--batch-size", "4", "--grad-accum", "2", "--gan-start-epoch", "0"]
-    run = torchrun("tokenizer.py", tok_args(standin_teacher, a, *extra))
-    torchrun("tokenizer.py", tok_args(standin_teacher, b, *extra, "--stop-at", "2"))
-    torchrun("tokenizer.py", tok_args(standin_teacher, b, *extra))
-    ckpt = assert_same_runs(a, b, ("model", "ema", "discriminator"))
-    assert ckpt["step"] == 8 and len(ckpt["rng"]) == 2
-    assert "img/s" in run.stdout and "disc" in run.stdout
-    model, config = tokenizer.load_tokenizer(os.path.join(a, "latest.pt"))
-    assert config["channels"] == 8 and model.reconstruct(torch.zeros(2, 3, 32, 32)).shape == (2, 3, 32, 32)
-
-
-def test_tokenizer_without_masking_on_two_processes(standin_teacher, tmp_path):
-    """--mask-ratio 0: the mask token and mask embedding are never read, so they are frozen (DDP would
-    otherwise stop at step 2 waiting for their gradients)."""
-    out = str(tmp_path / "nomask")
-    torchrun("tokenizer.py", tok_args(standin_teacher, out, "--batch-size", "8", "--mask-ratio", "0"))
-    ckpt = torch.load(os.path.join(out, "latest.pt"), weights_only=True)
-    assert ckpt["step"] == 8
-    model = tokenizer.RecTok(**ckpt["config"])
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    assert frozen == ["decoder.mask_token", "sem_decoder.mask_embedding"]
-    mask = ckpt["model"]["sem_decoder.mask_embedding"]
-    assert torch.equal(mask, torch.zeros_like(mask))  # zero-init, never trained
+def test_load_released_tokenizer_layout(parity_sizes, tmp_path):
+    """An authors'-layout checkpoint ({'model_ema': ...} with their names) loads strictly, with its config
+    read off the weights, and reconstructs as theirs."""
+    d, w = parity("tokenizer_full_reconstruct")
+    path = str(tmp_path / "RecTok_decft.pth")
+    torch.save({"model": w, "model_ema": w}, path)
+    model, config = tokenizer.load_tokenizer(path)
+    assert config["channels"] == 8 and config["img_size"] == 32 and config["sem_decoder"] == "none"
+    i = d["inputs"]
+    latent = model.tokenize(i["x"], i["norm_mean"], i["norm_std"])
+    with torch.no_grad():
+        assert_close(model.detokenize(latent, i["norm_mean"], i["norm_std"]), d["outputs"]["reconstruction"])
 
 
 def test_ranks_agree_check_and_broadcast(tmp_path):
@@ -903,6 +870,84 @@ def test_gamma_zero_turns_the_flow_off():
     assert not torch.equal(noisy["z_tau"], noisy["z"])
 
 
+PRESET_STAGES = [(distill, distill.PRESETS, []), (tokenizer, tokenizer.PRESETS, []),
+                 (dit, dit.PRESETS, ["--latents", "x"]), (probe, probe.PRESETS, []), (sample, sample.PRESETS, [])]
+
+
+@pytest.mark.parametrize("module,presets,extra", PRESET_STAGES, ids=lambda v: getattr(v, "__name__", ""))
+def test_presets_are_the_parser_defaults(module, presets, extra, capsys):
+    """Every preset value is in force unless a flag overrides it, and --help prints it."""
+    for name, values in presets.items():
+        args = module.parse_args(["--preset", name, *extra])
+        for k, v in values.items():
+            if k != "latents" or not extra:
+                assert getattr(args, k) == v, (module.__name__, name, k)
+        k, v = next((k, v) for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool))
+        flag = ["--" + k.replace("_", "-"), str(v + 1)]
+        assert getattr(module.parse_args(["--preset", name, *extra, *flag]), k) == v + 1
+        with pytest.raises(SystemExit):
+            module.parse_args(["--preset", name, *extra, "--help"])
+        assert f"(default: {v})" in capsys.readouterr().out
+
+
+def test_finetune_preset_is_the_released_stage2_recipe(capsys):
+    args = tokenizer.parse_args(["finetune", "--preset", "paper"])
+    assert (args.warmup, args.base_lr, args.epochs, args.gan_start_epoch) == (0.05, 5e-5, 100, 0)
+    assert tokenizer.parse_args(["--preset", "paper"]).warmup == 0.25  # stage 1
+    assert tokenizer.parse_args(["finetune", "--preset", "paper", "--warmup", "0.1"]).warmup == 0.1
+    with pytest.raises(SystemExit):
+        tokenizer.parse_args(["finetune", "--preset", "paper", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "fraction of training (default: 0.05)" in help_text and "(default: 5e-05)" in help_text
+
+
+def test_tokenizer_resume_is_exact(standin_teacher, tmp_path):
+    """k steps, stop, resume to n equals n straight steps, bit for bit (GAN on from step 0)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    extra = ["--gan-start-epoch", "0", "--grad-accum", "2"]
+    tokenizer.main(tok_args(standin_teacher, a, *extra))
+    tokenizer.main(tok_args(standin_teacher, b, *extra, "--stop-at", "2"))
+    assert torch.load(os.path.join(b, "latest.pt"), weights_only=True)["step"] == 2
+    tokenizer.main(tok_args(standin_teacher, b, *extra))
+    ca = torch.load(os.path.join(a, "latest.pt"), weights_only=True)
+    cb = torch.load(os.path.join(b, "latest.pt"), weights_only=True)
+    assert ca["step"] == cb["step"] == 4
+    for part in ("model", "ema", "discriminator"):
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
+    assert os.path.isfile(os.path.join(a, "recon_0000004.png"))
+
+
+def test_tokenizer_two_processes_resume_exactly(standin_teacher, tmp_path):
+    """Stage 1 on 2 gloo processes with the GAN on from step 0 and 2 micro-batches: the ranks hold the same
+    tokenizer and discriminator (every checkpoint checks it, or the run stops), and a stop at step 2 plus a
+    resume ends bit-identical to the uninterrupted 2-process run, discriminator included."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    extra = ["--batch-size", "4", "--grad-accum", "2", "--gan-start-epoch", "0"]
+    run = torchrun("tokenizer.py", tok_args(standin_teacher, a, *extra))
+    torchrun("tokenizer.py", tok_args(standin_teacher, b, *extra, "--stop-at", "2"))
+    torchrun("tokenizer.py", tok_args(standin_teacher, b, *extra))
+    ckpt = assert_same_runs(a, b, ("model", "ema", "discriminator"))
+    assert ckpt["step"] == 8 and len(ckpt["rng"]) == 2
+    assert "img/s" in run.stdout and "disc" in run.stdout
+    model, config = tokenizer.load_tokenizer(os.path.join(a, "latest.pt"))
+    assert config["channels"] == 8 and model.reconstruct(torch.zeros(2, 3, 32, 32)).shape == (2, 3, 32, 32)
+
+
+def test_tokenizer_without_masking_on_two_processes(standin_teacher, tmp_path):
+    """--mask-ratio 0: the mask token and mask embedding are never read, so they are frozen (DDP would
+    otherwise stop at step 2 waiting for their gradients)."""
+    out = str(tmp_path / "nomask")
+    torchrun("tokenizer.py", tok_args(standin_teacher, out, "--batch-size", "8", "--mask-ratio", "0"))
+    ckpt = torch.load(os.path.join(out, "latest.pt"), weights_only=True)
+    assert ckpt["step"] == 8
+    model = tokenizer.RecTok(**ckpt["config"])
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["decoder.mask_token", "sem_decoder.mask_embedding"]
+    mask = ckpt["model"]["sem_decoder.mask_embedding"]
+    assert torch.equal(mask, torch.zeros_like(mask))  # zero-init, never trained
+
+
 def test_same_tokenizer_whether_or_not_the_teacher_existed(tmp_path, monkeypatch):
     """`python tokenizer.py` trains a missing stand-in teacher first without touching the tokenizer's
     random streams: the same command gives the same tokenizer in a fresh folder and in one that has the
@@ -922,26 +967,6 @@ def test_same_tokenizer_whether_or_not_the_teacher_existed(tmp_path, monkeypatch
     monkeypatch.chdir(nosem.mkdir() or nosem)
     tokenizer.main(flags + ["--sem-decoder", "none"])
     assert (nosem / "runs" / "tokenizer" / "latest.pt").is_file() and not (nosem / "runs" / "teacher").exists()
-
-
-def test_unwritable_out_and_full_disk(standin_teacher, tmp_path):
-    """A folder that cannot be written fails at the start, not after training; a write that runs out of
-    space says so and leaves no temporary; temporaries of a killed write are removed at the next start."""
-    with pytest.raises(OSError, match="cannot write to /proc/rectok_out"):
-        tokenizer.main(tok_args(standin_teacher, "/proc/rectok_out"))
-
-    def full(f):
-        f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    with pytest.raises(OSError, match="no space left on device writing .*x.pt"):
-        distill.atomic_write(str(tmp_path / "x.pt"), full)
-    assert os.listdir(tmp_path) == []
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "latest.pt.tmp12345").write_bytes(b"left by a kill")
-    tokenizer.main(tok_args(standin_teacher, str(out), "--stop-at", "1"))
-    assert "latest.pt.tmp12345" not in os.listdir(out) and "latest.pt" in os.listdir(out)
 
 
 def test_checkpoints_at_every_epoch_end(standin_teacher, cache, tmp_path, monkeypatch):
@@ -974,6 +999,26 @@ def test_bench_is_one_rule_in_every_trainer(standin_teacher, cache, tmp_path, ca
         assert all("e" not in v and float(v) == float(f"{float(v):.3g}") for v in m.groups()), line
 
 
+def test_unwritable_out_and_full_disk(standin_teacher, tmp_path):
+    """A folder that cannot be written fails at the start, not after training; a write that runs out of
+    space says so and leaves no temporary; temporaries of a killed write are removed at the next start."""
+    with pytest.raises(OSError, match="cannot write to /proc/rectok_out"):
+        tokenizer.main(tok_args(standin_teacher, "/proc/rectok_out"))
+
+    def full(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="no space left on device writing .*x.pt"):
+        distill.atomic_write(str(tmp_path / "x.pt"), full)
+    assert os.listdir(tmp_path) == []
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "latest.pt.tmp12345").write_bytes(b"left by a kill")
+    tokenizer.main(tok_args(standin_teacher, str(out), "--stop-at", "1"))
+    assert "latest.pt.tmp12345" not in os.listdir(out) and "latest.pt" in os.listdir(out)
+
+
 def test_tokenizer_bad_inputs(standin_teacher, tmp_path):
     out = str(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="data folder not found"):
@@ -990,51 +1035,6 @@ def test_tokenizer_bad_inputs(standin_teacher, tmp_path):
         tokenizer.main(tok_args(standin_teacher, out, "--channels", "4"))
     with pytest.raises(FileNotFoundError, match="not found"):
         tokenizer.load_tokenizer(str(tmp_path / "none.pt"))
-
-
-PRESET_STAGES = [(distill, distill.PRESETS, []), (tokenizer, tokenizer.PRESETS, []),
-                 (dit, dit.PRESETS, ["--latents", "x"]), (probe, probe.PRESETS, []), (sample, sample.PRESETS, [])]
-
-
-@pytest.mark.parametrize("module,presets,extra", PRESET_STAGES, ids=lambda v: getattr(v, "__name__", ""))
-def test_presets_are_the_parser_defaults(module, presets, extra, capsys):
-    """Every preset value is in force unless a flag overrides it, and --help prints it."""
-    for name, values in presets.items():
-        args = module.parse_args(["--preset", name, *extra])
-        for k, v in values.items():
-            if k != "latents" or not extra:
-                assert getattr(args, k) == v, (module.__name__, name, k)
-        k, v = next((k, v) for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool))
-        flag = ["--" + k.replace("_", "-"), str(v + 1)]
-        assert getattr(module.parse_args(["--preset", name, *extra, *flag]), k) == v + 1
-        with pytest.raises(SystemExit):
-            module.parse_args(["--preset", name, *extra, "--help"])
-        assert f"(default: {v})" in capsys.readouterr().out
-
-
-def test_finetune_preset_is_the_released_stage2_recipe(capsys):
-    args = tokenizer.parse_args(["finetune", "--preset", "paper"])
-    assert (args.warmup, args.base_lr, args.epochs, args.gan_start_epoch) == (0.05, 5e-5, 100, 0)
-    assert tokenizer.parse_args(["--preset", "paper"]).warmup == 0.25  # stage 1
-    assert tokenizer.parse_args(["finetune", "--preset", "paper", "--warmup", "0.1"]).warmup == 0.1
-    with pytest.raises(SystemExit):
-        tokenizer.parse_args(["finetune", "--preset", "paper", "--help"])
-    help_text = " ".join(capsys.readouterr().out.split())
-    assert "fraction of training (default: 0.05)" in help_text and "(default: 5e-05)" in help_text
-
-
-def test_load_released_tokenizer_layout(parity_sizes, tmp_path):
-    """An authors'-layout checkpoint ({'model_ema': ...} with their names) loads strictly, with its config
-    read off the weights, and reconstructs as theirs."""
-    d, w = parity("tokenizer_full_reconstruct")
-    path = str(tmp_path / "RecTok_decft.pth")
-    torch.save({"model": w, "model_ema": w}, path)
-    model, config = tokenizer.load_tokenizer(path)
-    assert config["channels"] == 8 and config["img_size"] == 32 and config["sem_decoder"] == "none"
-    i = d["inputs"]
-    latent = model.tokenize(i["x"], i["norm_mean"], i["norm_std"])
-    with torch.no_grad():
-        assert_close(model.detokenize(latent, i["norm_mean"], i["norm_std"]), d["outputs"]["reconstruction"])
 
 
 #################################################################################
@@ -1057,19 +1057,6 @@ def test_finetune_changes_only_the_decoder(stage1_run, tmp_path):
     changed = [k for k in s2["model"] if k.startswith("decoder.") and not torch.equal(s2["model"][k], s1["ema"][k])]
     assert len(changed) > 10
     assert s2["d_optimizer"]["state"]  # a fresh discriminator trained from step 0
-
-
-def test_finetune_two_processes_resume_exactly(stage1_run, tmp_path):
-    """Stage 2 on 2 gloo processes with its fresh discriminator from step 0: no unused trainable parameter
-    (the mask token is frozen), ranks agree, and stop-and-resume equals the uninterrupted run."""
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    common = ["finetune", "--init", stage1_run, "--num-train", "64", "--batch-size", "8", "--epochs", "1",
-              "--workers", "0", "--grid-every", "0", "--gan-start-epoch", "0", "--log-every", "1"]
-    run = torchrun("tokenizer.py", [*common, "--out", a])
-    torchrun("tokenizer.py", [*common, "--out", b, "--stop-at", "2"])
-    torchrun("tokenizer.py", [*common, "--out", b])
-    ckpt = assert_same_runs(a, b, ("model", "ema", "discriminator"))
-    assert ckpt["step"] == 4 and "disc" in run.stdout
 
 
 def test_evaluate_writes_metrics(stage1_run):
@@ -1131,6 +1118,39 @@ def test_cache_is_complete_and_matches_the_model(stage1_run, cache):
     np.testing.assert_allclose(arrays["stats_std"], means.std(0), rtol=1e-8)
 
 
+def test_cache_reader(cache, tmp_path):
+    data = tokenizer.LatentCache(cache, seed=3)
+    moments, label = data[5]
+    assert moments.shape == (16, 16) and moments.dtype == torch.float32 and label == 5
+    flipped = tokenizer.read_cache_array(cache, "moments_flip")
+    flips = [torch.equal(data[i][0], torch.from_numpy(flipped[i].astype(np.float32))) for i in range(40)]
+    assert 5 < sum(flips) < 35  # about half come from the flipped image
+    again = tokenizer.LatentCache(cache, seed=3)
+    assert all(torch.equal(data[i][0], again[i][0]) for i in range(40))  # a pure function of (seed, epoch, i)
+    batch = torch.stack([data[i][0] for i in range(4)])
+    z = tokenizer.sample_latent(batch, data.mu, data.sigma, grid=4, generator=torch.Generator().manual_seed(0))
+    assert z.shape == (4, 8, 4, 4) and torch.isfinite(z).all()
+    with pytest.raises(ValueError, match="does not match"):
+        tokenizer.LatentCache(cache, expect={"fingerprint": "another tokenizer", "channels": 8})
+    with pytest.raises(ValueError, match="channels: cache has 8, expected 16"):
+        tokenizer.LatentCache(cache, expect={"channels": 16})
+    with pytest.raises(FileNotFoundError, match="encode"):
+        tokenizer.LatentCache(str(tmp_path))
+
+
+def test_finetune_two_processes_resume_exactly(stage1_run, tmp_path):
+    """Stage 2 on 2 gloo processes with its fresh discriminator from step 0: no unused trainable parameter
+    (the mask token is frozen), ranks agree, and stop-and-resume equals the uninterrupted run."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["finetune", "--init", stage1_run, "--num-train", "64", "--batch-size", "8", "--epochs", "1",
+              "--workers", "0", "--grid-every", "0", "--gan-start-epoch", "0", "--log-every", "1"]
+    run = torchrun("tokenizer.py", [*common, "--out", a])
+    torchrun("tokenizer.py", [*common, "--out", b, "--stop-at", "2"])
+    torchrun("tokenizer.py", [*common, "--out", b])
+    ckpt = assert_same_runs(a, b, ("model", "ema", "discriminator"))
+    assert ckpt["step"] == 4 and "disc" in run.stdout
+
+
 def test_cache_same_with_two_processes(stage1_run, cache, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
@@ -1172,26 +1192,6 @@ def test_encode_refuses_to_resume_into_a_cache_of_other_images(stage1_run, cache
     assert "center crop 32 px" in meta["crop"]
 
 
-def test_cache_reader(cache, tmp_path):
-    data = tokenizer.LatentCache(cache, seed=3)
-    moments, label = data[5]
-    assert moments.shape == (16, 16) and moments.dtype == torch.float32 and label == 5
-    flipped = tokenizer.read_cache_array(cache, "moments_flip")
-    flips = [torch.equal(data[i][0], torch.from_numpy(flipped[i].astype(np.float32))) for i in range(40)]
-    assert 5 < sum(flips) < 35  # about half come from the flipped image
-    again = tokenizer.LatentCache(cache, seed=3)
-    assert all(torch.equal(data[i][0], again[i][0]) for i in range(40))  # a pure function of (seed, epoch, i)
-    batch = torch.stack([data[i][0] for i in range(4)])
-    z = tokenizer.sample_latent(batch, data.mu, data.sigma, grid=4, generator=torch.Generator().manual_seed(0))
-    assert z.shape == (4, 8, 4, 4) and torch.isfinite(z).all()
-    with pytest.raises(ValueError, match="does not match"):
-        tokenizer.LatentCache(cache, expect={"fingerprint": "another tokenizer", "channels": 8})
-    with pytest.raises(ValueError, match="channels: cache has 8, expected 16"):
-        tokenizer.LatentCache(cache, expect={"channels": 16})
-    with pytest.raises(FileNotFoundError, match="encode"):
-        tokenizer.LatentCache(str(tmp_path))
-
-
 #################################################################################
 #                                fid.py                                         #
 #################################################################################
@@ -1222,18 +1222,6 @@ def test_fid_inception_parity(name, mode):
             assert_close(pool3, out)
 
 
-def test_fid_inception_loaded_channels_last(tmp_path):
-    """Through load() (channels-last weights, the fast CPU path) the features stay the reference's."""
-    d, w = parity("fid_inception_torch_fidelity")
-    torch.save(w, tmp_path / "inception.pth")
-    model = fid.FIDInception().load(str(tmp_path / "inception.pth"))
-    for key, out in image_cases(d):
-        with torch.no_grad():
-            pool3, logits = model(fid.preprocess(d["inputs"][key]))
-        assert_close(pool3, out["2048"])
-        assert_close(logits, out["logits_unbiased"])
-
-
 def test_tf1_resize_parity():
     d, _ = parity("fid_inception_torch_fidelity")
     ramp = d["inputs"]["tiny_ramp"].float()
@@ -1261,6 +1249,18 @@ def test_inception_score_parity():
         mean, std = fid.inception_score(d["inputs"][key].numpy(), splits=c["splits"], seed=c["rng_seed"])
         assert mean == pytest.approx(d["outputs"][key]["mean"], rel=1e-6)
         assert std == pytest.approx(d["outputs"][key]["std"], rel=1e-6)
+
+
+def test_fid_inception_loaded_channels_last(tmp_path):
+    """Through load() (channels-last weights, the fast CPU path) the features stay the reference's."""
+    d, w = parity("fid_inception_torch_fidelity")
+    torch.save(w, tmp_path / "inception.pth")
+    model = fid.FIDInception().load(str(tmp_path / "inception.pth"))
+    for key, out in image_cases(d):
+        with torch.no_grad():
+            pool3, logits = model(fid.preprocess(d["inputs"][key]))
+        assert_close(pool3, out["2048"])
+        assert_close(logits, out["logits_unbiased"])
 
 
 def test_frechet_closed_forms():
@@ -1318,21 +1318,6 @@ def test_fid_cli_and_sources_agree(inception_files):
         fid.FIDInception().load(str(r / "no_weights.pth"))
 
 
-def test_fid_features_two_processes_equal_one(inception_files):
-    r = inception_files
-    weights = ["--inception-weights", str(r / "inception.pth"), "--batch-size", "2", "--is"]
-    one = fid.main([str(r / "a.npz"), "--save-stats", str(r / "one.npz"), "--json", str(r / "one.json"),
-                    *weights])
-    torchrun("fid.py", [str(r / "a.npz"), "--save-stats", str(r / "two.npz"), "--json", str(r / "two.json"),
-                        *weights])
-    with open(r / "two.json") as f:
-        two = json.load(f)
-    a, b = np.load(r / "one.npz"), np.load(r / "two.npz")  # features gathered in index order
-    np.testing.assert_allclose(a["mu"], b["mu"], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(a["sigma"], b["sigma"], rtol=1e-5, atol=1e-9)
-    assert two["inception_score"] == pytest.approx(one["inception_score"], rel=1e-6)
-
-
 def test_reference_batch_statistics_are_used_as_stored(inception_files, tmp_path):
     """An .npz holding mu/sigma AND images (the ADM reference batch layout) is statistics for FID: its
     stored mu/sigma, not those of its images, which serve precision/recall only."""
@@ -1374,6 +1359,21 @@ def test_evaluate_rfid(stage1_run, inception_files, tmp_path):
     for weights in ("model", "ema"):
         assert np.isfinite(first[weights]["rfid"]) and first[weights]["rfid"] >= 0
         assert second[weights]["rfid"] == pytest.approx(first[weights]["rfid"], rel=1e-9)
+
+
+def test_fid_features_two_processes_equal_one(inception_files):
+    r = inception_files
+    weights = ["--inception-weights", str(r / "inception.pth"), "--batch-size", "2", "--is"]
+    one = fid.main([str(r / "a.npz"), "--save-stats", str(r / "one.npz"), "--json", str(r / "one.json"),
+                    *weights])
+    torchrun("fid.py", [str(r / "a.npz"), "--save-stats", str(r / "two.npz"), "--json", str(r / "two.json"),
+                        *weights])
+    with open(r / "two.json") as f:
+        two = json.load(f)
+    a, b = np.load(r / "one.npz"), np.load(r / "two.npz")  # features gathered in index order
+    np.testing.assert_allclose(a["mu"], b["mu"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a["sigma"], b["sigma"], rtol=1e-5, atol=1e-9)
+    assert two["inception_score"] == pytest.approx(one["inception_score"], rel=1e-6)
 
 
 #################################################################################
@@ -1464,19 +1464,6 @@ def test_load_official_dit_ema_without_buffers(tmp_path):
         assert_close(model(i["x"], i["t"], i["y"]), d["outputs"]["velocity"])
 
 
-def test_dit_resume_is_exact(cache, tmp_path):
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    dit.main(dit_args(cache, a))
-    dit.main(dit_args(cache, b, "--stop-at", "3"))
-    dit.main(dit_args(cache, b))
-    ca, cb = (torch.load(os.path.join(x, "latest.pt"), weights_only=True) for x in (a, b))
-    assert ca["step"] == cb["step"] == 10
-    for part in ("model", "ema"):
-        for k in ca[part]:
-            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
-    assert os.path.isfile(os.path.join(a, "preview_0000010.png"))  # decoded by the cache's tokenizer
-
-
 def test_dit_loss_falls(cache, tmp_path):
     out = str(tmp_path / "fall")
     dit.main(dit_args(cache, out, "--epochs", "12", "--lr", "2e-3", "--hold-epochs", "12"))
@@ -1493,6 +1480,29 @@ def test_dit_loss_falls(cache, tmp_path):
         before = dit.flow_matching_loss(fresh, x1, y, s, x0, u).mean().item()
         after = dit.flow_matching_loss(model, x1, y, s, x0, u).mean().item()
     assert after < 0.8 * before, (before, after)
+
+
+def test_dit_lr_decay_ends_at_its_own_epoch():
+    """`--preset paper --epochs 80` is the first 80 epochs of the released 800-epoch schedule."""
+    args = dit.parse_args(["--preset", "paper", "--epochs", "80", "--latents", "x"])
+    assert args.decay_end_epoch == 800 and args.epochs == 80
+    assert dit.hold_then_linear(40, args) == args.lr == 2e-4
+    assert dit.hold_then_linear(80, args) == pytest.approx(2e-4 - 40 / 760 * 1.8e-4)
+    assert dit.hold_then_linear(800, args) == pytest.approx(2e-5)
+    assert dit.hold_then_linear(900, args) == pytest.approx(2e-5)
+
+
+def test_dit_resume_is_exact(cache, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    dit.main(dit_args(cache, a))
+    dit.main(dit_args(cache, b, "--stop-at", "3"))
+    dit.main(dit_args(cache, b))
+    ca, cb = (torch.load(os.path.join(x, "latest.pt"), weights_only=True) for x in (a, b))
+    assert ca["step"] == cb["step"] == 10
+    for part in ("model", "ema"):
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
+    assert os.path.isfile(os.path.join(a, "preview_0000010.png"))  # decoded by the cache's tokenizer
 
 
 def test_dit_two_processes_resume_exactly(cache, tmp_path):
@@ -1519,16 +1529,6 @@ def test_dit_resume_refuses_other_latents_or_global_batch(cache, tmp_path):
     assert dit.main(dit_args(cache, out, "--batch-size", "8")) == 10  # same global batch: continues
 
 
-def test_dit_lr_decay_ends_at_its_own_epoch():
-    """`--preset paper --epochs 80` is the first 80 epochs of the released 800-epoch schedule."""
-    args = dit.parse_args(["--preset", "paper", "--epochs", "80", "--latents", "x"])
-    assert args.decay_end_epoch == 800 and args.epochs == 80
-    assert dit.hold_then_linear(40, args) == args.lr == 2e-4
-    assert dit.hold_then_linear(80, args) == pytest.approx(2e-4 - 40 / 760 * 1.8e-4)
-    assert dit.hold_then_linear(800, args) == pytest.approx(2e-5)
-    assert dit.hold_then_linear(900, args) == pytest.approx(2e-5)
-
-
 def test_dit_mismatch_errors(cache, tmp_path, parity_sizes):
     d, w = parity("tokenizer_full_reconstruct")  # a tokenizer with other weights than the cache's
     other = str(tmp_path / "other.pth")
@@ -1548,6 +1548,43 @@ def test_dit_mismatch_errors(cache, tmp_path, parity_sizes):
 #################################################################################
 #                                 sample.py                                     #
 #################################################################################
+
+
+def test_judge_scores(standin_teacher, stage1_run):
+    """The offline judge: on its own held-out images it gives its recorded accuracy, with shuffled labels
+    chance; the Frechet distance in its features is 0 for a set against itself and grows with blur."""
+    judge, ckpt = sample.load_judge(standin_teacher, "cpu")
+    val = distill.build_dataset("synthetic", 32, "val", 64)
+    real, labels = sample.real_images(val, 64)
+    same = sample.judge_scores(judge, real, labels, real, labels, "cpu")
+    assert same["judge_accuracy_on_real"] == same["judge_class_accuracy"] == pytest.approx(ckpt["accuracy"])
+    assert abs(same["judge_frechet_distance"]) < 1e-8 and same["chance"] == 0.1
+    many, many_labels = sample.real_images(distill.build_dataset("synthetic", 32, "val", 1000), 1000)
+    shuffled = np.random.default_rng(0).permutation(many_labels)
+    assert abs(sample.judge_scores(judge, many, shuffled, real, labels, "cpu")["judge_class_accuracy"] - 0.1) < 0.04
+    blurred = [torchvision.transforms.functional.gaussian_blur(torch.from_numpy(many).permute(0, 3, 1, 2), 7, s)
+               .permute(0, 2, 3, 1).numpy() for s in (0.6, 1.5, 3.0)]
+    distances = [sample.judge_scores(judge, b, many_labels, many, many_labels, "cpu")["judge_frechet_distance"]
+                 for b in blurred]
+    assert 0 < distances[0] < distances[1] < distances[2], distances
+    with pytest.raises(ValueError, match="is a tokenizer checkpoint; expected a judge"):
+        sample.load_judge(stage1_run, "cpu")
+
+
+def test_sampling_fid_and_autoguidance(dit_run, inception_files, standin_teacher, tmp_path):
+    """FID / IS with --ref-stats, and the offline judge's scores beside them (judge.json)."""
+    out, ref = str(tmp_path / "fid"), str(tmp_path / "ref.npz")
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    metrics = sample.main(sample_args(dit_run, out, "--guide", dit_run, "--cfg", "1.29", "--ref-stats", ref,
+                                      "--inception-weights", str(inception_files / "inception.pth"),
+                                      "--judge", standin_teacher, "--judge-real", "50"))
+    assert np.isfinite(metrics["fid"]) and metrics["num_samples"] == 14 and metrics["inception_score"] >= 1
+    with open(os.path.join(out, "judge.json")) as f:
+        judged = json.load(f)
+    assert 0 <= judged["judge_class_accuracy"] <= 1 and judged["judge_frechet_distance"] > 0
+    assert judged["judge_class_accuracy"] == metrics["judge_class_accuracy"]
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["fid"] == pytest.approx(metrics["fid"])
 
 
 def test_sampling_is_the_same_on_two_processes(dit_run, tmp_path):
@@ -1591,43 +1628,6 @@ def test_sampling_refuses_a_folder_made_otherwise(dit_run, tmp_path):
     os.remove(os.path.join(out, "provenance.json"))
     with pytest.raises(ValueError, match="no provenance.json"):
         sample.main(sample_args(dit_run, out))
-
-
-def test_judge_scores(standin_teacher, stage1_run):
-    """The offline judge: on its own held-out images it gives its recorded accuracy, with shuffled labels
-    chance; the Frechet distance in its features is 0 for a set against itself and grows with blur."""
-    judge, ckpt = sample.load_judge(standin_teacher, "cpu")
-    val = distill.build_dataset("synthetic", 32, "val", 64)
-    real, labels = sample.real_images(val, 64)
-    same = sample.judge_scores(judge, real, labels, real, labels, "cpu")
-    assert same["judge_accuracy_on_real"] == same["judge_class_accuracy"] == pytest.approx(ckpt["accuracy"])
-    assert abs(same["judge_frechet_distance"]) < 1e-8 and same["chance"] == 0.1
-    many, many_labels = sample.real_images(distill.build_dataset("synthetic", 32, "val", 1000), 1000)
-    shuffled = np.random.default_rng(0).permutation(many_labels)
-    assert abs(sample.judge_scores(judge, many, shuffled, real, labels, "cpu")["judge_class_accuracy"] - 0.1) < 0.04
-    blurred = [torchvision.transforms.functional.gaussian_blur(torch.from_numpy(many).permute(0, 3, 1, 2), 7, s)
-               .permute(0, 2, 3, 1).numpy() for s in (0.6, 1.5, 3.0)]
-    distances = [sample.judge_scores(judge, b, many_labels, many, many_labels, "cpu")["judge_frechet_distance"]
-                 for b in blurred]
-    assert 0 < distances[0] < distances[1] < distances[2], distances
-    with pytest.raises(ValueError, match="is a tokenizer checkpoint; expected a judge"):
-        sample.load_judge(stage1_run, "cpu")
-
-
-def test_sampling_fid_and_autoguidance(dit_run, inception_files, standin_teacher, tmp_path):
-    """FID / IS with --ref-stats, and the offline judge's scores beside them (judge.json)."""
-    out, ref = str(tmp_path / "fid"), str(tmp_path / "ref.npz")
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
-    metrics = sample.main(sample_args(dit_run, out, "--guide", dit_run, "--cfg", "1.29", "--ref-stats", ref,
-                                      "--inception-weights", str(inception_files / "inception.pth"),
-                                      "--judge", standin_teacher, "--judge-real", "50"))
-    assert np.isfinite(metrics["fid"]) and metrics["num_samples"] == 14 and metrics["inception_score"] >= 1
-    with open(os.path.join(out, "judge.json")) as f:
-        judged = json.load(f)
-    assert 0 <= judged["judge_class_accuracy"] <= 1 and judged["judge_frechet_distance"] > 0
-    assert judged["judge_class_accuracy"] == metrics["judge_class_accuracy"]
-    with open(os.path.join(out, "metrics.json")) as f:
-        assert json.load(f)["fid"] == pytest.approx(metrics["fid"])
 
 
 def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path):
@@ -1780,6 +1780,20 @@ def test_no_loader_runs_code_from_a_checkpoint(stage1_run, dit_run, cache, tmp_p
         assert not marker.exists(), f"entry point {i} ran the payload"
 
 
+def test_divergence_stops_before_anything_is_saved(standin_teacher, cache, tmp_path):
+    """An absurd learning rate: the run stops with a clear message at the first check, before any
+    checkpoint, and the last good latest.pt is kept as it was."""
+    for main, args, lr in ((tokenizer.main, tok_args(standin_teacher, str(tmp_path / "tok")), "--base-lr"),
+                           (dit.main, dit_args(cache, str(tmp_path / "dit")), "--lr")):
+        main(args + ["--stop-at", "1"])
+        latest = args[args.index("--out") + 1] + "/latest.pt"
+        good = open(latest, "rb").read()
+        with pytest.raises(FloatingPointError, match="nan or inf at or before step"):
+            main(args + [lr, "1e12", "--log-every", "1000"])
+        assert open(latest, "rb").read() == good
+        assert not [f for f in os.listdir(os.path.dirname(latest)) if f.endswith(".pt") and f != "latest.pt"]
+
+
 def test_wrong_or_damaged_checkpoints_say_what_they_are(stage1_run, dit_run, standin_teacher, tmp_path):
     with pytest.raises(ValueError, match="is a generator checkpoint; expected a tokenizer checkpoint"):
         tokenizer.load_tokenizer(dit_run)
@@ -1805,23 +1819,28 @@ def test_wrong_or_damaged_checkpoints_say_what_they_are(stage1_run, dit_run, sta
         dit.load_official_dit(str(tmp_path / "RecTok.pth"))
 
 
-def test_divergence_stops_before_anything_is_saved(standin_teacher, cache, tmp_path):
-    """An absurd learning rate: the run stops with a clear message at the first check, before any
-    checkpoint, and the last good latest.pt is kept as it was."""
-    for main, args, lr in ((tokenizer.main, tok_args(standin_teacher, str(tmp_path / "tok")), "--base-lr"),
-                           (dit.main, dit_args(cache, str(tmp_path / "dit")), "--lr")):
-        main(args + ["--stop-at", "1"])
-        latest = args[args.index("--out") + 1] + "/latest.pt"
-        good = open(latest, "rb").read()
-        with pytest.raises(FloatingPointError, match="nan or inf at or before step"):
-            main(args + [lr, "1e12", "--log-every", "1000"])
-        assert open(latest, "rb").read() == good
-        assert not [f for f in os.listdir(os.path.dirname(latest)) if f.endswith(".pt") and f != "latest.pt"]
-
-
 #################################################################################
 #                        The whole pipeline, end to end                         #
 #################################################################################
+
+
+def test_sampling_from_released_layout(dit_run, cache, tmp_path):
+    """Authors'-layout generators ({'model_ema'} without RoPE buffers) sample with --latent-stats."""
+    ckpt = torch.load(dit_run, weights_only=True)
+    ema = {k: v for k, v in ckpt["ema"].items() if not k.endswith(("freqs_cos", "freqs_sin"))}
+    torch.save({"model_ema": ema}, tmp_path / "DiTDDT.pth")
+    ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
+    sample.main(sample_args(dit_run, ours))
+    sample.main(sample_args(str(tmp_path / "DiTDDT.pth"), theirs, "--latent-stats",
+                            os.path.join(cache, "stats.npz"), "--tokenizer", ckpt["latents"]["tokenizer"]))
+    sample.main(sample_args(dit_run, str(tmp_path / "ours_stats"), "--latent-stats",
+                            os.path.join(cache, "stats.npz")))
+    a, b, c = (np.load(os.path.join(x, "samples.npz"))["arr_0"] for x in (ours, theirs, str(tmp_path / "ours_stats")))
+    assert np.array_equal(a, b)
+    assert np.array_equal(a, c)  # one of our checkpoints with --latent-stats: still its EMA weights
+    with pytest.raises(ValueError, match="--tokenizer"):
+        sample.main(sample_args(str(tmp_path / "DiTDDT.pth"), theirs, "--latent-stats",
+                                os.path.join(cache, "stats.npz")))
 
 
 def test_pipeline_end_to_end(tmp_path, monkeypatch):
@@ -1848,22 +1867,3 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch):
     assert np.load(runs / "samples" / "samples.npz")["arr_0"].shape == (20, 32, 32, 3)
     assert all(np.isfinite(m["psnr"]) for m in metrics.values())
     assert [r["tau"] for r in results] == [0, 0.3, 0.7] and all(0 <= r["top1"] <= 100 for r in results)
-
-
-def test_sampling_from_released_layout(dit_run, cache, tmp_path):
-    """Authors'-layout generators ({'model_ema'} without RoPE buffers) sample with --latent-stats."""
-    ckpt = torch.load(dit_run, weights_only=True)
-    ema = {k: v for k, v in ckpt["ema"].items() if not k.endswith(("freqs_cos", "freqs_sin"))}
-    torch.save({"model_ema": ema}, tmp_path / "DiTDDT.pth")
-    ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
-    sample.main(sample_args(dit_run, ours))
-    sample.main(sample_args(str(tmp_path / "DiTDDT.pth"), theirs, "--latent-stats",
-                            os.path.join(cache, "stats.npz"), "--tokenizer", ckpt["latents"]["tokenizer"]))
-    sample.main(sample_args(dit_run, str(tmp_path / "ours_stats"), "--latent-stats",
-                            os.path.join(cache, "stats.npz")))
-    a, b, c = (np.load(os.path.join(x, "samples.npz"))["arr_0"] for x in (ours, theirs, str(tmp_path / "ours_stats")))
-    assert np.array_equal(a, b)
-    assert np.array_equal(a, c)  # one of our checkpoints with --latent-stats: still its EMA weights
-    with pytest.raises(ValueError, match="--tokenizer"):
-        sample.main(sample_args(str(tmp_path / "DiTDDT.pth"), theirs, "--latent-stats",
-                                os.path.join(cache, "stats.npz")))
