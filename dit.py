@@ -445,8 +445,15 @@ def official_config(sd, heads=None):
     dh, dt = sd["s_projector.weight"].shape
     widths = [sd[k].shape[1] for k in sd if k.startswith("blocks.") and k.endswith("adaLN_modulation.1.weight")]
     ht, hh = heads or (HEADS[dt], HEADS[dh])
+    nt = widths.count(dt)
+    if dt == dh:  # the weights do not say where a trunk ends and a head as wide begins: the size table does
+        splits = {t[1] for t, h in SIZES.values() if (t[0], h[0], t[1] + h[1]) == (dt, dh, len(widths))}
+        if len(splits) != 1:
+            raise ValueError(f"a DiT^DH whose trunk and head are both {dt} wide, {len(widths)} blocks in all, is "
+                             f"none of the sizes {sorted(SIZES)}: its trunk depth is not in the weights")
+        nt = splits.pop()
     return dict(channels=sd["final_layer.linear.weight"].shape[0], grid=math.isqrt(sd["pos_embed"].shape[1]),
-                trunk=(dt, widths.count(dt), ht), head=(dh, widths.count(dh), hh),
+                trunk=(dt, nt, ht), head=(dh, len(widths) - nt, hh),
                 num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
 
 

@@ -1841,6 +1841,9 @@ def test_sampling_from_released_layout(dit_run, cache, tmp_path):
     with pytest.raises(ValueError, match="--tokenizer"):
         sample.main(sample_args(str(tmp_path / "DiTDDT.pth"), theirs, "--latent-stats",
                                 os.path.join(cache, "stats.npz")))
+    last = max(int(k.split(".")[1]) for k in ema if k.startswith("blocks."))
+    with pytest.raises(ValueError, match="trunk depth is not in the weights"):  # equal widths, no known size
+        dit.official_config({k: v for k, v in ema.items() if not k.startswith(f"blocks.{last}.")})
 
 
 def test_pipeline_end_to_end(tmp_path, monkeypatch):
