@@ -258,7 +258,7 @@ def plot_tau(runs, path, chance=None, size=(520, 340), margin=48):
         y = xy(0, chance)[1]
         for x0 in range(margin, margin + w, 10):
             draw.line([(x0, y), (min(x0 + 5, margin + w), y)], fill="black")
-        draw.text((margin + w - 44, y - 14), "chance", fill="black")
+        draw.text((margin + w - 44, y + 4), "chance", fill="black")  # below: the runs may cross above it
     for k, (name, results) in enumerate(runs.items()):
         colour = COLOURS[k % len(COLOURS)]
         points = [xy(r["tau"], r["top1"]) for r in results]
