@@ -282,8 +282,7 @@ def evaluate(args, device):
 
 PRESETS = {
     "paper": dict(steps=150),  # the released sampler: 150 grid points
-    # On the tiny pipeline 50 points score as 150 do (judge accuracy 19% vs 18%, Frechet 57.1 vs 56.6; see
-    # the README) in less than half the time.
+    # On the tiny pipeline 50 points score as 150 do, in less than half the time (measured in the README).
     "tiny": dict(steps=50),
 }
 
