@@ -287,17 +287,24 @@ def reseed(seed, generators=None):
         gen.manual_seed(seed)
 
 
+def indexed_noise(shape, *key):
+    """N(0, 1) noise that is a function of `key` alone (seed, image index, ...): the same on any rank, in
+    any batch (the sampler's initial noise, the probe's flow noise)."""
+    seed = int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0])
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
 @torch.no_grad()
 def weights_fingerprint(tensors):
-    """Identifies a set of weights, all of them (a module's state dict, or any tensors): sha1 over each
-    tensor's name, float64 sum and sum of squares. Cheap at 800M parameters; any two trainings differ."""
+    """Identifies a set of weights exactly (a module's state dict, or any named tensors): sha1 over each
+    tensor's name and bytes, the same on any device and thread count, so the latent cache written on a
+    GPU recognises its tokenizer loaded on a CPU. About a second per GB of weights."""
     if isinstance(tensors, nn.Module):
         tensors = tensors.state_dict()
     h = hashlib.sha1()
     for name, t in tensors.items():
-        t = t.detach().double()
         h.update(name.encode())
-        h.update(torch.stack([t.sum(), (t * t).sum()]).cpu().numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 

@@ -317,7 +317,7 @@ def open_latents(args):
     tok = None
     if args.tokenizer:
         tok, _ = tokenizer.load_tokenizer(args.tokenizer)
-        expect["fingerprint"] = tokenizer.fingerprint(tok)
+        expect["fingerprint"] = distill.weights_fingerprint(tok)
     return tokenizer.LatentCache(args.latents, expect=expect, seed=args.seed), tok
 
 
@@ -455,11 +455,6 @@ def official_config(sd, heads=None):
     return dict(channels=sd["final_layer.linear.weight"].shape[0], grid=math.isqrt(sd["pos_embed"].shape[1]),
                 trunk=(dt, nt, ht), head=(dh, len(widths) - nt, hh),
                 num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
-
-
-def load_official_dit(path, device="cpu", heads=None):
-    """The authors' DiT^DH-XL / DiT^DH-S checkpoint ('model_ema' if present), strictly (see load_dit)."""
-    return load_dit(path, device, heads=heads)[0]
 
 
 def build_parser(add_help=True):

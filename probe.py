@@ -46,11 +46,6 @@ import tokenizer
 #################################################################################
 
 
-def flow_noise(seed, index, shape):
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index, 7]).generate_state(1, np.uint64)[0]))
-    return torch.randn(shape, generator=g)
-
-
 @torch.no_grad()
 def extract(model, data, kind, taus, args, device):
     """Token-averaged features of every image of `data` for each tau (L and SL use tau = 0): this rank's
@@ -71,7 +66,7 @@ def extract(model, data, kind, taus, args, device):
             elif tau == 0:
                 f = z
             else:
-                eps = torch.stack([flow_noise(args.seed, start + j, z.shape[1:]) for j in range(len(y))])
+                eps = torch.stack([distill.indexed_noise(z.shape[1:], args.seed, start + j, 7) for j in range(len(y))])
                 f = tokenizer.forward_flow(z, tau, eps.to(device), model.gamma)
             feats[tau].append(f.mean(dim=1).double().cpu())
         labels.append(y)
@@ -162,11 +157,6 @@ def accuracy(head, xv, yv, num_classes):
     top5 = head(xv).topk(min(5, num_classes), dim=1).indices
     return {"top1": (top5[:, 0] == yv).float().mean().item() * 100,
             "top5": (top5 == yv[:, None]).any(dim=1).float().mean().item() * 100}
-
-
-def train_linear(x, y, xv, yv, num_classes, args):
-    """One linear probe on fixed features (x, y); accuracy on (xv, yv)."""
-    return train_heads(lambda epoch: {0: x}, y, {0: xv}, yv, num_classes, args)[0]
 
 
 #################################################################################

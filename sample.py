@@ -38,12 +38,6 @@ import fid
 import tokenizer
 
 
-def image_noise(seed, index, shape):
-    """The initial noise of image `index`: a function of (seed, index) only."""
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]))
-    return torch.randn(shape, generator=g)
-
-
 def my_batches(num, batch_size, rank, world):
     """Global batches [k*B, (k+1)*B) dealt to ranks in contiguous runs (uneven shards allowed)."""
     count = math.ceil(num / batch_size)
@@ -73,7 +67,7 @@ def load_models(args, device):
     if tok_path is None:
         raise ValueError("the authors' generator does not name its tokenizer: pass --tokenizer RecTok_decft.pth")
     tok, config = tokenizer.load_tokenizer(tok_path, device=device)
-    if latents is not None and tokenizer.fingerprint(tok) != latents["fingerprint"]:
+    if latents is not None and distill.weights_fingerprint(tok) != latents["fingerprint"]:
         raise ValueError(f"tokenizer {tok_path} is not the one whose latents trained {args.dit} (weights "
                          f"fingerprint differs); pass the tokenizer checkpoint that wrote its latent cache")
     if (config["channels"], config["img_size"] // config["patch_size"]) != (model.channels, model.grid):
@@ -87,7 +81,7 @@ def load_models(args, device):
 def generate(args, model, guide, tok, mu, sigma, batch, device):
     """One batch of indices -> uint8 images (B, H, W, 3) and labels."""
     labels = torch.tensor([i % model.num_classes for i in batch], device=device)
-    z0 = torch.stack([image_noise(args.seed, i, (model.channels, model.grid, model.grid)) for i in batch])
+    z0 = torch.stack([distill.indexed_noise((model.channels, model.grid, model.grid), args.seed, i) for i in batch])
     with distill.autocast(device) if args.bf16 else contextlib.nullcontext():
         latents = dit.sample(model, z0.to(device), labels, args.steps, cfg=args.cfg,
                              interval=tuple(args.cfg_interval), guide=guide)

@@ -30,7 +30,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
   Guarantees
     released weights load (strict keys):
       test_official_*_keys_load_strictly, test_load_released_tokenizer_layout,
-      test_load_official_dit_ema_without_buffers, test_sampling_from_released_layout
+      test_load_dit_official_ema_without_buffers, test_sampling_from_released_layout
     exact resume (stop + resume = uninterrupted):
       test_*_resume_is_exact, test_*_two_processes_resume_exactly,
       test_interrupted_encode_resumes_to_the_same_files, test_interrupted_sampling_resumes_to_the_same_set,
@@ -165,6 +165,12 @@ def encode_args(ckpt, out, *extra):
     """40 images in shards of 16 (16 + 16 + 8), batches of 12 that straddle shard boundaries."""
     return ["encode", "--ckpt", ckpt, "--out", out, "--num-train", "40", "--batch-size", "12",
             "--shard-size", "16", "--workers", "0", *extra]
+
+
+def read_cache_array(root, name):
+    """One array of a latent cache, its shards joined in index order."""
+    meta = tokenizer.check_meta(root, {})
+    return np.concatenate([tokenizer.open_shard(root, meta, k, "r")[name] for k in range(meta["num_shards"])])
 
 
 def dit_args(cache, out, *extra):
@@ -901,10 +907,13 @@ def test_finetune_preset_is_the_released_stage2_recipe(capsys):
     assert "fraction of training (default: 0.05)" in help_text and "(default: 5e-05)" in help_text
 
 
-def test_tokenizer_resume_is_exact(standin_teacher, tmp_path):
-    """k steps, stop, resume to n equals n straight steps, bit for bit (GAN on from step 0)."""
+def test_tokenizer_resume_is_exact(standin_teacher, tmp_path, monkeypatch):
+    """k steps, stop, resume to n equals n straight steps, bit for bit (GAN on from step 0); each
+    reconstruction grid is written once, at --grid-every steps and where a run stops."""
+    written, save = [], tokenizer.save_reconstructions
+    monkeypatch.setattr(tokenizer, "save_reconstructions", lambda *a: written.append(os.path.basename(a[-1])) or save(*a))
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    extra = ["--gan-start-epoch", "0", "--grad-accum", "2"]
+    extra = ["--gan-start-epoch", "0", "--grad-accum", "2", "--grid-every", "2"]
     tokenizer.main(tok_args(standin_teacher, a, *extra))
     tokenizer.main(tok_args(standin_teacher, b, *extra, "--stop-at", "2"))
     assert torch.load(os.path.join(b, "latest.pt"), weights_only=True)["step"] == 2
@@ -916,6 +925,7 @@ def test_tokenizer_resume_is_exact(standin_teacher, tmp_path):
         for k in ca[part]:
             assert torch.equal(ca[part][k], cb[part][k]), (part, k)
     assert os.path.isfile(os.path.join(a, "recon_0000004.png"))
+    assert written == ["recon_0000002.png", "recon_0000004.png"] * 2  # run a, then run b's two halves
 
 
 def test_tokenizer_two_processes_resume_exactly(standin_teacher, tmp_path):
@@ -1093,7 +1103,7 @@ def test_evaluate_on_another_data_set_keeps_the_first(stage1_run, tmp_path):
 
 
 def read_cache(root):
-    arrays = {n: tokenizer.read_cache_array(root, n) for n in ("moments", "moments_flip", "labels", "done")}
+    arrays = {n: read_cache_array(root, n) for n in ("moments", "moments_flip", "labels", "done")}
     arrays.update({f"stats_{k}": v for k, v in np.load(os.path.join(root, "stats.npz")).items()})
     return arrays
 
@@ -1122,7 +1132,7 @@ def test_cache_reader(cache, tmp_path):
     data = tokenizer.LatentCache(cache, seed=3)
     moments, label = data[5]
     assert moments.shape == (16, 16) and moments.dtype == torch.float32 and label == 5
-    flipped = tokenizer.read_cache_array(cache, "moments_flip")
+    flipped = read_cache_array(cache, "moments_flip")
     flips = [torch.equal(data[i][0], torch.from_numpy(flipped[i].astype(np.float32))) for i in range(40)]
     assert 5 < sum(flips) < 35  # about half come from the flipped image
     again = tokenizer.LatentCache(cache, seed=3)
@@ -1453,12 +1463,12 @@ def test_official_dit_keys_load_strictly(name, size, params):
     assert set(keys["model_ema"]) == {k for k, _ in model.named_parameters()}
 
 
-def test_load_official_dit_ema_without_buffers(tmp_path):
+def test_load_dit_official_ema_without_buffers(tmp_path):
     """The authors' EMA holds parameters only; the RoPE tables are filled in from ours."""
     d, w = parity("ditdh_forward")
     ema = {k: v for k, v in w.items() if not k.endswith(("freqs_cos", "freqs_sin"))}
     torch.save({"model_ema": ema}, tmp_path / "ddt.pth")
-    model = dit.load_official_dit(str(tmp_path / "ddt.pth"), heads=(4, 4))
+    model = dit.load_dit(str(tmp_path / "ddt.pth"), heads=(4, 4))[0]
     i = d["inputs"]
     with torch.no_grad():
         assert_close(model(i["x"], i["t"], i["y"]), d["outputs"]["velocity"])
@@ -1613,8 +1623,8 @@ def test_interrupted_sampling_resumes_to_the_same_set(dit_run, tmp_path):
     os.remove(os.path.join(out, "samples.npz"))
     sample.main(sample_args(dit_run, out))
     assert np.array_equal(np.load(os.path.join(out, "samples.npz"))["arr_0"], first)
-    assert sample.image_noise(0, 7, (2, 2)).equal(sample.image_noise(0, 7, (2, 2)))
-    assert not sample.image_noise(0, 7, (2, 2)).equal(sample.image_noise(1, 7, (2, 2)))
+    assert distill.indexed_noise((2, 2), 0, 7).equal(distill.indexed_noise((2, 2), 0, 7))
+    assert not distill.indexed_noise((2, 2), 0, 7).equal(distill.indexed_noise((2, 2), 1, 7))
 
 
 def test_sampling_refuses_a_folder_made_otherwise(dit_run, tmp_path):
@@ -1654,6 +1664,11 @@ def probe_args(**kw):
     return args
 
 
+def train_linear(x, y, xv, yv, num_classes, args):
+    """One linear probe on fixed features (x, y); its accuracy on (xv, yv)."""
+    return probe.train_heads(lambda epoch: {0: x}, y, {0: xv}, yv, num_classes, args)[0]
+
+
 @pytest.mark.parametrize("kw", [dict(protocol="mae"),  # one epoch of Adam needs small batches here
                                 dict(protocol="research", probe_batch_size=16, adam_base_lr=0.16)])
 def test_probe_finds_planted_linear_structure(kw):
@@ -1662,7 +1677,7 @@ def test_probe_finds_planted_linear_structure(kw):
     y, yv = torch.arange(2000) % 10, torch.arange(500) % 10
     x = means[y] + torch.randn(2000, 32, generator=g)
     xv = means[yv] + torch.randn(500, 32, generator=g)
-    acc = probe.train_linear(x, y, xv, yv, 10, probe_args(**kw))
+    acc = train_linear(x, y, xv, yv, 10, probe_args(**kw))
     assert acc["top1"] > 90 and acc["top5"] >= acc["top1"]
 
 
@@ -1672,7 +1687,7 @@ def test_research_probe_is_adam_at_a_constant_lr(monkeypatch):
     step = torch.optim.Adam.step
     monkeypatch.setattr(torch.optim.Adam, "step", lambda self: seen.append(self.param_groups[0]["lr"]) or step(self))
     x, y = torch.randn(400, 8), torch.arange(400) % 4
-    probe.train_linear(x, y, x, y, 4, probe_args(protocol="research", epochs=3, probe_batch_size=128))
+    train_linear(x, y, x, y, 4, probe_args(protocol="research", epochs=3, probe_batch_size=128))
     assert len(seen) == 9 and all(lr == pytest.approx(0.05) for lr in seen)
 
 
@@ -1699,7 +1714,7 @@ def test_probe_random_labels_stay_near_chance():
     g = torch.Generator().manual_seed(0)
     x, xv = torch.randn(2000, 32, generator=g), torch.randn(1000, 32, generator=g)
     y, yv = torch.randint(0, 10, (2000,), generator=g), torch.randint(0, 10, (1000,), generator=g)
-    acc = probe.train_linear(x, y, xv, yv, 10, probe_args())
+    acc = train_linear(x, y, xv, yv, 10, probe_args())
     assert 5 < acc["top1"] < 16 and 40 < acc["top5"] < 60
 
 
@@ -1761,7 +1776,7 @@ def test_no_loader_runs_code_from_a_checkpoint(stage1_run, dit_run, cache, tmp_p
         lambda: tokenizer.main(["finetune", "--init", evil, "--out", str(tmp_path / "ft"), "--workers", "0"]),
         lambda: tokenizer.main(tok_args(evil, str(runs["tok"]), "--sem-decoder", "none")),  # resume
         lambda: dit.load_dit(evil),
-        lambda: dit.load_official_dit(evil),
+        lambda: dit.load_dit(evil),
         lambda: dit.main(dit_args(cache, str(runs["dit"]))),  # resume
         lambda: dit.main(dit_args(cache, str(tmp_path / "d2"), "--tokenizer", evil)),
         lambda: distill.main(STANDIN_TINY + ["--out", str(runs["teacher"])]),  # resume
@@ -1816,7 +1831,7 @@ def test_wrong_or_damaged_checkpoints_say_what_they_are(stage1_run, dit_run, sta
     _, w = parity("tokenizer_full_reconstruct")  # nor is the authors' tokenizer a generator
     torch.save({"model_ema": w}, tmp_path / "RecTok.pth")
     with pytest.raises(ValueError, match="not a DiT\\^DH checkpoint"):
-        dit.load_official_dit(str(tmp_path / "RecTok.pth"))
+        dit.load_dit(str(tmp_path / "RecTok.pth"))
 
 
 #################################################################################
@@ -1866,7 +1881,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch):
                  "latents/stats.npz", "latents/meta.json", "dit/latest.pt", "dit/preview_0000008.png",
                  "samples/samples.npz", "samples/preview.png", "probe/probe.json", "probe/probe_tau.png"):
         assert (runs / path).is_file(), path
-    assert tokenizer.read_cache_array(str(runs / "latents"), "moments").shape == (128, 64, 32)
+    assert read_cache_array(str(runs / "latents"), "moments").shape == (128, 64, 32)
     assert np.load(runs / "samples" / "samples.npz")["arr_0"].shape == (20, 32, 32, 3)
     assert all(np.isfinite(m["psnr"]) for m in metrics.values())
     assert [r["tau"] for r in results] == [0, 0.3, 0.7] and all(0 <= r["top1"] <= 100 for r in results)

@@ -35,7 +35,6 @@ reads the authors' RecTok.pth / RecTok_decft.pth.
 """
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -716,11 +715,11 @@ def grid_images(args, data, size):
 
 
 @torch.no_grad()
-def save_reconstructions(ema, images, device, path):
-    """Originals above the EMA tokenizer's reconstructions."""
+def save_reconstructions(model, images, device, path):
+    """Originals above the tokenizer's reconstructions."""
     x = images.to(device)
     with distill.autocast(device):
-        recon = ema.reconstruct(x)
+        recon = model.reconstruct(x)
     distill.save_grid([x * 0.5 + 0.5, recon], path)
 
 
@@ -797,7 +796,7 @@ def train(args):
                 distill.log(f"step {run.step}/{run.total} epoch {run.epoch:.2f} "
                             + " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
                             + f" lr {opt.param_groups[0]['lr']:.2e} {run.meter.report()}")
-            if images is not None and args.grid_every and run.step % args.grid_every == 0:
+            if images is not None and ((args.grid_every and run.step % args.grid_every == 0) or run.step == run.stop):
                 save_reconstructions(ema, images, device, os.path.join(args.out, f"recon_{run.step:07d}.png"))
             if run.checkpoint_due():
                 run.save()
@@ -807,7 +806,6 @@ def train(args):
                 break
     result = run.done(f"RecTok stage {stage}")
     if images is not None:
-        save_reconstructions(ema, images, device, os.path.join(args.out, f"recon_{run.step:07d}.png"))
         distill.log(f"wrote {os.path.join(args.out, 'latest.pt')} and reconstruction grids in {args.out}")
     distill.cleanup_distributed()
     return result
@@ -848,11 +846,6 @@ def eval_loader(args, size, rank, world):
     return data, torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers)
 
 
-def to_uint8(images01):
-    """Images in [0, 1] -> uint8 by truncation, as the released evaluation saves them."""
-    return (images01 * 255).to(torch.uint8)
-
-
 @torch.no_grad()
 def reconstruction_pass(model, loader, device, inception):
     """Sum of per-image PSNRs and, with an Inception, pool3 features of reconstructions and originals."""
@@ -867,7 +860,8 @@ def reconstruction_pass(model, loader, device, inception):
         psnr_sum += (-10 * torch.log10(mse.clamp(min=1e-10))).double().sum()
         if inception is not None:
             real_u8 = ((x.float() + 1) * 127.5).round().to(torch.uint8)  # the data's own uint8 pixels
-            for name, images in (("recon", to_uint8(recon)), ("real", real_u8)):
+            recon_u8 = (recon * 255).to(torch.uint8)  # truncation, as the released evaluation saves them
+            for name, images in (("recon", recon_u8), ("real", real_u8)):
                 feats[name].append(inception(fid.preprocess(images))[0].double().cpu())
     return psnr_sum, {k: distill.gather(torch.cat(v)).numpy() for k, v in feats.items() if v}
 
@@ -896,8 +890,8 @@ def evaluate(args):
             results[weights]["rfid"] = fid.frechet_distance(*fid.statistics(feats["recon"]), *ref)
         distill.log(f"{weights}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[weights].items()))
         if rank == 0:
-            x = torch.stack([data[i][0] for i in distill.one_per_class(data)]).to(device)
-            distill.save_grid([x * 0.5 + 0.5, model.reconstruct(x)], os.path.join(out_dir, f"eval_{tag}_{weights}.png"))
+            x = torch.stack([data[i][0] for i in distill.one_per_class(data)])
+            save_reconstructions(model, x, device, os.path.join(out_dir, f"eval_{tag}_{weights}.png"))
     if rank == 0:
         path = os.path.join(out_dir, f"metrics_{tag}.json")
         distill.write_json(path, {"checkpoint": args.ckpt, "data": args.data, **results})
@@ -927,19 +921,10 @@ def reference_statistics(args, real_feats, size, n, rank):
 CACHE_ARRAYS = ("moments", "moments_flip")
 
 
-def fingerprint(model):
-    """Identifies a tokenizer's weights (not just its architecture): sha1 of its patch embedding and
-    latent head, which any two trainings make different."""
-    h = hashlib.sha1()
-    for t in (model.encoder.patch_embed.weight, model.encoder.latent_head.weight):
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def cache_meta(args, model, config, data):
     grid = config["img_size"] // config["patch_size"]
-    return {"tokenizer": os.path.abspath(args.ckpt), "fingerprint": fingerprint(model), "config": config,
-            "data": args.data if args.data == "synthetic" else os.path.abspath(args.data),
+    return {"tokenizer": os.path.abspath(args.ckpt), "fingerprint": distill.weights_fingerprint(model),
+            "config": config, "data": args.data if args.data == "synthetic" else os.path.abspath(args.data),
             "num_images": len(data), "num_classes": data.num_classes,
             "tokens": grid * grid, "channels": config["channels"], "grid": grid,
             "image_size": config["img_size"], "dtype": "float16", "shard_size": args.shard_size,
@@ -981,12 +966,6 @@ def open_shard(root, meta, k, mode):
                 os.replace(tmp, path)
         mode = "r+"
     return {name: np.load(shard_path(root, name, k), mmap_mode=mode) for name in layout}
-
-
-def read_cache_array(root, name):
-    """One array of a latent cache, all shards joined in index order (in memory: for labels and tests)."""
-    meta = check_meta(root, {})
-    return np.concatenate([open_shard(root, meta, k, "r")[name] for k in range(meta["num_shards"])])
 
 
 @torch.no_grad()
