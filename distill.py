@@ -1157,24 +1157,16 @@ def _dino(family, width, depth, heads, registers=0, ffn="mlp"):
 
 # The official architectures (Meta's hub names). DINOv2 ViT-g uses a SwiGLU feed-forward.
 ARCHS = {}
-
-
 for _size, (_w, _d, _h) in {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}.items():
     ARCHS[f"dinov2_vit{_size}14"] = _dino("dinov2", _w, _d, _h)
     ARCHS[f"dinov2_vit{_size}14_reg"] = _dino("dinov2", _w, _d, _h, registers=4)
     ARCHS[f"dinov3_vit{_size}16"] = _dino("dinov3", _w, _d, _h)
-
-
 ARCHS["dinov2_vitg14"] = _dino("dinov2", 1536, 40, 24, ffn="swiglu")
-
-
 ARCHS["dinov2_vitg14_reg"] = _dino("dinov2", 1536, 40, 24, registers=4, ffn="swiglu")
 
 
 # Where the official weights come from. DINOv2's are public; DINOv3's are licence-gated.
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{base}/{base}{reg}_pretrain.pth"
-
-
 DINOV3_HELP = ("DINOv3 weights are licence-gated: accept the licence at "
                "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ (Meta .pth) or "
                "https://huggingface.co/facebook/dinov3-vitl16-pretrain-lvd1689m (model.safetensors), "
@@ -1243,12 +1235,8 @@ _HF_BLOCK = {  # transformers block names -> ours, for DINOv3 (first) and DINOv2
     "mlp.up_proj.": "mlp.fc1.", "mlp.down_proj.": "mlp.fc2.",
     "mlp.weights_in.": "mlp.w12.", "mlp.weights_out.": "mlp.w3.",
 }
-
-
 _HF_QKV = {"attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2,
            "attention.attention.query": 0, "attention.attention.key": 1, "attention.attention.value": 2}
-
-
 _HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "register_tokens",
            "embeddings.position_embeddings": "pos_embed", "layernorm.weight": "norm.weight",
            "layernorm.bias": "norm.bias"}
@@ -1295,8 +1283,6 @@ def convert_teacher_state(sd, model):
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
-
-
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
@@ -1327,7 +1313,6 @@ class Teacher(nn.Module):
         self.vit = vit.eval().requires_grad_(False)
         self.kind, self.grid, self.rope_jitter = kind, grid, rope_jitter
         self.dim = vit.norm.weight.shape[0]
-        self.standardize = standardize is not None
         mean, std = standardize if standardize is not None else (torch.zeros(self.dim), torch.ones(self.dim))
         self.register_buffer("target_mean", mean.float(), persistent=False)
         self.register_buffer("target_std", std.float(), persistent=False)
@@ -1352,8 +1337,7 @@ class Teacher(nn.Module):
     def forward(self, x, rope_rescale=None):
         if rope_rescale is None and self.rope_jitter and self.training and self.vit.pos == "rope":
             rope_rescale = self.draw_rope_rescale()
-        tokens = self.vit.patch_tokens(self.preprocess(x), rope_rescale).float()
-        return (tokens - self.target_mean) / self.target_std if self.standardize else tokens
+        return (self.vit.patch_tokens(self.preprocess(x), rope_rescale).float() - self.target_mean) / self.target_std
 
 
 def build_teacher(name, weights=None, grid=16, rope_jitter=True, prefix=""):

@@ -396,12 +396,14 @@ def train(args):
 
 
 def checkpoint(run, ema, cache, tok, device):
-    """latest.pt (distill.Run's cadence), milestones every --save-every steps, previews (rank 0 writes,
-    all wait). The cache's statistics travel with the weights: sample.py needs them to decode."""
+    """latest.pt (distill.Run's cadence), milestones every --save-every steps, previews (rank 0, every
+    --preview-every steps and where the run stops). The cache's statistics travel with the weights:
+    sample.py needs them to decode."""
     args = run.args
     if run.bench:
         return
-    if run.rank == 0 and tok is not None and args.preview_every and run.step % args.preview_every == 0:
+    due = (args.preview_every and run.step % args.preview_every == 0) or run.step == run.stop
+    if run.rank == 0 and tok is not None and due:
         save_preview(ema, tok, cache, os.path.join(args.out, f"preview_{run.step:07d}.png"), device)
     if not run.checkpoint_due():
         return
@@ -410,9 +412,6 @@ def checkpoint(run, ema, cache, tok, device):
     run.save(latents=latents)
     if args.save_every and run.step % args.save_every == 0:
         run.save(f"step_{run.step:07d}.pt", latents=latents)
-    if run.rank == 0 and run.step == run.stop and tok is not None:
-        save_preview(ema, tok, cache, os.path.join(args.out, f"preview_{run.step:07d}.png"), device)
-    distill.barrier()
 
 
 def load_dit(path, device="cpu", weights="ema", heads=None):

@@ -321,12 +321,12 @@ def features(model, source, batch_size=100, mode="tf", device="cpu"):
         logits.append(logit.double().cpu())
     pool = torch.cat(pools) if pools else torch.zeros(0, 2048, dtype=torch.float64)
     logit = torch.cat(logits) if logits else torch.zeros(0, 1008, dtype=torch.float64)
-    return gather(pool, device), gather(logit, device)
+    return gather(pool), gather(logit)
 
 
-def gather(x, device):
+def gather(x):
     """Concatenate every rank's rows in rank order (shards may be uneven)."""
-    rank, world = world_info()
+    world = world_info()[1]
     if world == 1:
         return x.numpy()
     parts = [None] * world

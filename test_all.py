@@ -605,7 +605,7 @@ def test_full_reconstruct_parity(parity_sizes):
 
 
 def lpips_names(sd, prefix=""):
-    """Reference LPIPS names (net.sliceK.N, linK.model.1, scaling_layer.*) -> ours."""
+    """Reference LPIPS names (net.sliceK.N, linK.model.1, scaling_layer.shift/scale) -> ours."""
     out = {}
     for k, v in sd.items():
         if k.startswith(prefix):
@@ -614,7 +614,7 @@ def lpips_names(sd, prefix=""):
                 k = "features." + k.split(".", 2)[2]
             elif k.startswith("lin"):
                 k = f"lins.{k[3]}.weight"
-            out[k.replace("scaling_layer.", "")] = v
+            out[k.replace("scaling_layer.", "").replace("shift", "offset")] = v
     return out
 
 
@@ -682,7 +682,7 @@ def test_stage1_forward_and_losses_parity(parity_sizes):
     model.load_state_dict(tokenizer.from_official(w))
     _, teacher = stage1_teacher()
     out = model(i["x"], ratio=max(0.0, i["mask_ratio_draw"]), mask_noise=i["mask_noise"],
-                eps_post=i["eps_post"], tau=tokenizer.shift(i["u"], model.shift), eps_flow=i["eps_flow"])
+                eps_post=i["eps_post"], tau=tokenizer.shift(i["u"], model.s), eps_flow=i["eps_flow"])
     assert torch.equal(out["ids_restore"], o["ids_restore"])
     assert out["z"].shape[1] == o["len_keep"] == tokenizer.keep_count(model.grid ** 2, max(0.0, i["mask_ratio_draw"]))
     assert_close(out["decoded"], o["decoded"])
@@ -911,7 +911,8 @@ def test_tokenizer_resume_is_exact(standin_teacher, tmp_path, monkeypatch):
     """k steps, stop, resume to n equals n straight steps, bit for bit (GAN on from step 0); each
     reconstruction grid is written once, at --grid-every steps and where a run stops."""
     written, save = [], tokenizer.save_reconstructions
-    monkeypatch.setattr(tokenizer, "save_reconstructions", lambda *a: written.append(os.path.basename(a[-1])) or save(*a))
+    monkeypatch.setattr(tokenizer, "save_reconstructions",
+                        lambda *a: written.append(os.path.basename(a[-1])) or save(*a))
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     extra = ["--gan-start-epoch", "0", "--grad-accum", "2", "--grid-every", "2"]
     tokenizer.main(tok_args(standin_teacher, a, *extra))
@@ -1502,9 +1503,13 @@ def test_dit_lr_decay_ends_at_its_own_epoch():
     assert dit.hold_then_linear(900, args) == pytest.approx(2e-5)
 
 
-def test_dit_resume_is_exact(cache, tmp_path):
+def test_dit_resume_is_exact(cache, tmp_path, monkeypatch):
+    """Stop at step 3 and resume equals the straight run; each preview is written once, every
+    --preview-every steps and where a run stops."""
+    written, save = [], dit.save_preview
+    monkeypatch.setattr(dit, "save_preview", lambda *a: written.append(os.path.basename(a[3])) or save(*a))
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    dit.main(dit_args(cache, a))
+    dit.main(dit_args(cache, a, "--preview-every", "5"))
     dit.main(dit_args(cache, b, "--stop-at", "3"))
     dit.main(dit_args(cache, b))
     ca, cb = (torch.load(os.path.join(x, "latest.pt"), weights_only=True) for x in (a, b))
@@ -1513,6 +1518,7 @@ def test_dit_resume_is_exact(cache, tmp_path):
         for k in ca[part]:
             assert torch.equal(ca[part][k], cb[part][k]), (part, k)
     assert os.path.isfile(os.path.join(a, "preview_0000010.png"))  # decoded by the cache's tokenizer
+    assert written == [f"preview_{s:07d}.png" for s in (5, 10, 3, 10)]  # run a, then run b's two halves
 
 
 def test_dit_two_processes_resume_exactly(cache, tmp_path):

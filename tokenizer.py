@@ -9,7 +9,7 @@ frozen teacher's patch features (distill.py) from z_tau: at visible tokens it al
 distillation, FSD), at MAE-masked tokens it reconstructs (reconstruction-alignment distillation, RAD).
 
 File layout, top to bottom: the transformer parts with the released 2D RoPE; the model in forward order
-(masking, encoder, pixel decoder, semantic decoder, `shift`, `forward_flow`, posterior, RecTok); loading the
+(masking, encoder, posterior, `shift`, `forward_flow`, pixel decoder, semantic decoder, RecTok); loading the
 authors' checkpoints; the losses (MSE, LPIPS-VGG16, ConvNeXt-S logits, PatchGAN, KL, cosine); the training
 run of both stages; evaluation; the latent cache; the command line. Images come from distill.py.
 
@@ -29,8 +29,8 @@ Run:
 Writes OUT/latest.pt (every --ckpt-every steps and every epoch; a run started in a folder with latest.pt
 resumes it exactly), OUT/epoch_NNNN.pt milestones, and OUT/recon_STEP.png grids (held-out originals above
 EMA reconstructions). A checkpoint is {"kind": "tokenizer", "config", "model", "ema", "optimizer",
-"discriminator", "d_optimizer", "step", "epoch", "global_batch", "args", "rng", "flip_rng"}, distill.readable with
-weights_only=True; later stages rebuild the tokenizer from "config" and "ema" (`load_tokenizer`), which also
+"discriminator", "d_optimizer", "step", "epoch", "global_batch", "args", "rng", "flip_rng"}, which loads
+with weights_only=True (`distill.load_checkpoint`); later stages rebuild the tokenizer from "config" and "ema" (`load_tokenizer`), which also
 reads the authors' RecTok.pth / RecTok_decft.pth.
 """
 import argparse
@@ -141,7 +141,10 @@ def init_weights(module):
 
 
 def unmask(x, token, ids_restore):
-    """Put `token` at every dropped position and restore image order (RAD's input, `models/rectok.py`)."""
+    """Put `token` at every dropped position and restore image order (RAD's input, `models/rectok.py`);
+    an unmasked sequence (ids_restore None) passes as it is."""
+    if ids_restore is None:
+        return x
     B, keep, D = x.shape
     fill = token.to(x.dtype).expand(B, ids_restore.shape[1] - keep, D)
     x = torch.cat([x, fill], dim=1)
@@ -235,9 +238,7 @@ class PixelDecoder(Transformer):
         init_weights(self)
 
     def forward(self, z, ids_restore=None):
-        x = self.decoder_embed(z)
-        if ids_restore is not None:
-            x = unmask(x, self.mask_token, ids_restore)
+        x = unmask(self.decoder_embed(z), self.mask_token, ids_restore)
         x = self.blocks(x + self.positional_embedding, self.rope)
         B, p, g = x.shape[0], self.patch_size, self.grid
         x = self.to_pixels(x.transpose(1, 2).reshape(B, -1, g, g).contiguous())  # NCHW strides for DDP buckets
@@ -259,9 +260,7 @@ class SemanticDecoder(Transformer):
         self.out = nn.Linear(self.width, teacher_dim)
 
     def forward(self, z_tau, ids_restore=None):
-        x = self.token_embedding(z_tau)
-        if ids_restore is not None:
-            x = unmask(x, self.mask_embedding, ids_restore)
+        x = unmask(self.token_embedding(z_tau), self.mask_embedding, ids_restore)
         return self.out(self.blocks(x + self.positional_embedding, self.rope))
 
 
@@ -277,9 +276,7 @@ class MLPSemanticDecoder(nn.Module):
         self.mlp = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, teacher_dim))
 
     def forward(self, z_tau, ids_restore=None):
-        x = self.token_embedding(z_tau)
-        if ids_restore is not None:
-            x = unmask(x, self.mask_embedding, ids_restore)
+        x = unmask(self.token_embedding(z_tau), self.mask_embedding, ids_restore)
         return self.mlp(x)
 
 
@@ -298,7 +295,7 @@ class RecTok(nn.Module):
         self.grid, self.channels = img_size // patch_size, channels
         self.mask_ratio, self.mask_ratio_min = mask_ratio, mask_ratio_min
         self.noise_schedule, self.gamma = noise_schedule, gamma
-        self.shift = latent_shift(self.grid, channels)
+        self.s = latent_shift(self.grid, channels)  # the shift factor of shift(u, s)
         self.encoder = Encoder(encoder_size, img_size, patch_size, channels)
         self.decoder = PixelDecoder(decoder_size, img_size, patch_size, channels)
         self.sem_decoder = None
@@ -324,7 +321,7 @@ class RecTok(nn.Module):
         if self.noise_schedule == "lognorm":
             return torch.sigmoid(torch.randn(batch, 1, 1, device=device))
         u = torch.rand(batch, 1, 1, device=device)
-        return shift(u, self.shift) if self.noise_schedule == "shift" else u
+        return shift(u, self.s) if self.noise_schedule == "shift" else u
 
     def forward(self, x, ratio=None, mask_noise=None, eps_post=None, tau=None, eps_flow=None):
         """Stage-1 pass. Random draws default to the released order (ratio, mask noise, posterior eps,
@@ -472,13 +469,14 @@ class LPIPS(Frozen):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        # the reference's scaling layer (its `shift`, here `offset`: `shift` is the paper's time shift)
+        self.register_buffer("offset", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
         self.features = torchvision.models.vgg16().features[:30]
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512))
 
     def taps(self, x):
-        x, out = (x - self.shift) / self.scale, []
+        x, out = (x - self.offset) / self.scale, []
         for i, layer in enumerate(self.features):
             x = layer(x)
             if i in self.TAPS:
@@ -498,7 +496,7 @@ class LPIPS(Frozen):
         heads = torch.load(heads_path, map_location="cpu", weights_only=True)
         sd = {k: v for k, v in vgg.items() if k.startswith("features.") and int(k.split(".")[1]) < 30}
         sd.update({f"lins.{k[3]}.weight": v for k, v in heads.items()})  # 'linK.model.1.weight'
-        sd.update(shift=self.shift, scale=self.scale)
+        sd.update(offset=self.offset, scale=self.scale)
         self.load_state_dict(sd)
 
 
