@@ -492,7 +492,7 @@ class Run:
         self.check = check or {kind: states["model"]}  # the modules whose ranks must agree at a checkpoint
         self.latest = os.path.join(args.out, "latest.pt")
         self.meter, self.guard = Throughput(device), FiniteGuard(device)
-        self.bench = Bench(args.bench, device) if args.bench else None
+        self.bench = Bench(device) if args.bench else None
         self.step = 0 if args.bench else resume(self.latest, kind, self.rank, self.world, states,
                                                 self.generators, self.match)
 
@@ -583,8 +583,8 @@ class Bench:
     warm-up (allocation, autotuning) and not timed. Reports the median step time, images/s to three
     significant figures and peak memory. Only this mode synchronises CUDA after each step."""
 
-    def __init__(self, steps, device):
-        self.steps, self.device, self.times, self.last, self.images = steps, device, [], None, 0
+    def __init__(self, device):
+        self.device, self.times, self.last, self.images = device, [], None, 0
 
     def tick(self, images):
         """After each step; `images` is the step's global batch."""
@@ -609,14 +609,7 @@ class Throughput:
     """images/s since the last report, and peak memory (one log line per interval, no per-step syncs)."""
 
     def __init__(self, device):
-        self.device = device
-        self.reset()
-
-    def reset(self):
-        """Start a new interval."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.t0, self.seen = time.time(), 0
+        self.device, self.t0, self.seen = device, time.time(), 0
 
     def add(self, n):
         self.seen += n
@@ -624,8 +617,9 @@ class Throughput:
     def report(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # at logging time only, never inside a step
-        line = f"{self.seen / (time.time() - self.t0):.1f} img/s peak mem {peak_memory_gb(self.device):.2f} GB"
-        self.reset()
+        now = time.time()
+        line = f"{self.seen / (now - self.t0):.1f} img/s peak mem {peak_memory_gb(self.device):.2f} GB"
+        self.t0, self.seen = now, 0
         return line
 
 

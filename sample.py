@@ -149,13 +149,12 @@ def check_provenance(args, made):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = distill.setup_distributed()
+    folder = os.path.join(args.out, "images")
     if rank == 0:
-        distill.prepare_out_dir(os.path.join(args.out, "images"))
+        distill.prepare_out_dir(folder)
     model, guide, tok, mu, sigma = load_models(args, device)
     check_provenance(args, provenance(args, model, guide, tok, mu, sigma))
-    distill.barrier()
-    folder = os.path.join(args.out, "images")
-    os.makedirs(folder, exist_ok=True)
+    distill.barrier()  # the folder exists and provenance.json says what fills it
     batches = my_batches(args.num_images, args.global_batch_size, rank, world)
     todo = [b for b in batches if not all(os.path.isfile(os.path.join(folder, f"{i:06d}.png")) for i in b)]
     before = len([f for f in os.listdir(folder) if f.endswith(".png")])

@@ -30,8 +30,8 @@ Writes OUT/latest.pt (every --ckpt-every steps and every epoch; a run started in
 resumes it exactly), OUT/epoch_NNNN.pt milestones, and OUT/recon_STEP.png grids (held-out originals above
 EMA reconstructions). A checkpoint is {"kind": "tokenizer", "config", "model", "ema", "optimizer",
 "discriminator", "d_optimizer", "step", "epoch", "global_batch", "args", "rng", "flip_rng"}, which loads
-with weights_only=True (`distill.load_checkpoint`); later stages rebuild the tokenizer from "config" and "ema" (`load_tokenizer`), which also
-reads the authors' RecTok.pth / RecTok_decft.pth.
+with weights_only=True (`distill.load_checkpoint`); later stages rebuild the tokenizer from "config" and
+"ema" (`load_tokenizer`), which also reads the authors' RecTok.pth / RecTok_decft.pth.
 """
 import argparse
 import contextlib
