@@ -275,8 +275,8 @@ def image_batches(source, batch_size):
         files = list_images(source)
         n, get = len(files), (lambda lo, hi: torch.stack([read_image(f) for f in files[lo:hi]]))
     elif isinstance(source, str) and source.endswith(".npz"):
-        images = npz_images(source)
-        n, get = len(images), (lambda lo, hi: torch.from_numpy(np.ascontiguousarray(images[lo:hi])).permute(0, 3, 1, 2))
+        images = npz_images(source)  # read-only memory map: each batch is a copy
+        n, get = len(images), (lambda lo, hi: torch.from_numpy(np.array(images[lo:hi])).permute(0, 3, 1, 2))
     elif isinstance(source, str):
         raise FileNotFoundError(f"{source}: not a folder of images or an .npz file")
     else:
