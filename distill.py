@@ -426,9 +426,11 @@ def make_loader(dataset, batch_size, seed, rank, world, workers, device):
     sampler = ResumableSampler(dataset, batch_size, seed, num_replicas=world, rank=rank)
     # The loader's own generator: creating an iterator then draws nothing from the global RNG, whose state
     # (mask noise, posterior and flow eps) a resumed run restores exactly.
+    # Persistent workers keep what a data set caches (the built-in shapes render once, not every epoch).
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
-        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+        persistent_workers=workers > 0)
     return loader, sampler
 
 
@@ -878,13 +880,16 @@ def _background(rng, yy, xx):
 
 class SyntheticShapes(torch.utils.data.Dataset):
     """The built-in data set: a shape of one of 10 classes with random position, size, rotation
-    and colour on a textured background. Image i is a pure function of (seed, split, i), at any size."""
+    and colour on a textured background. Image i is a pure function of (seed, split, i), at any size.
+    Rendered images are kept (per process) when the set fits in `cache_bytes`: a render costs about as
+    much as a tiny model's step on it."""
 
     num_classes = len(SHAPES)
 
-    def __init__(self, num_images, size, split="train", seed=0):
+    def __init__(self, num_images, size, split="train", seed=0, cache_bytes=2**28):
         self.n, self.size, self.seed = num_images, size, seed
         self.split = {"train": 0, "val": 1}[split]
+        self.cache, self.keep = {}, num_images * size * size * 3 <= cache_bytes
 
     def __len__(self):
         return self.n
@@ -909,7 +914,9 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), label
 
     def __getitem__(self, i):
-        arr, label = self.render(i)
+        arr, label = self.cache[i] if i in self.cache else self.render(i)
+        if self.keep:
+            self.cache[i] = arr, label
         return to_tensor(arr), label
 
 
@@ -1421,7 +1428,7 @@ def train_standin(args):
     opt = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=args.lr, betas=(0.9, 0.95), fused=True)
     loader, sampler = make_loader(train_set, args.batch_size, args.seed, rank, world, args.workers, device)
     val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=args.batch_size, num_workers=args.workers,
+        val_set, batch_size=args.batch_size, num_workers=args.workers, persistent_workers=args.workers > 0,
         sampler=torch.utils.data.DistributedSampler(val_set, world, rank, shuffle=False))
     flip_gen = torch.Generator().manual_seed(args.seed * world + rank)
     run = Run(args, "teacher", device, len(train_set) // (args.batch_size * world), args.batch_size * world,

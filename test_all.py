@@ -454,6 +454,9 @@ def test_synthetic_data_is_deterministic_and_balanced():
     assert not torch.equal(a[7][0], distill.SyntheticShapes(40, 32, "val")[7][0])
     assert np.bincount([a[i][1] for i in range(40)]).tolist() == [4] * 10
     assert distill.SyntheticShapes(4, 48)[1][0].shape == (3, 48, 48)
+    assert sorted(a.cache) == list(range(40)) and torch.equal(a[7][0], x)  # rendered once, kept
+    big = distill.SyntheticShapes(40, 32, cache_bytes=40 * 32 * 32 * 3 - 1)
+    assert torch.equal(big[7][0], x) and not big.cache  # over the budget: rendered every time
 
 
 def test_adm_center_crop():
@@ -475,13 +478,14 @@ def test_sixteen_bit_greyscale_is_scaled(tmp_path):
 
 
 def test_standin_resume_is_exact(tmp_path):
-    """8 steps straight equal 5 steps, a stop, and a resume to 8, bit for bit."""
+    """16 steps straight equal 5 steps, a stop, and a resume to 16, bit for bit, whether the images come
+    from the main process or from persistent worker processes that keep their renders across epochs."""
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
     distill.main(STANDIN_TINY + ["--out", straight])
-    distill.main(STANDIN_TINY + ["--out", split, "--stop-at", "5"])
+    distill.main(STANDIN_TINY + ["--out", split, "--stop-at", "5", "--workers", "2"])
     assert distill.main(STANDIN_TINY + ["--out", split, "--stop-at", "5"]) is None  # a no-op, says so
     assert not os.path.exists(os.path.join(split, "teacher.pt"))
-    distill.main(STANDIN_TINY + ["--out", split])
+    distill.main(STANDIN_TINY + ["--out", split, "--workers", "2"])
     a = torch.load(os.path.join(straight, "teacher.pt"), weights_only=True)
     b = torch.load(os.path.join(split, "teacher.pt"), weights_only=True)
     assert a["step"] == b["step"] == 16
