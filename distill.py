@@ -510,9 +510,14 @@ class Run:
         if self.bench:
             self.bench.tick(images)
 
+    def every(self, n):
+        """The one cadence rule (log lines, checkpoints, pictures): every n steps (n = 0: never) and where
+        the run stops."""
+        return (n > 0 and self.step % n == 0) or self.step == self.stop
+
     def log_due(self):
         """A log line now? Then the guard is checked (one sync) and the caller may read its losses."""
-        due = self.step % self.args.log_every == 0 or self.step == self.stop
+        due = self.every(self.args.log_every)
         if due:
             self.guard.check(self.step)
         return due
@@ -522,9 +527,7 @@ class Run:
 
     def checkpoint_due(self):
         """latest.pt every --ckpt-every steps, at each epoch's end and where the run stops (never in bench)."""
-        every = getattr(self.args, "ckpt_every", 0)
-        return not self.bench and ((every and self.step % every == 0) or self.epoch_end() or
-                                   self.step == self.stop)
+        return not self.bench and (self.every(getattr(self.args, "ckpt_every", 0)) or self.epoch_end())
 
     def record(self, keys=None, **extra):
         """The run's weights (`keys` of `states`, default all), what it must match, where it is, its args."""

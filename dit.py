@@ -402,8 +402,7 @@ def checkpoint(run, ema, cache, tok, device):
     args = run.args
     if run.bench:
         return
-    due = (args.preview_every and run.step % args.preview_every == 0) or run.step == run.stop
-    if run.rank == 0 and tok is not None and due:
+    if run.rank == 0 and tok is not None and run.every(args.preview_every):
         save_preview(ema, tok, cache, os.path.join(args.out, f"preview_{run.step:07d}.png"), device)
     if not run.checkpoint_due():
         return

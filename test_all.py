@@ -1788,7 +1788,6 @@ def test_no_loader_runs_code_from_a_checkpoint(stage1_run, dit_run, cache, tmp_p
         lambda: tokenizer.main(["finetune", "--init", evil, "--out", str(tmp_path / "ft"), "--workers", "0"]),
         lambda: tokenizer.main(tok_args(evil, str(runs["tok"]), "--sem-decoder", "none")),  # resume
         lambda: dit.load_dit(evil),
-        lambda: dit.load_dit(evil),
         lambda: dit.main(dit_args(cache, str(runs["dit"]))),  # resume
         lambda: dit.main(dit_args(cache, str(tmp_path / "d2"), "--tokenizer", evil)),
         lambda: distill.main(STANDIN_TINY + ["--out", str(runs["teacher"])]),  # resume

@@ -794,7 +794,7 @@ def train(args):
                 distill.log(f"step {run.step}/{run.total} epoch {run.epoch:.2f} "
                             + " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
                             + f" lr {opt.param_groups[0]['lr']:.2e} {run.meter.report()}")
-            if images is not None and ((args.grid_every and run.step % args.grid_every == 0) or run.step == run.stop):
+            if images is not None and run.every(args.grid_every):
                 save_reconstructions(ema, images, device, os.path.join(args.out, f"recon_{run.step:07d}.png"))
             if run.checkpoint_due():
                 run.save()
