@@ -458,6 +458,19 @@ def describe(source, model, args, device, need_images=False):
     return (*statistics(feats), feats, logits)
 
 
+def write_atomically(path, write):
+    """write(f) into a temporary file beside `path`, then os.replace: a run killed while writing never
+    leaves a truncated file in place of the previous one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def main(argv=None):
     class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         """The docstring as written, and each flag's default."""
@@ -483,7 +496,7 @@ def main(argv=None):
     first = describe(args.sources[0], model, args, device, args.pr)
     metrics = {"sources": args.sources, "mode": args.mode}
     if args.save_stats and rank == 0:
-        np.savez(args.save_stats, mu=first[0], sigma=first[1])
+        write_atomically(args.save_stats, lambda f: np.savez(f, mu=first[0], sigma=first[1]))
     if len(args.sources) == 2:
         second = describe(args.sources[1], model, args, device, args.pr)
         metrics["fid"], metrics["fid_diagnostics"] = frechet_distance(*first[:2], *second[:2], diagnostics=True)
@@ -496,8 +509,7 @@ def main(argv=None):
     if rank == 0:
         print(json.dumps({k: v for k, v in metrics.items() if k != "fid_diagnostics"}, indent=1))
         out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.sources[0])), "fid_metrics.json")
-        with open(out, "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_atomically(out, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     if dist.is_initialized():
         dist.destroy_process_group()
     return metrics

@@ -67,7 +67,8 @@ def load_models(args, device):
     if tok_path is None:
         raise ValueError("the authors' generator does not name its tokenizer: pass --tokenizer RecTok_decft.pth")
     tok, config = tokenizer.load_tokenizer(tok_path, device=device)
-    if latents is not None and distill.weights_fingerprint(tok) != latents["fingerprint"]:
+    tok.fingerprint = distill.weights_fingerprint(tok)  # hashed once: checked here, recorded in provenance.json
+    if latents is not None and tok.fingerprint != latents["fingerprint"]:
         raise ValueError(f"tokenizer {tok_path} is not the one whose latents trained {args.dit} (weights "
                          f"fingerprint differs); pass the tokenizer checkpoint that wrote its latent cache")
     if (config["channels"], config["img_size"] // config["patch_size"]) != (model.channels, model.grid):
@@ -121,7 +122,7 @@ def save_preview(images, labels, path, classes=10, cols=8):
 
 def provenance(args, model, guide, tok, mu, sigma):
     """Everything that decides the images: a folder of samples resumes only if all of it matches."""
-    return {"generator": distill.weights_fingerprint(model), "tokenizer": distill.weights_fingerprint(tok),
+    return {"generator": distill.weights_fingerprint(model), "tokenizer": tok.fingerprint,
             "guide": distill.weights_fingerprint(guide) if guide is not None else None,
             "latent_stats": distill.weights_fingerprint({"mu": mu, "sigma": sigma}), "seed": args.seed,
             "steps": args.steps, "cfg": args.cfg, "cfg_interval": list(args.cfg_interval),

@@ -1335,6 +1335,20 @@ def test_fid_cli_and_sources_agree(inception_files):
         fid.FIDInception().load(str(r / "no_weights.pth"))
 
 
+def test_fid_files_are_written_atomically(tmp_path):
+    """--json and --save-stats go through a temporary file: a kill mid-write keeps the previous file."""
+    path = tmp_path / "fid_metrics.json"
+    path.write_text("previous")
+
+    def killed(f):
+        f.write(b'{"fid": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fid.write_atomically(str(path), killed)
+    assert path.read_text() == "previous" and os.listdir(tmp_path) == ["fid_metrics.json"]
+
+
 def test_reference_batch_statistics_are_used_as_stored(inception_files, tmp_path):
     """An .npz holding mu/sigma AND images (the ADM reference batch layout) is statistics for FID: its
     stored mu/sigma, not those of its images, which serve precision/recall only."""
@@ -1639,10 +1653,13 @@ def test_interrupted_sampling_resumes_to_the_same_set(dit_run, tmp_path):
     assert not distill.indexed_noise((2, 2), 0, 7).equal(distill.indexed_noise((2, 2), 1, 7))
 
 
-def test_sampling_refuses_a_folder_made_otherwise(dit_run, tmp_path):
-    """Images made with another seed (or generator, guidance, steps...) are never reused as this run's."""
-    out = str(tmp_path / "s")
+def test_sampling_refuses_a_folder_made_otherwise(dit_run, tmp_path, monkeypatch):
+    """Images made with another seed (or generator, guidance, steps...) are never reused as this run's;
+    each set of weights is hashed once for provenance.json (a hash costs about a second per GB)."""
+    out, hashed, fingerprint = str(tmp_path / "s"), [], distill.weights_fingerprint
+    monkeypatch.setattr(distill, "weights_fingerprint", lambda t: hashed.append(id(t)) or fingerprint(t))
     sample.main(sample_args(dit_run, out))
+    assert len(hashed) == len(set(hashed)) == 3  # generator, tokenizer, latent statistics (no guide)
     for flags, what in ((["--seed", "1"], "seed: 0 there, 1 now"), (["--steps", "5"], "steps: 4 there, 5 now"),
                         (["--guide", dit_run, "--cfg", "1.5"], "guide: None there")):
         with pytest.raises(ValueError, match=f"other settings .*{what}.*sample into a fresh --out"):
