@@ -250,8 +250,7 @@ def save_grid(rows, path):
     """Rows of images in [0, 1] (each (N, 3, H, W)) -> one PNG."""
     grid = torch.cat([torch.cat(list(r.float().cpu()), dim=2) for r in rows], dim=1)
     arr = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(arr).save(path)
+    atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
 
 
 # ----- random state, checkpoints and exact resume -----
@@ -452,27 +451,6 @@ def micro_batches(loader, accum):
             group = []
 
 
-class FiniteGuard:
-    """Watches every step's loss on the device (no host sync in the step) and is checked, one sync, when
-    logging and before every checkpoint: a run that diverged stops with a clear message before anything
-    non-finite is saved, and the last good latest.pt survives."""
-
-    def __init__(self, device):
-        self.bad = torch.zeros((), dtype=torch.bool, device=device)
-
-    def add(self, loss):
-        self.bad |= ~torch.isfinite(loss.detach())
-
-    def check(self, step):
-        bad = self.bad.double()
-        if is_distributed():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
-        if bad.item():
-            raise FloatingPointError(f"the loss became nan or inf at or before step {step}; stopping before "
-                                     f"anything non-finite is saved (the last good latest.pt is kept). Lower "
-                                     f"the learning rate or lengthen the warm-up, then resume from it")
-
-
 class Run:
     """The run skeleton of the three trainers: where it stops (--stop-at, --bench), the one save/resume
     pair, the log meter and the bench. A trainer builds its nets, hands Run what a checkpoint holds, and
@@ -480,7 +458,9 @@ class Run:
     `states`: checkpoint key -> object with state_dict (model, EMA, optimizers); `generators`: key -> per-rank
     torch.Generator; `match`: what a resumed run must share (config, global batch, data). save() writes
     them all; the constructor resumes OUT/latest.pt through `resume`, which reads them back and refuses a
-    checkpoint made otherwise. --bench N: N steps, nothing read or written, one line (Bench)."""
+    checkpoint made otherwise. --bench N: N steps, nothing read or written, one line (Bench). Every step's
+    loss is watched on the device (no host sync in the step) and checked, one sync, at each log line and
+    before each checkpoint: a run that diverged stops before anything non-finite is saved."""
 
     def __init__(self, args, kind, device, steps_per_epoch, global_batch, states, generators=None, match=None,
                  check=None):
@@ -493,7 +473,7 @@ class Run:
         self.match = dict(match or {}, global_batch=global_batch)
         self.check = check or {kind: states["model"]}  # the modules whose ranks must agree at a checkpoint
         self.latest = os.path.join(args.out, "latest.pt")
-        self.meter, self.guard = Throughput(device), FiniteGuard(device)
+        self.meter, self.nonfinite = Throughput(device), torch.zeros((), dtype=torch.bool, device=device)
         self.bench = Bench(device) if args.bench else None
         self.step = 0 if args.bench else resume(self.latest, kind, self.rank, self.world, states,
                                                 self.generators, self.match)
@@ -505,7 +485,7 @@ class Run:
     def tick(self, images, loss):
         """After each optimizer step: `images` is the step's global batch, `loss` stays on the device."""
         self.step += 1
-        self.guard.add(loss)
+        self.nonfinite |= ~torch.isfinite(loss.detach())
         self.meter.add(images)
         if self.bench:
             self.bench.tick(images)
@@ -515,11 +495,20 @@ class Run:
         the run stops."""
         return (n > 0 and self.step % n == 0) or self.step == self.stop
 
+    def check_finite(self):
+        bad = self.nonfinite.double()
+        if is_distributed():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
+        if bad.item():
+            raise FloatingPointError(f"the loss became nan or inf at or before step {self.step}; stopping before "
+                                     f"anything non-finite is saved (the last good latest.pt is kept). Lower "
+                                     f"the learning rate or lengthen the warm-up, then resume from it")
+
     def log_due(self):
-        """A log line now? Then the guard is checked (one sync) and the caller may read its losses."""
+        """A log line now? Then the losses are checked (one sync) and the caller may read them."""
         due = self.every(self.args.log_every)
         if due:
-            self.guard.check(self.step)
+            self.check_finite()
         return due
 
     def epoch_end(self):
@@ -542,7 +531,7 @@ class Run:
     def save(self, name="latest.pt", **extra):
         """Check, then write OUT/name atomically on rank 0 while the others wait: nothing non-finite and no
         disagreement between ranks is ever saved."""
-        self.guard.check(self.step)
+        self.check_finite()
         assert_ranks_agree(self.check)
         state = self.state(**extra)
         if self.rank == 0:
@@ -1334,13 +1323,10 @@ class Teacher(nn.Module):
                 x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return dino_preprocess(x, size)
 
-    def draw_rope_rescale(self):
-        return torch.empty(1).uniform_(-math.log(2), math.log(2)).exp()
-
     @torch.no_grad()
     def forward(self, x, rope_rescale=None):
         if rope_rescale is None and self.rope_jitter and self.training and self.vit.pos == "rope":
-            rope_rescale = self.draw_rope_rescale()
+            rope_rescale = torch.empty(1).uniform_(-math.log(2), math.log(2)).exp()
         return (self.vit.patch_tokens(self.preprocess(x), rope_rescale).float() - self.target_mean) / self.target_std
 
 
@@ -1404,16 +1390,13 @@ PRESETS = {
 @torch.no_grad()
 def evaluate(model, loader, device):
     model.eval()
-    correct = torch.zeros((), device=device)
-    total = torch.zeros((), device=device)
+    counts = torch.zeros(2, device=device)  # correct, seen
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        correct += (model(x).argmax(-1) == y).sum()
-        total += y.numel()
+        counts += torch.stack([(model(x).argmax(-1) == y).sum(), y.new_tensor(y.numel())])
     if is_distributed():
-        dist.all_reduce(correct)
-        dist.all_reduce(total)
-    return (correct / total.clamp(min=1)).item()
+        dist.all_reduce(counts)
+    return (counts[0] / counts[1].clamp(min=1)).item()
 
 
 def train_standin(args):

@@ -321,11 +321,6 @@ def open_latents(args):
     return tokenizer.LatentCache(args.latents, expect=expect, seed=args.seed), tok
 
 
-def latent_source(args, cache):
-    """What a run trains on: a resumed run must read the same latents (the same cache of the same tokenizer)."""
-    return {"latents": os.path.abspath(args.latents), "fingerprint": cache.meta["fingerprint"]}
-
-
 def build_model(args, cache):
     trunk, head = SIZES[args.model]
     config = dict(channels=cache.meta["channels"], grid=cache.meta["grid"], trunk=trunk, head=head,
@@ -357,9 +352,11 @@ def train(args):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=0.0, fused=True)  # CPU too
     loader, sampler = distill.make_loader(cache, args.batch_size, args.seed, rank, world, args.workers, device)
+    # a resumed run must read the same latents (the same cache of the same tokenizer)
+    source = {"latents": os.path.abspath(args.latents), "fingerprint": cache.meta["fingerprint"]}
     run = distill.Run(args, "generator", device, len(cache) // (args.batch_size * world),
                       args.batch_size * world, {"model": model, "ema": ema, "optimizer": opt},
-                      match={"config": config, "source": latent_source(args, cache)})
+                      match={"config": config, "source": source})
     s = tokenizer.latent_shift(cache.meta["grid"], cache.meta["channels"])
     mu, sigma = cache.mu.to(device), cache.sigma.to(device)
     distill.log(f"DiT^DH-{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "

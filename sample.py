@@ -267,10 +267,9 @@ def evaluate(args, device):
                "cfg_interval": args.cfg_interval, "guide": args.guide, "seed": args.seed}
     if len(logits) >= 10:
         metrics["inception_score"], metrics["inception_score_std"] = fid.inception_score(logits)
-    if distill.world_info()[0] != 0:
-        return metrics
-    distill.write_json(os.path.join(args.out, "metrics.json"), metrics)
-    distill.log(json.dumps(metrics))
+    if distill.world_info()[0] == 0:
+        distill.write_json(os.path.join(args.out, "metrics.json"), metrics)
+        distill.log(json.dumps(metrics))
     return metrics
 
 

@@ -305,10 +305,9 @@ class RecTok(nn.Module):
         if mask_ratio == 0:
             # Masking off (stage 2, or the no-RAD ablation): the mask tokens are never read, so they are not
             # trained, and DDP needs no find_unused_parameters traversal for them.
-            for module in (self.decoder, self.sem_decoder):
-                for name, p in (module.named_parameters() if module is not None else ()):
-                    if name in ("mask_token", "mask_embedding"):
-                        p.requires_grad_(False)
+            for name, p in self.named_parameters():
+                if name.endswith(("mask_token", "mask_embedding")):
+                    p.requires_grad_(False)
 
     # ----- stage 1 (`models/rectok.py`) -----
     def draw_mask_ratio(self):
