@@ -494,8 +494,9 @@ def main(argv=None):
     model = FIDInception().load(args.inception_weights).to(device)
     first = describe(args.sources[0], model, args, device, args.pr)
     metrics = {"sources": args.sources, "mode": args.mode}
-    if args.save_stats and rank == 0:
-        write_atomically(args.save_stats, lambda f: np.savez(f, mu=first[0], sigma=first[1]))
+    if args.save_stats and rank == 0:  # named as np.savez names a path: .npz appended if missing
+        stats_path = args.save_stats if args.save_stats.endswith(".npz") else args.save_stats + ".npz"
+        write_atomically(stats_path, lambda f: np.savez(f, mu=first[0], sigma=first[1]))
     if len(args.sources) == 2:
         second = describe(args.sources[1], model, args, device, args.pr)
         metrics["fid"], metrics["fid_diagnostics"] = frechet_distance(*first[:2], *second[:2], diagnostics=True)
