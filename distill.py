@@ -425,11 +425,13 @@ def make_loader(dataset, batch_size, seed, rank, world, workers, device):
     sampler = ResumableSampler(dataset, batch_size, seed, num_replicas=world, rank=rank)
     # The loader's own generator: creating an iterator then draws nothing from the global RNG, whose state
     # (mask noise, posterior and flow eps) a resumed run restores exactly.
-    # Persistent workers keep what a data set caches (the built-in shapes render once, not every epoch).
+    # Persistent workers keep what a data set caches (the built-in shapes render once, not every epoch), but
+    # they hold the copy of the data set made when they started: one whose items follow set_epoch (the
+    # latent cache's flip choice) gets fresh workers each epoch, or every epoch would read the first's.
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
-        persistent_workers=workers > 0)
+        persistent_workers=workers > 0 and not hasattr(dataset, "set_epoch"))
     return loader, sampler
 
 

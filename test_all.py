@@ -34,7 +34,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     exact resume (stop + resume = uninterrupted):
       test_*_resume_is_exact, test_*_two_processes_resume_exactly,
       test_interrupted_encode_resumes_to_the_same_files, test_interrupted_sampling_resumes_to_the_same_set,
-      test_checkpoints_at_every_epoch_end
+      test_checkpoints_at_every_epoch_end, test_dit_is_the_same_with_loader_workers
     rank independence (2 gloo processes):
       test_standin_two_process_gloo, test_cache_same_with_two_processes,
       test_sampling_is_the_same_on_two_processes, test_fid_features_two_processes_equal_one,
@@ -1539,6 +1539,16 @@ def test_dit_resume_is_exact(cache, tmp_path, monkeypatch):
             assert torch.equal(ca[part][k], cb[part][k]), (part, k)
     assert os.path.isfile(os.path.join(a, "preview_0000010.png"))  # decoded by the cache's tokenizer
     assert written == [f"preview_{s:07d}.png" for s in (5, 10, 3, 10)]  # run a, then run b's two halves
+
+
+def test_dit_is_the_same_with_loader_workers(cache, tmp_path):
+    """Loader processes change nothing: each epoch's flip choice reaches the workers (a worker holds a copy
+    of the cache), so 2 workers, stopped in the second epoch and resumed, end where 0 workers do."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    dit.main(dit_args(cache, a))
+    dit.main(dit_args(cache, b, "--workers", "2", "--stop-at", "7"))
+    dit.main(dit_args(cache, b, "--workers", "2"))
+    assert assert_same_runs(a, b, ("model", "ema"))["step"] == 10
 
 
 def test_dit_two_processes_resume_exactly(cache, tmp_path):
