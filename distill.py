@@ -17,10 +17,10 @@ weights load with strict key matching from Meta's `.pth` files or from the Huggi
 
 Contents, top to bottom (every other file imports from here; this file imports none of them):
   1. Run plumbing: processes (`setup_distributed`, `is_distributed`, `world_info`, `autocast`), logging,
-     atomic writes (checkpoints, JSON, PNG) and the pipeline's run folders (`RUNS`), RNG state and exact
-     resume (`load_checkpoint`, `resume`), EMA, the resumable sampler, guards, schedules, throughput and
-     `--bench` (`Bench`), the run flags and the one preset mechanism (`parse_with_preset`), weights from
-     files and URLs.
+     atomic writes (checkpoints, JSON, PNG) and the pipeline's run folders (`RUNS`), RNG state and safe
+     checkpoint loading (`load_checkpoint`), EMA, the resumable sampler, the run skeleton with its one
+     save/resume pair (`Run`), schedules, throughput and `--bench` (`Bench`), the run flags and the one
+     preset mechanism (`parse_with_preset`), weights from files and URLs.
   2. Image data: ImageNet-style class folders with ADM's center crop, and the built-in synthetic shapes
      (`build_dataset`).
   3. Transformer parts every net shares (`Attention`, `SwiGLU`) and the DINOv2/DINOv3 ViT.
@@ -253,7 +253,7 @@ def save_grid(rows, path):
     atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
 
 
-# ----- random state, checkpoints and exact resume -----
+# ----- random state, weights fingerprints, checkpoint loading -----
 
 
 def rng_state():
@@ -332,35 +332,6 @@ def load_checkpoint(path, kinds, what):
     return ckpt
 
 
-def resume(path, kind, rank, world, states, generators=None, match=None):
-    """Restore a run from `path` if it exists; returns the step to continue from (0 for a new run).
-
-    `states` maps checkpoint keys to objects with load_state_dict (model, EMA, optimizers, ...);
-    `generators` maps keys to per-rank torch.Generators; the global RNG streams of this rank are restored
-    too. `match` maps checkpoint keys to the values this run has (its model config, global batch, data):
-    a checkpoint made with others is refused rather than silently mixed. On another number of processes
-    (same global batch) the run continues, but not bit for bit: each rank's random streams are re-seeded."""
-    if not os.path.isfile(path):
-        return 0
-    ckpt = load_checkpoint(path, (kind,), f"{kind} run checkpoint to resume")
-    for key, value in (match or {}).items():
-        if ckpt.get(key) != value:
-            raise ValueError(f"{path} was made with another {key.replace('_', ' ')} ({ckpt.get(key)}, this run: "
-                             f"{value}); resume it with the same flags and processes, or use a new --out")
-    for key, obj in states.items():
-        obj.load_state_dict(ckpt[key])
-    if len(ckpt["rng"]) == world:
-        set_rng_state(ckpt["rng"][rank])
-        for key, gen in (generators or {}).items():
-            gen.set_state(ckpt[key][rank])
-    else:
-        log(f"{path} was written by {len(ckpt['rng'])} processes, this run has {world}: same global batch, so "
-            f"it continues, with re-seeded random streams (not bit-identical to an uninterrupted run)")
-        reseed(ckpt["step"] * world + rank, generators)
-    log(f"resumed from {path} at step {ckpt['step']}")
-    return ckpt["step"]
-
-
 def load_strict(model, sd, what):
     """load_state_dict with a message that lists every missing and unexpected key."""
     ours = model.state_dict()
@@ -376,7 +347,7 @@ def load_strict(model, sd, what):
     model.load_state_dict(sd)
 
 
-# ----- the training loop's parts: EMA, data order, guards, schedules, speed -----
+# ----- the training loop's parts: EMA, data order, the run skeleton (save/resume), schedules, speed -----
 
 
 @torch.no_grad()
@@ -454,15 +425,14 @@ def micro_batches(loader, accum):
 
 
 class Run:
-    """The run skeleton of the three trainers: where it stops (--stop-at, --bench), the one save/resume
-    pair, the log meter and the bench. A trainer builds its nets, hands Run what a checkpoint holds, and
-    writes its loop: one optimizer step, `run.tick`, `if run.log_due()`, `if run.checkpoint_due()`.
-    `states`: checkpoint key -> object with state_dict (model, EMA, optimizers); `generators`: key -> per-rank
-    torch.Generator; `match`: what a resumed run must share (config, global batch, data). save() writes
-    them all; the constructor resumes OUT/latest.pt through `resume`, which reads them back and refuses a
-    checkpoint made otherwise. --bench N: N steps, nothing read or written, one line (Bench). Every step's
-    loss is watched on the device (no host sync in the step) and checked, one sync, at each log line and
-    before each checkpoint: a run that diverged stops before anything non-finite is saved."""
+    """The run skeleton of the three trainers. A trainer builds its nets, hands Run what a checkpoint holds
+    (`states`: key -> object with state_dict, e.g. model, EMA, optimizers; `generators`: key -> per-rank
+    torch.Generator; `match`: what a resumed run must share, e.g. config, data) and writes its loop: one
+    optimizer step, `run.tick`, `if run.log_due()`, `if run.checkpoint_due(): run.save()`. The constructor
+    resumes OUT/latest.pt if there is one (`resume` reads what `save` writes). It stops at --stop-at, or
+    after --bench N steps, which write nothing and report one line (`Bench`). Every step's loss is watched
+    on the device (no host sync in the step) and checked, one sync, at each log line and before each
+    checkpoint: a run that diverged stops before anything non-finite is saved."""
 
     def __init__(self, args, kind, device, steps_per_epoch, global_batch, states, generators=None, match=None,
                  check=None):
@@ -477,8 +447,7 @@ class Run:
         self.latest = os.path.join(args.out, "latest.pt")
         self.meter, self.nonfinite = Throughput(device), torch.zeros((), dtype=torch.bool, device=device)
         self.bench = Bench(device) if args.bench else None
-        self.step = 0 if args.bench else resume(self.latest, kind, self.rank, self.world, states,
-                                                self.generators, self.match)
+        self.step = 0 if args.bench else self.resume()
 
     @property
     def epoch(self):
@@ -525,20 +494,41 @@ class Run:
         return {"kind": self.kind, **{k: self.states[k].state_dict() for k in keys or self.states}, **self.match,
                 "step": self.step, "epoch": self.epoch, "args": vars(self.args), **extra}
 
-    def state(self, **extra):
-        """What save() writes and resume() reads; every rank must call it (it gathers the RNG states)."""
-        return dict(self.record(**extra), rng=gather_objects(rng_state(), self.world),
-                    **{k: gather_objects(g.get_state(), self.world) for k, g in self.generators.items()})
-
     def save(self, name="latest.pt", **extra):
         """Check, then write OUT/name atomically on rank 0 while the others wait: nothing non-finite and no
-        disagreement between ranks is ever saved."""
+        disagreement between ranks is ever saved. Every rank calls it: the record holds all ranks' RNG states."""
         self.check_finite()
         assert_ranks_agree(self.check)
-        state = self.state(**extra)
+        rngs = {k: gather_objects(g.get_state(), self.world) for k, g in self.generators.items()}
+        state = dict(self.record(**extra), rng=gather_objects(rng_state(), self.world), **rngs)
         if self.rank == 0:
             atomic_save(state, os.path.join(self.args.out, name))
         barrier()
+
+    def resume(self):
+        """Restore what save() wrote to OUT/latest.pt, if it exists: weights, optimizers, this rank's random
+        streams. Returns the step to continue from (0 for a new run). A checkpoint made with another `match`
+        is refused rather than silently mixed. On another number of processes (same global batch) the run
+        continues, but not bit for bit: each rank's random streams are re-seeded."""
+        if not os.path.isfile(self.latest):
+            return 0
+        ckpt = load_checkpoint(self.latest, (self.kind,), f"{self.kind} run checkpoint to resume")
+        for key, value in self.match.items():
+            if ckpt.get(key) != value:
+                raise ValueError(f"{self.latest} was made with another {key.replace('_', ' ')} ({ckpt.get(key)}, "
+                                 f"this run: {value}); resume it with the same flags and processes, or use a new --out")
+        for key, obj in self.states.items():
+            obj.load_state_dict(ckpt[key])
+        if len(ckpt["rng"]) == self.world:
+            set_rng_state(ckpt["rng"][self.rank])
+            for key, gen in self.generators.items():
+                gen.set_state(ckpt[key][self.rank])
+        else:
+            log(f"{self.latest} was written by {len(ckpt['rng'])} processes, this run has {self.world}: same global "
+                f"batch, so it continues, with re-seeded random streams (not bit-identical to an uninterrupted run)")
+            reseed(ckpt["step"] * self.world + self.rank, self.generators)
+        log(f"resumed from {self.latest} at step {ckpt['step']}")
+        return ckpt["step"]
 
     def done(self, name):
         """The bench line (and its numbers) in bench mode, else None."""
