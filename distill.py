@@ -957,12 +957,6 @@ def dinov3_rope(grid_h, grid_w, head_dim, theta, rescale=None):
     return angles.cos(), angles.sin()
 
 
-def rotate_half(x):
-    """DINOv3 pairs the two HALVES of the head dim: (x1, x2) -> (-x2, x1)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with one qkv Linear (bias) and scaled_dot_product_attention (flash /
     memory-efficient kernels on CUDA). `rotate`, if given, is the position code applied to q and k
@@ -991,7 +985,8 @@ def dinov3_rotate(rope, num_prefix):
 
     def rotate(t):
         patches = t[:, :, num_prefix:].float()
-        return torch.cat((t[:, :, :num_prefix].float(), patches * cos + rotate_half(patches) * sin), dim=2)
+        x1, x2 = patches.chunk(2, dim=-1)  # DINOv3 pairs the two HALVES of the head dim: (x1, x2) -> (-x2, x1)
+        return torch.cat((t[:, :, :num_prefix].float(), patches * cos + torch.cat((-x2, x1), -1) * sin), dim=2)
 
     return rotate
 
@@ -1007,6 +1002,15 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         a, b = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(a) * b)
+
+
+def init_weights(module):
+    """Linear and Conv weights trunc_normal(0.02), biases 0: DINO's init and RecTok's (`models/rectok.py`)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class LayerScale(nn.Module):
@@ -1084,13 +1088,7 @@ class DinoViT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp_ratio, ffn, ln_eps, ls_init) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=ln_eps)
-        self.init_weights()
-
-    def init_weights(self):
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
         for p in (self.cls_token, getattr(self, "register_tokens", None), getattr(self, "pos_embed", None)):
             if p is not None:
                 nn.init.normal_(p, std=0.02)

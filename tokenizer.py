@@ -131,15 +131,6 @@ class Transformer(nn.Module):
         return self.ln_post(x)
 
 
-def init_weights(module):
-    """Linear and Conv weights trunc_normal(0.02), biases 0 (`models/rectok.py`)."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
 def unmask(x, token, ids_restore):
     """Put `token` at every dropped position and restore image order (RAD's input, `models/rectok.py`);
     an unmasked sequence (ids_restore None) passes as it is."""
@@ -176,7 +167,7 @@ class Encoder(Transformer):
         super().__init__(size, img_size // patch_size)
         self.patch_embed = nn.Conv2d(3, self.width, patch_size, patch_size)
         self.latent_head = nn.Linear(self.width, 2 * channels)
-        init_weights(self)
+        distill.init_weights(self)
 
     def forward(self, x, ids_keep=None, return_features=False):
         # B x D x h x w -> B x L x D, tokens in row-major order
@@ -235,7 +226,7 @@ class PixelDecoder(Transformer):
         self.mask_token = nn.Parameter(self.width ** -0.5 * torch.randn(1, 1, self.width))
         self.to_pixels = nn.Conv2d(self.width, patch_size * patch_size * 3, 1)
         self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
-        init_weights(self)
+        distill.init_weights(self)
 
     def forward(self, z, ids_restore=None):
         x = unmask(self.decoder_embed(z), self.mask_token, ids_restore)
@@ -519,7 +510,7 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, lpips_weight=1.0, convnext_weight=0.1):
         super().__init__()
-        self.lpips, self.convnext = LPIPS(), ConvNeXtLogits()
+        self.lpips, self.convnext = LPIPS().freeze(), ConvNeXtLogits().freeze()  # loading keeps them frozen
         self.lpips_weight, self.convnext_weight = lpips_weight, convnext_weight
 
     def forward(self, target, pred):
@@ -532,7 +523,6 @@ class PerceptualLoss(nn.Module):
         self.lpips.load_official(fetch(vgg16, PERCEPTUAL_HELP), fetch(lpips, PERCEPTUAL_HELP))
         sd = torch.load(fetch(convnext, PERCEPTUAL_HELP), map_location="cpu", weights_only=True)
         self.convnext.convnext.load_state_dict(sd)
-        self.lpips.freeze(), self.convnext.freeze()
         return self
 
 
@@ -649,7 +639,7 @@ def build_perceptual(args):
         distill.log("perceptual loss OFF (--perceptual-weight 0): recorded in the checkpoint's args")
         return None
     if args.random_weights:
-        return PerceptualLoss().requires_grad_(False)
+        return PerceptualLoss()
     return PerceptualLoss().load_official(args.vgg16_weights, args.lpips_weights, args.convnext_weights)
 
 
