@@ -93,10 +93,6 @@ def generate(args, model, guide, tok, mu, sigma, batch, device):
     return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy(), labels.cpu()
 
 
-def save_png(array, path):
-    distill.atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))  # one that exists is whole
-
-
 def pack(args, num, num_classes):
     """All PNGs -> one .npz (arr_0, labels) and a preview grid."""
     folder = os.path.join(args.out, "images")
@@ -164,8 +160,9 @@ def main(argv=None):
     t0, made = time.time(), 0
     for k, batch in enumerate(todo):
         images, _ = generate(args, model, guide, tok, mu, sigma, batch, device)
-        for i, img in zip(batch, images):
-            save_png(img, os.path.join(folder, f"{i:06d}.png"))
+        for i, img in zip(batch, images):  # atomically: a PNG that exists is whole
+            distill.atomic_write(os.path.join(folder, f"{i:06d}.png"),
+                                 lambda f: Image.fromarray(img).save(f, format="PNG"))
         made += len(batch)
         if (k + 1) % args.log_every == 0 or k + 1 == len(todo):
             distill.log(f"{min(args.num_images, before + made * world)}/{args.num_images} images, "
