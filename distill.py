@@ -390,9 +390,6 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 def make_loader(dataset, batch_size, seed, rank, world, workers, device):
     """Per-rank loader: the resumable sampler, worker processes and pinned memory."""
-    if len(dataset) < batch_size * world:
-        raise ValueError(f"the data set has {len(dataset)} images, fewer than one global batch of "
-                         f"{batch_size * world}; lower --batch-size or add data")
     sampler = ResumableSampler(dataset, batch_size, seed, num_replicas=world, rank=rank)
     # The loader's own generator: creating an iterator then draws nothing from the global RNG, whose state
     # (mask noise, posterior and flow eps) a resumed run restores exactly.
@@ -434,12 +431,15 @@ class Run:
     on the device (no host sync in the step) and checked, one sync, at each log line and before each
     checkpoint: a run that diverged stops before anything non-finite is saved."""
 
-    def __init__(self, args, kind, device, steps_per_epoch, global_batch, states, generators=None, match=None,
+    def __init__(self, args, kind, device, num_images, global_batch, states, generators=None, match=None,
                  check=None):
+        if num_images < global_batch:  # an epoch of no step: the run would end at once, having done nothing
+            raise ValueError(f"the data set has {num_images} images, fewer than one global batch of {global_batch} "
+                             f"(--batch-size x processes, x --grad-accum in the tokenizer): lower them or add data")
         self.args, self.kind, self.device = args, kind, device
         self.rank, self.world = world_info()
-        self.steps_per_epoch, self.global_batch = steps_per_epoch, global_batch
-        self.total = args.epochs * steps_per_epoch
+        self.steps_per_epoch = num_images // global_batch
+        self.total = args.epochs * self.steps_per_epoch
         self.stop = min(self.total, args.bench or args.stop_at or self.total)
         self.states, self.generators = states, generators or {}
         self.match = dict(match or {}, global_batch=global_batch)
@@ -1407,7 +1407,7 @@ def train_standin(args):
         val_set, batch_size=args.batch_size, num_workers=args.workers, persistent_workers=args.workers > 0,
         sampler=torch.utils.data.DistributedSampler(val_set, world, rank, shuffle=False))
     flip_gen = torch.Generator().manual_seed(args.seed * world + rank)
-    run = Run(args, "teacher", device, len(train_set) // (args.batch_size * world), args.batch_size * world,
+    run = Run(args, "teacher", device, len(train_set), args.batch_size * world,
               {"model": model, "ema": ema, "optimizer": opt}, {"flip_rng": flip_gen}, match={"config": config},
               check={"stand-in teacher": model})
     log(f"stand-in teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "

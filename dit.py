@@ -354,8 +354,8 @@ def train(args):
     loader, sampler = distill.make_loader(cache, args.batch_size, args.seed, rank, world, args.workers, device)
     # a resumed run must read the same latents (the same cache of the same tokenizer)
     source = {"latents": os.path.abspath(args.latents), "fingerprint": cache.meta["fingerprint"]}
-    run = distill.Run(args, "generator", device, len(cache) // (args.batch_size * world),
-                      args.batch_size * world, {"model": model, "ema": ema, "optimizer": opt},
+    run = distill.Run(args, "generator", device, len(cache), args.batch_size * world,
+                      {"model": model, "ema": ema, "optimizer": opt},
                       match={"config": config, "source": source})
     s = tokenizer.latent_shift(cache.meta["grid"], cache.meta["channels"])
     mu, sigma = cache.mu.to(device), cache.sigma.to(device)

@@ -1045,6 +1045,8 @@ def test_tokenizer_bad_inputs(standin_teacher, tmp_path):
     with pytest.raises(RuntimeError, match="perceptual-weight 0"):  # offline, no perceptual weights
         tokenizer.main(tok_args(standin_teacher, out, "--perceptual-weight", "1",
                                 "--vgg16-weights", "http://127.0.0.1:9/vgg16.pth"))
+    with pytest.raises(ValueError, match="128 images, fewer than one global batch of 256"):
+        tokenizer.main(tok_args(standin_teacher, out, "--grad-accum", "16"))  # 16 x 16: no step per epoch
     tokenizer.main(tok_args(standin_teacher, out, "--stop-at", "1"))
     with pytest.raises(ValueError, match="was made with another config"):
         tokenizer.main(tok_args(standin_teacher, out, "--channels", "4"))
@@ -1587,6 +1589,8 @@ def test_dit_mismatch_errors(cache, tmp_path, parity_sizes):
         dit.main(dit_args(cache, out, "--model", "S"))
     with pytest.raises(FileNotFoundError, match="encode"):
         dit.main(dit_args(str(tmp_path / "no_cache"), out))
+    with pytest.raises(ValueError, match="40 images, fewer than one global batch of 64"):
+        dit.main(dit_args(cache, str(tmp_path / "big_batch"), "--batch-size", "64"))
     with pytest.raises(FileNotFoundError, match="not found"):
         dit.load_dit(str(tmp_path / "none.pt"))
 

@@ -740,7 +740,7 @@ def train(args):
     loader, sampler = distill.make_loader(data, args.batch_size, args.seed, rank, world, args.workers, device)
     flip_gen = torch.Generator().manual_seed(args.seed * world + rank)
     run = distill.Run(  # resumes OUT/latest.pt if there is one
-        args, "tokenizer", device, len(data) // global_batch, global_batch,
+        args, "tokenizer", device, len(data), global_batch,
         {"model": model, "ema": ema, "optimizer": opt, "discriminator": loss_fn.discriminator, "d_optimizer": d_opt},
         {"flip_rng": flip_gen}, match={"config": config},
         check={"tokenizer": model, "discriminator": loss_fn.discriminator})
