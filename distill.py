@@ -403,6 +403,13 @@ def make_loader(dataset, batch_size, seed, rank, world, workers, device):
     return loader, sampler
 
 
+def shard(data, rank, world):
+    """This rank's contiguous share of a data set for an evaluation pass: every item exactly once (a
+    DistributedSampler pads with repeats), in index order once gathered, so results do not depend on the
+    number of processes."""
+    return torch.utils.data.Subset(data, range(rank * len(data) // world, (rank + 1) * len(data) // world))
+
+
 def random_flip(x, generator):
     """Horizontal flip with p = 0.5 (the released training data), drawn from a checkpointed generator so
     that a resumed run flips the same images."""
@@ -1379,6 +1386,10 @@ PRESETS = {
 
 @torch.no_grad()
 def evaluate(model, loader, device):
+    """Held-out top-1 accuracy over every rank's shard. BatchNorm's running statistics differ per rank (DDP
+    broadcasts rank 0's before each forward, then each rank's batch updates its own, and the EMA copies
+    them): every rank evaluates with rank 0's, the ones a checkpoint keeps."""
+    broadcast_module(model)
     model.eval()
     counts = torch.zeros(2, device=device)  # correct, seen
     for x, y in loader:
@@ -1403,9 +1414,8 @@ def train_standin(args):
     ddp = nn.parallel.DistributedDataParallel(model) if is_distributed() else model
     opt = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=args.lr, betas=(0.9, 0.95), fused=True)
     loader, sampler = make_loader(train_set, args.batch_size, args.seed, rank, world, args.workers, device)
-    val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=args.batch_size, num_workers=args.workers, persistent_workers=args.workers > 0,
-        sampler=torch.utils.data.DistributedSampler(val_set, world, rank, shuffle=False))
+    val_loader = torch.utils.data.DataLoader(shard(val_set, rank, world), batch_size=args.batch_size,
+                                             num_workers=args.workers, persistent_workers=args.workers > 0)
     flip_gen = torch.Generator().manual_seed(args.seed * world + rank)
     run = Run(args, "teacher", device, len(train_set), args.batch_size * world,
               {"model": model, "ema": ema, "optimizer": opt}, {"flip_rng": flip_gen}, match={"config": config},

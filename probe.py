@@ -51,10 +51,9 @@ def extract(model, data, kind, taus, args, device):
     """Token-averaged features of every image of `data` for each tau (L and SL use tau = 0): this rank's
     contiguous shard, gathered in index order. Returns ({tau: (N, dim)}, labels (N,))."""
     rank, world = distill.world_info()
-    lo, hi = rank * len(data) // world, (rank + 1) * len(data) // world
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(lo, hi)),
-                                         batch_size=args.batch_size, num_workers=args.workers)
-    feats, labels, start = {tau: [] for tau in taus}, [], lo
+    mine = distill.shard(data, rank, world)
+    loader = torch.utils.data.DataLoader(mine, batch_size=args.batch_size, num_workers=args.workers)
+    feats, labels, done = {tau: [] for tau in taus}, [], 0
     meter = distill.Throughput(device)
     for k, (x, y) in enumerate(loader):
         with distill.autocast(device):
@@ -66,14 +65,15 @@ def extract(model, data, kind, taus, args, device):
             elif tau == 0:
                 f = z
             else:
-                eps = torch.stack([distill.indexed_noise(z.shape[1:], args.seed, start + j, 7) for j in range(len(y))])
+                index = mine.indices[done:done + len(y)]  # the images' indices in `data` key their noise
+                eps = torch.stack([distill.indexed_noise(z.shape[1:], args.seed, i, 7) for i in index])
                 f = tokenizer.forward_flow(z, tau, eps.to(device), model.gamma)
             feats[tau].append(f.mean(dim=1).double().cpu())
         labels.append(y)
-        start += len(y)
+        done += len(y)
         meter.add(len(y) * world)
         if (k + 1) % args.log_every == 0 or k + 1 == len(loader):
-            distill.log(f"features: {start - lo}/{hi - lo} images on rank 0, {meter.report()}")
+            distill.log(f"features: {done}/{len(mine)} images on rank 0, {meter.report()}")
     gathered = {tau: distill.gather(torch.cat(v)).float() for tau, v in feats.items()}
     return gathered, distill.gather(torch.cat(labels))
 

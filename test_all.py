@@ -38,7 +38,8 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     rank independence (2 gloo processes):
       test_standin_two_process_gloo, test_cache_same_with_two_processes,
       test_sampling_is_the_same_on_two_processes, test_fid_features_two_processes_equal_one,
-      test_probe_two_processes_equal_one, test_ranks_agree_check_and_broadcast
+      test_probe_two_processes_equal_one, test_ranks_agree_check_and_broadcast,
+      test_standin_accuracy_is_rank_0s_weights_on_every_image
     recipe defaults and the command line:
       test_presets_are_the_parser_defaults, test_bench_is_one_rule_in_every_trainer,
       test_weight_decay_skips_embeddings_and_tokens, test_dit_lr_decay_ends_at_its_own_epoch
@@ -499,11 +500,46 @@ def test_standin_resume_is_exact(tmp_path):
 
 
 def test_standin_two_process_gloo(tmp_path):
+    """2 processes train one teacher, and its held-out accuracy counts each of 63 images once (no rank
+    pads its share with repeats): what one process measures with the saved EMA weights."""
     out = str(tmp_path / "ddp")
-    run = torchrun("distill.py", [*STANDIN_TINY, "--batch-size", "16", "--out", out])
+    run = torchrun("distill.py", [*STANDIN_TINY, "--batch-size", "16", "--num-val", "63", "--out", out])
     ckpt = torch.load(os.path.join(out, "teacher.pt"), weights_only=True)
     assert ckpt["step"] == 16 and 0 <= ckpt["accuracy"] <= 1
     assert "held-out accuracy" in run.stdout and "img/s" in run.stdout
+    ema = distill.StandinClassifier(**ckpt["config"])
+    ema.load_state_dict(ckpt["ema"])
+    val = distill.build_dataset("synthetic", 32, "val", 63)
+    loader = torch.utils.data.DataLoader(val, batch_size=16)
+    assert distill.evaluate(ema, loader, torch.device("cpu")) == ckpt["accuracy"]
+
+
+def test_standin_accuracy_is_rank_0s_weights_on_every_image(tmp_path):
+    """2 gloo processes whose classifiers differ only in BatchNorm running statistics (as DDP leaves them)
+    measure together what rank 0's classifier measures alone on the whole held-out set."""
+    script = tmp_path / "accuracy.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import distill\n"
+        "dist.init_process_group('gloo')\n"
+        "rank, world = dist.get_rank(), dist.get_world_size()\n"
+        "torch.manual_seed(0)\n"
+        "m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8), torch.nn.BatchNorm1d(8),\n"
+        "                        torch.nn.Linear(8, 10))\n"
+        "m[2].running_mean += 3.0 * rank  # rank 1's own statistics\n"
+        "val = distill.build_dataset('synthetic', 32, 'val', 63)\n"
+        "loader = torch.utils.data.DataLoader(distill.shard(val, rank, world), batch_size=16)\n"
+        "acc = distill.evaluate(m, loader, torch.device('cpu'))\n"
+        f"open({str(tmp_path)!r} + f'/rank{{rank}}.txt', 'w').write(repr(acc))\n"
+        "dist.destroy_process_group()\n")
+    torchrun(str(script), [])
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8), torch.nn.BatchNorm1d(8),
+                            torch.nn.Linear(8, 10))
+    val = distill.build_dataset("synthetic", 32, "val", 63)
+    alone = distill.evaluate(m, torch.utils.data.DataLoader(val, batch_size=16), torch.device("cpu"))
+    assert [float((tmp_path / f"rank{r}.txt").read_text()) for r in (0, 1)] == [alone, alone]
 
 
 def test_image_folder_errors(tmp_path):

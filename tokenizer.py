@@ -829,8 +829,8 @@ def stage2_model(args, device):
 def eval_loader(args, size, rank, world):
     """Held-out images, center crop, no flip, split over ranks without padding."""
     data = distill.build_dataset(args.data, size, "val", args.num_eval, args.seed, args.skip_bad_images)
-    shard = torch.utils.data.Subset(data, list(range(rank, len(data), world)))
-    return data, torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers)
+    return data, torch.utils.data.DataLoader(distill.shard(data, rank, world), batch_size=args.batch_size,
+                                             num_workers=args.workers)
 
 
 @torch.no_grad()
