@@ -699,20 +699,22 @@ def resolve_weights(weights, arch):
 
 
 def fetch(weights, help_):
-    """A local file as it is, or a URL downloaded once into torch.hub's cache ($TORCH_HOME/hub/checkpoints).
-    `help_` says where else to get the file when that fails (offline, or the URL is gone)."""
+    """A local file as it is, or a URL downloaded once into torch.hub's cache ($TORCH_HOME/hub/checkpoints):
+    by the first process of each machine while the others wait (every process calls this), not by all of
+    them at once. `help_` says where else to get the file when that fails (offline, or the URL is gone)."""
     if not weights.startswith(("http://", "https://")):
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"weights not found: {weights}. {help_}")
         return weights
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights))
-    if not os.path.isfile(cached):
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.isfile(cached):
         os.makedirs(os.path.dirname(cached), exist_ok=True)
         try:
             torch.hub.download_url_to_file(weights, cached, progress=False)
         except Exception as e:
             raise RuntimeError(f"could not download {weights} ({e}). {help_} "
                                f"(or place the file at {cached})") from None
+    barrier()
     return cached
 
 

@@ -39,7 +39,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_standin_two_process_gloo, test_cache_same_with_two_processes,
       test_sampling_is_the_same_on_two_processes, test_fid_features_two_processes_equal_one,
       test_probe_two_processes_equal_one, test_ranks_agree_check_and_broadcast,
-      test_standin_accuracy_is_rank_0s_weights_on_every_image
+      test_standin_accuracy_is_rank_0s_weights_on_every_image, test_weights_are_downloaded_once_per_machine
     recipe defaults and the command line:
       test_presets_are_the_parser_defaults, test_bench_is_one_rule_in_every_trainer,
       test_weight_decay_skips_embeddings_and_tokens, test_dit_lr_decay_ends_at_its_own_epoch
@@ -60,12 +60,15 @@ import json
 import math
 import os
 import errno
+import http.server
 import random
 import re
 import shutil
 import struct
 import subprocess
 import sys
+import threading
+import time
 import warnings
 import zlib
 
@@ -439,6 +442,43 @@ def test_teacher_weights_errors(tmp_path, monkeypatch):
         distill.build_teacher("dinov4", None)
     with pytest.raises(FileNotFoundError, match="python distill.py"):
         distill.build_teacher("standin", str(tmp_path / "none.pt"))
+
+
+def test_weights_are_downloaded_once_per_machine(tmp_path):
+    """2 gloo processes that both need a file from a URL: one downloads it, the other waits and reads the
+    same copy (the server answers slowly, so two downloads at once would both reach it)."""
+    served, requests = tmp_path / "served", []
+    served.mkdir()
+    (served / "weights.pth").write_bytes(os.urandom(1 << 16))
+
+    class Slow(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def do_GET(self):
+            requests.append(self.path)
+            time.sleep(1.0)
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    script = tmp_path / "fetch.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import distill\n"
+        "dist.init_process_group('gloo')\n"
+        f"torch.hub.set_dir({str(tmp_path / 'hub')!r})\n"
+        f"path = distill.fetch('http://127.0.0.1:{server.server_address[1]}/weights.pth', 'offline')\n"
+        f"open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.txt', 'w').write(path)\n"
+        "dist.destroy_process_group()\n")
+    try:
+        torchrun(str(script), [])
+    finally:
+        server.shutdown()
+    paths = {(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)}
+    assert requests == ["/weights.pth"] and len(paths) == 1
+    assert open(paths.pop(), "rb").read() == (served / "weights.pth").read_bytes()
 
 
 #################################################################################
