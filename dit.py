@@ -280,7 +280,8 @@ def sample(model, z0, y, num_points=150, s=None, cfg=1.0, interval=(0.0, 1.0), g
     for i in range(num_points - 1):
         v = guided_velocity(model, x, grid[i], y, cfg, interval, guide)
         x = x + (grid[i + 1] - grid[i]) * v.to(x.dtype)
-        states.append(x)
+        if trajectory:  # else only the current state is held (150 of them are a GB at batch 50, C = 128)
+            states.append(x)
     return torch.stack(states) if trajectory else x
 
 
