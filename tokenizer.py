@@ -24,7 +24,7 @@ Run:
     python tokenizer.py --sem-decoder none --out runs/tokenizer_nosem      # ablation: no FSD / RAD
     torchrun --nproc_per_node=8 tokenizer.py --preset paper --data /imagenet/train \\
         --teacher dinov3_vitl16 --teacher-weights /weights/dinov3_vitl16_pretrain_lvd1689m.pth
-    python tokenizer.py --preset paper --bench 10 --batch-size 2        # timed steps, nothing written
+    python tokenizer.py --preset paper --bench 10 --batch-size 2 --random-weights   # timed, writes nothing
 
 Writes OUT/latest.pt (every --ckpt-every steps and every epoch; a run started in a folder with latest.pt
 resumes it exactly), OUT/epoch_NNNN.pt milestones, and OUT/recon_STEP.png grids (held-out originals above
