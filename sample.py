@@ -95,8 +95,13 @@ def generate(args, model, guide, tok, mu, sigma, batch, device):
 
 def pack(args, num, num_classes):
     """All PNGs -> one .npz (arr_0, labels) and a preview grid."""
-    folder = os.path.join(args.out, "images")
-    arr = np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png"))) for i in range(num)])
+    def read(i):
+        with Image.open(os.path.join(args.out, "images", f"{i:06d}.png")) as im:
+            return np.asarray(im)
+
+    arr = np.empty((num, *read(0).shape), np.uint8)  # filled in place: np.stack would hold every image twice
+    for i in range(num):
+        arr[i] = read(i)
     labels = np.arange(num) % num_classes
     distill.atomic_write(os.path.join(args.out, "samples.npz"), lambda f: np.savez(f, arr_0=arr, labels=labels))
     save_preview(arr, labels, os.path.join(args.out, "preview.png"))
