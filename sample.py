@@ -141,7 +141,7 @@ def check_provenance(args, made):
         if wrong:
             raise ValueError(f"{args.out} holds samples made with other settings ({'; '.join(wrong)}): sample "
                              f"into a fresh --out, or delete {folder} and {path}")
-    elif os.path.isdir(folder) and os.listdir(folder):
+    elif os.path.isdir(folder) and any(f.endswith(".png") for f in os.listdir(folder)):
         raise ValueError(f"{folder} holds images but no provenance.json saying what made them: sample into a "
                          f"fresh --out, or delete {folder}")
     elif distill.world_info()[0] == 0:

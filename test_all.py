@@ -1757,6 +1757,11 @@ def test_sampling_refuses_a_folder_made_otherwise(dit_run, tmp_path, monkeypatch
     os.remove(os.path.join(out, "provenance.json"))
     with pytest.raises(ValueError, match="no provenance.json"):
         sample.main(sample_args(dit_run, out))
+    fresh = str(tmp_path / "killed_while_starting")  # a write probe left behind, no image yet
+    os.makedirs(os.path.join(fresh, "images"))
+    open(os.path.join(fresh, "images", ".write_test123"), "wb").close()
+    sample.main(sample_args(dit_run, fresh))
+    assert len(np.load(os.path.join(fresh, "samples.npz"))["labels"]) == 14
 
 
 def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path):
