@@ -414,6 +414,8 @@ def random_flip(x, generator):
     """Horizontal flip with p = 0.5 (the released training data), drawn from a checkpointed generator so
     that a resumed run flips the same images."""
     flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    if x.is_cuda:  # a copy from pageable memory would first wait for the GPU to finish the last step
+        flip = flip.pin_memory()
     flip = flip.to(x.device, non_blocking=True)[:, None, None, None]
     return torch.where(flip, x.flip(-1), x)
 
@@ -950,18 +952,20 @@ def build_dataset(data, size, split="train", num_images=None, seed=0, skip_bad=F
 #################################################################################
 
 
-def dinov3_rope(grid_h, grid_w, head_dim, theta, rescale=None):
-    """DINOv3's 2D RoPE table (cos, sin), each (grid_h*grid_w, head_dim).
+def dinov3_rope(grid_h, grid_w, head_dim, theta, rescale=None, device=None):
+    """DINOv3's 2D RoPE table (cos, sin), each (grid_h*grid_w, head_dim), made on `device` (a table copied
+    from host memory at every forward would make each training step wait for the GPU).
 
     Patch-centre coordinates in [-1, 1]; frequencies 1/theta^(4k/head_dim), k < head_dim/4; the angles
-    are laid out [row angles | column angles] and tiled twice. `rescale` multiplies the coordinates:
-    DINOv3's training-time augmentation, which the released RecTok run kept on (`utils/foundation_models.py`)."""
-    ys = (torch.arange(grid_h, dtype=torch.float32) + 0.5) / grid_h
-    xs = (torch.arange(grid_w, dtype=torch.float32) + 0.5) / grid_w
+    are laid out [row angles | column angles] and tiled twice. `rescale` (a number, or a one-element CPU
+    tensor) multiplies the coordinates: DINOv3's training-time augmentation, which the released RecTok run
+    kept on (`utils/foundation_models.py`)."""
+    ys = (torch.arange(grid_h, dtype=torch.float32, device=device) + 0.5) / grid_h
+    xs = (torch.arange(grid_w, dtype=torch.float32, device=device) + 0.5) / grid_w
     coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0
     if rescale is not None:
-        coords = coords * rescale.to(coords.device)
-    inv_freq = 1.0 / theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32)
+        coords = coords * float(rescale)
+    inv_freq = 1.0 / theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32, device=device)
     angles = (2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]).flatten(1, 2).tile(2)
     return angles.cos(), angles.sin()
 
@@ -1127,7 +1131,7 @@ class DinoViT(nn.Module):
             x = x + self.interpolate_pos_embed(gh, gw)
         else:
             head_dim = x.shape[-1] // self.heads
-            rope = [t.to(x.device) for t in dinov3_rope(gh, gw, head_dim, self.rope_theta, rope_rescale)]
+            rope = dinov3_rope(gh, gw, head_dim, self.rope_theta, rope_rescale, x.device)
             rotate = dinov3_rotate(rope, 1 + self.num_registers)
         if self.num_registers:
             x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)
@@ -1278,15 +1282,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def dino_preprocess(x, size):
+def dino_preprocess(x, size, mean=torch.tensor(IMAGENET_MEAN), std=torch.tensor(IMAGENET_STD)):
     """The released preprocessing (`utils/foundation_models.py`): x in [-1, 1] -> uint8 by TRUNCATION ->
     *1/255 -> bilinear antialiased resize to 224 -> ImageNet normalisation -> bilinear resize (no
-    antialias) to `size`, the teacher input that yields the tokenizer's grid."""
+    antialias) to `size`, the teacher input that yields the tokenizer's grid. The Teacher passes `mean`
+    and `std` from its own buffers, already on the device: copying them there at each step would wait
+    for the GPU."""
     x = ((x.float() + 1) * 0.5 * 255).to(torch.uint8).float() * (1 / 255)
     x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
+    x = (x - mean.to(x.device).view(1, 3, 1, 1)) / std.to(x.device).view(1, 3, 1, 1)
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
@@ -1308,6 +1312,8 @@ class Teacher(nn.Module):
         mean, std = standardize if standardize is not None else (torch.zeros(self.dim), torch.ones(self.dim))
         self.register_buffer("target_mean", mean.float(), persistent=False)
         self.register_buffer("target_std", std.float(), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD), persistent=False)
 
     def train(self, mode=True):
         # Frozen: a parent's .train() never reaches the ViT (the jitter is the one train-mode effect kept).
@@ -1320,7 +1326,7 @@ class Teacher(nn.Module):
         if self.kind == "standin":
             return x.float() if x.shape[-1] == size else F.interpolate(
                 x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        return dino_preprocess(x, size)
+        return dino_preprocess(x, size, self.pixel_mean, self.pixel_std)
 
     @torch.no_grad()
     def forward(self, x, rope_rescale=None):

@@ -496,8 +496,8 @@ class ConvNeXtLogits(Frozen):
     def __init__(self):
         super().__init__()
         self.convnext = torchvision.models.convnext_small()
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(distill.IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(distill.IMAGENET_STD).view(1, 3, 1, 1))
 
     def forward(self, x):
         x = F.interpolate(x, size=224, mode="bilinear", align_corners=False, antialias=True)
