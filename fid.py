@@ -188,13 +188,11 @@ class FIDInception(nn.Module):
         return pool3, pool3 @ self.fc.weight.T
 
     def load(self, weights=None):
-        """pt_inception-2015-12-05 from a local path or a URL (torch.hub's cache), strict key matching."""
+        """pt_inception-2015-12-05 from a local path or a URL (see `download`), strict key matching."""
         weights = weights or FID_WEIGHTS_URL
         try:
-            if weights.startswith(("http://", "https://")):
-                sd = torch.hub.load_state_dict_from_url(weights, map_location="cpu", progress=False)
-            else:
-                sd = torch.load(weights, map_location="cpu", weights_only=True)
+            path = download(weights) if weights.startswith(("http://", "https://")) else weights
+            sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise RuntimeError(f"could not load the FID Inception weights from {weights} ({e}). Download "
                                f"{FID_WEIGHTS_URL} and pass its path with --inception-weights") from None
@@ -203,6 +201,18 @@ class FIDInception(nn.Module):
             raise ValueError(f"{weights} is not the FID Inception: missing {missing[:10]}, "
                              f"unexpected {unexpected[:10]}")
         return self.to(memory_format=torch.channels_last).eval().requires_grad_(False)
+
+
+def download(url):
+    """The file at `url` in torch.hub's cache ($TORCH_HOME/hub/checkpoints), downloaded by the first process
+    of each machine while the others wait (every process calls this), not by all of them at once."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.hub.download_url_to_file(url, path, progress=False)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
 
 
 #################################################################################

@@ -444,12 +444,14 @@ def test_teacher_weights_errors(tmp_path, monkeypatch):
         distill.build_teacher("standin", str(tmp_path / "none.pt"))
 
 
-def test_weights_are_downloaded_once_per_machine(tmp_path):
-    """2 gloo processes that both need a file from a URL: one downloads it, the other waits and reads the
-    same copy (the server answers slowly, so two downloads at once would both reach it)."""
+@pytest.mark.parametrize("loader", ["distill.fetch", "fid.FIDInception.load"])
+def test_weights_are_downloaded_once_per_machine(tmp_path, inception_files, loader):
+    """2 gloo processes that both need a file from a URL (a teacher's or the FID Inception's weights): one
+    downloads it, the other waits and reads the same copy (the server answers slowly, so two downloads at
+    once would both reach it)."""
     served, requests = tmp_path / "served", []
     served.mkdir()
-    (served / "weights.pth").write_bytes(os.urandom(1 << 16))
+    shutil.copy(inception_files / "inception.pth", served / "weights.pth")
 
     class Slow(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
@@ -462,23 +464,28 @@ def test_weights_are_downloaded_once_per_machine(tmp_path):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/weights.pth"
+    call = f"distill.fetch({url!r}, 'offline')" if loader == "distill.fetch" else f"fid.FIDInception().load({url!r})"
     script = tmp_path / "fetch.py"
     script.write_text(
         "import sys, torch, torch.distributed as dist\n"
         f"sys.path.insert(0, {HERE!r})\n"
-        "import distill\n"
+        "import distill, fid\n"
         "dist.init_process_group('gloo')\n"
         f"torch.hub.set_dir({str(tmp_path / 'hub')!r})\n"
-        f"path = distill.fetch('http://127.0.0.1:{server.server_address[1]}/weights.pth', 'offline')\n"
-        f"open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.txt', 'w').write(path)\n"
+        f"result = {call}\n"
+        "said = result if isinstance(result, str) else type(result).__name__\n"  # the path, or the model
+        f"open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.txt', 'w').write(said)\n"
         "dist.destroy_process_group()\n")
     try:
         torchrun(str(script), [])
     finally:
         server.shutdown()
-    paths = {(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)}
-    assert requests == ["/weights.pth"] and len(paths) == 1
-    assert open(paths.pop(), "rb").read() == (served / "weights.pth").read_bytes()
+    cached = tmp_path / "hub" / "checkpoints" / "weights.pth"
+    assert requests == ["/weights.pth"]
+    assert cached.read_bytes() == (served / "weights.pth").read_bytes()
+    results = {(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)}  # both ranks got it
+    assert results == ({str(cached)} if loader == "distill.fetch" else {"FIDInception"})
 
 
 #################################################################################
