@@ -68,13 +68,13 @@ def extract(model, data, kind, taus, args, device):
                 index = mine.indices[done:done + len(y)]  # the images' indices in `data` key their noise
                 eps = torch.stack([distill.indexed_noise(z.shape[1:], args.seed, i, 7) for i in index])
                 f = tokenizer.forward_flow(z, tau, eps.to(device), model.gamma)
-            feats[tau].append(f.mean(dim=1).double().cpu())
+            feats[tau].append(f.mean(dim=1).cpu())  # float32: every rank holds the gathered set
         labels.append(y)
         done += len(y)
         meter.add(len(y) * world)
         if (k + 1) % args.log_every == 0 or k + 1 == len(loader):
             distill.log(f"features: {done}/{len(mine)} images on rank 0, {meter.report()}")
-    gathered = {tau: distill.gather(torch.cat(v)).float() for tau, v in feats.items()}
+    gathered = {tau: distill.gather(torch.cat(v)) for tau, v in feats.items()}
     return gathered, distill.gather(torch.cat(labels))
 
 

@@ -1822,9 +1822,12 @@ def test_research_probe_is_adam_at_a_constant_lr(monkeypatch):
     assert len(seen) == 9 and all(lr == pytest.approx(0.05) for lr in seen)
 
 
-def test_probe_training_views(stage1_run):
+def test_probe_training_views(stage1_run, monkeypatch):
     """research: each epoch takes each image or its flip; mae --augment: fresh crops each epoch; both a
-    pure function of (seed, epoch, index)."""
+    pure function of (seed, epoch, index). Features are gathered in float32 (every rank holds the whole
+    set: in float64, ImageNet's SL features were 7.8 GB per rank)."""
+    gathered = []
+    monkeypatch.setattr(distill, "gather", lambda x: gathered.append(x.dtype) or x)
     model, _ = tokenizer.load_tokenizer(stage1_run)
     data = distill.build_dataset("synthetic", 32, "train", 24)
     args = probe_args(protocol="research", batch_size=8, workers=0, log_every=100)
@@ -1839,6 +1842,7 @@ def test_probe_training_views(stage1_run):
     assert not torch.equal(features(0)[0.0], features(1)[0.0])
     a, b, c = (probe.View(data, 0, e, crop=True) for e in (0, 0, 1))
     assert torch.equal(a[3][0], b[3][0]) and not torch.equal(a[3][0], c[3][0]) and a[3][0].shape == (3, 32, 32)
+    assert set(gathered) == {torch.float32, torch.int64}  # features, labels
 
 
 def test_probe_random_labels_stay_near_chance():
