@@ -1462,16 +1462,19 @@ def test_image_npz_is_read_by_shard_not_whole(tmp_path):
     assert np.array_equal(fid.npz_images(str(tmp_path / "c.npz")), a)
 
 
-def test_evaluate_rfid(stage1_run, inception_files, tmp_path):
-    """rFID through fid.py: reference statistics are computed once and then read from the cache."""
-    ref = str(tmp_path / "ref.npz")
+def test_evaluate_rfid(stage1_run, inception_files, tmp_path, monkeypatch):
+    """rFID through fid.py: reference statistics are computed once (one Inception pass over the originals
+    for both sets of weights) and then read from the cache (no pass over the originals at all)."""
+    ref, seen, forward = str(tmp_path / "ref.npz"), [], fid.FIDInception.forward
+    monkeypatch.setattr(fid.FIDInception, "forward", lambda self, x: seen.append(len(x)) or forward(self, x))
     args = ["evaluate", "--ckpt", stage1_run, "--num-eval", "12", "--batch-size", "6", "--workers", "0",
             "--rfid", "--inception-weights", str(inception_files / "inception.pth"), "--ref-stats", ref]
     first = tokenizer.main(args)
-    assert os.path.isfile(ref)
+    assert os.path.isfile(ref) and sum(seen) == 12 + 2 * 12  # originals once, reconstructions of model, ema
     mtime = os.path.getmtime(ref)
+    seen.clear()
     second = tokenizer.main(args)
-    assert os.path.getmtime(ref) == mtime
+    assert os.path.getmtime(ref) == mtime and sum(seen) == 2 * 12
     for weights in ("model", "ema"):
         assert np.isfinite(first[weights]["rfid"]) and first[weights]["rfid"] >= 0
         assert second[weights]["rfid"] == pytest.approx(first[weights]["rfid"], rel=1e-9)

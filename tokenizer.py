@@ -835,22 +835,17 @@ def eval_loader(args, size, rank, world):
 
 @torch.no_grad()
 def reconstruction_pass(model, loader, device, inception):
-    """Sum of per-image PSNRs and, with an Inception, pool3 features of reconstructions and originals."""
-    psnr_sum = torch.zeros((), dtype=torch.float64, device=device)
-    feats = {"recon": [], "real": []}
+    """Sum of per-image PSNRs and, with an Inception, pool3 features of the reconstructions."""
+    psnr_sum, feats = torch.zeros((), dtype=torch.float64, device=device), []
     for x, _ in loader:
         x = x.to(device)
         with distill.autocast(device):
             recon = model.reconstruct(x).float()
-        real = x * 0.5 + 0.5
-        mse = ((recon - real) ** 2).mean(dim=(1, 2, 3))
+        mse = ((recon - (x * 0.5 + 0.5)) ** 2).mean(dim=(1, 2, 3))
         psnr_sum += (-10 * torch.log10(mse.clamp(min=1e-10))).double().sum()
-        if inception is not None:
-            real_u8 = ((x.float() + 1) * 127.5).round().to(torch.uint8)  # the data's own uint8 pixels
-            recon_u8 = (recon * 255).to(torch.uint8)  # truncation, as the released evaluation saves them
-            for name, images in (("recon", recon_u8), ("real", real_u8)):
-                feats[name].append(inception(fid.preprocess(images))[0].double().cpu())
-    return psnr_sum, {k: distill.gather(torch.cat(v)).numpy() for k, v in feats.items() if v}
+        if inception is not None:  # uint8 by truncation, as the released evaluation saves them
+            feats.append(inception(fid.preprocess((recon * 255).to(torch.uint8)))[0].double().cpu())
+    return psnr_sum, distill.gather(torch.cat(feats)).numpy() if feats else None
 
 
 @torch.no_grad()
@@ -867,14 +862,15 @@ def evaluate(args):
     inception = fid.FIDInception().load(args.inception_weights).to(device) if args.rfid else None
     for weights in ("model", "ema"):
         model, config = load_tokenizer(args.ckpt, weights, device)
-        data, loader = eval_loader(args, config["img_size"], rank, world)
+        if weights == "model":  # the images and their reference statistics, once for both
+            data, loader = eval_loader(args, config["img_size"], rank, world)
+            ref = reference_statistics(args, inception, loader, config["img_size"], len(data), device, rank)
         psnr_sum, feats = reconstruction_pass(model, loader, device, inception)
         if world > 1:
             dist.all_reduce(psnr_sum)
         results[weights] = {"psnr": psnr_sum.item() / len(data), "num_images": len(data)}
         if inception is not None:
-            ref = reference_statistics(args, feats["real"], config["img_size"], len(data), rank)
-            results[weights]["rfid"] = fid.frechet_distance(*fid.statistics(feats["recon"]), *ref)
+            results[weights]["rfid"] = fid.frechet_distance(*fid.statistics(feats), *ref)
         distill.log(f"{weights}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[weights].items()))
         if rank == 0:
             x = torch.stack([data[i][0] for i in distill.one_per_class(data)])
@@ -887,14 +883,21 @@ def evaluate(args):
     return results
 
 
-def reference_statistics(args, real_feats, size, n, rank):
-    """FID statistics of the evaluation images: read from --ref-stats if it exists, else computed from
-    `real_feats` and written there (atomically, by rank 0)."""
+@torch.no_grad()
+def reference_statistics(args, inception, loader, size, n, device, rank):
+    """FID statistics of the evaluation images (None without --rfid): read from --ref-stats if it exists,
+    else from one Inception pass over the images, written there (atomically, by rank 0)."""
+    if inception is None:
+        return None
     path = args.ref_stats or os.path.join(
         "runs", "fid_stats", f"{os.path.basename(os.path.normpath(args.data))}_{size}px_{n}.npz")
     if os.path.isfile(path):
         return fid.load_statistics(path)
-    mu, sigma = fid.statistics(real_feats)
+    feats = []
+    for x, _ in loader:
+        real = ((x.to(device).float() + 1) * 127.5).round().to(torch.uint8)  # the data's own uint8 pixels
+        feats.append(inception(fid.preprocess(real))[0].double().cpu())
+    mu, sigma = fid.statistics(distill.gather(torch.cat(feats)).numpy())
     if rank == 0:
         distill.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
         distill.log(f"wrote reference statistics {path}")
