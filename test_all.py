@@ -38,7 +38,8 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     rank independence (2 gloo processes):
       test_standin_two_process_gloo, test_cache_same_with_two_processes,
       test_sampling_is_the_same_on_two_processes, test_fid_features_two_processes_equal_one,
-      test_probe_two_processes_equal_one, test_ranks_agree_check_and_broadcast,
+      test_evaluate_two_processes_equal_one, test_probe_two_processes_equal_one,
+      test_ranks_agree_check_and_broadcast,
       test_standin_accuracy_is_rank_0s_weights_on_every_image, test_weights_are_downloaded_once_per_machine
     recipe defaults and the command line:
       test_presets_are_the_parser_defaults, test_bench_is_one_rule_in_every_trainer,
@@ -1253,10 +1254,7 @@ def test_finetune_two_processes_resume_exactly(stage1_run, tmp_path):
 
 def test_cache_same_with_two_processes(stage1_run, cache, tmp_path):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           os.path.join(HERE, "tokenizer.py"), *encode_args(stage1_run, out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = torchrun("tokenizer.py", encode_args(stage1_run, out))
     one, two = read_cache(cache), read_cache(out)
     for k in one:
         np.testing.assert_allclose(one[k], two[k], rtol=1e-12, err_msg=k)
@@ -1478,6 +1476,24 @@ def test_evaluate_rfid(stage1_run, inception_files, tmp_path, monkeypatch):
     for weights in ("model", "ema"):
         assert np.isfinite(first[weights]["rfid"]) and first[weights]["rfid"] >= 0
         assert second[weights]["rfid"] == pytest.approx(first[weights]["rfid"], rel=1e-9)
+
+
+def test_evaluate_two_processes_equal_one(stage1_run, inception_files, tmp_path):
+    """`tokenizer.py evaluate --rfid` under torchrun: uneven shards (6 and 7 of 13 images), each image
+    once, the same PSNR, reference statistics and rFID as one process."""
+    common = ["evaluate", "--ckpt", stage1_run, "--num-eval", "13", "--batch-size", "4", "--workers", "0",
+              "--rfid", "--inception-weights", str(inception_files / "inception.pth")]
+    one = tokenizer.main([*common, "--out", str(tmp_path / "one"), "--ref-stats", str(tmp_path / "one.npz")])
+    torchrun("tokenizer.py", [*common, "--out", str(tmp_path / "two"), "--ref-stats", str(tmp_path / "two.npz")])
+    with open(tmp_path / "two" / "metrics_synthetic.json") as f:
+        two = json.load(f)
+    for weights in ("model", "ema"):
+        assert two[weights]["num_images"] == one[weights]["num_images"] == 13
+        assert two[weights]["psnr"] == pytest.approx(one[weights]["psnr"], rel=1e-6)
+        assert two[weights]["rfid"] == pytest.approx(one[weights]["rfid"], rel=1e-3)
+    ref_one, ref_two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    for k in ("mu", "sigma"):
+        np.testing.assert_allclose(ref_two[k], ref_one[k], rtol=1e-4, atol=1e-7, err_msg=k)
 
 
 def test_fid_features_two_processes_equal_one(inception_files):
