@@ -845,7 +845,7 @@ def reconstruction_pass(model, loader, device, inception):
         psnr_sum += (-10 * torch.log10(mse.clamp(min=1e-10))).double().sum()
         if inception is not None:  # uint8 by truncation, as the released evaluation saves them
             feats.append(inception(fid.preprocess((recon * 255).to(torch.uint8)))[0].double().cpu())
-    return psnr_sum, distill.gather(torch.cat(feats)).numpy() if feats else None
+    return psnr_sum, distill.gather(torch.cat(feats)).numpy() if inception is not None else None
 
 
 @torch.no_grad()
