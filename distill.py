@@ -1392,6 +1392,13 @@ PRESETS = {
 }
 
 
+def standin_vit(c):
+    """The stand-in teacher's ViT from a preset or the flags (`c`: image_size, patch_size, width, depth, heads):
+    DINOv3-style (RoPE, 4 registers, LayerScale) with the convolutional stem."""
+    return dict(img_size=c["image_size"], patch_size=c["patch_size"], width=c["width"], depth=c["depth"],
+                heads=c["heads"], num_registers=4, pos="rope", ls_init=1e-1, ln_eps=1e-6, stem="conv")
+
+
 @torch.no_grad()
 def evaluate(model, loader, device):
     """Held-out top-1 accuracy over every rank's shard. BatchNorm's running statistics differ per rank (DDP
@@ -1414,9 +1421,7 @@ def train_standin(args):
         prepare_out_dir(args.out)
     torch.manual_seed(args.seed * world + rank)
     train_set, val_set = standin_splits(args)
-    vit = dict(img_size=args.image_size, patch_size=args.patch_size, width=args.width, depth=args.depth,
-               heads=args.heads, num_registers=4, pos="rope", ls_init=1e-1, ln_eps=1e-6, stem="conv")
-    config = {"vit": vit, "num_classes": train_set.num_classes}
+    config = {"vit": standin_vit(vars(args)), "num_classes": train_set.num_classes}
     model = StandinClassifier(**config).to(device)
     ema = make_ema(model)
     ddp = nn.parallel.DistributedDataParallel(model) if is_distributed() else model

@@ -646,7 +646,10 @@ def build_perceptual(args):
 def build_stage1_teacher(args, grid, device):
     if args.sem_decoder == "none":
         return None
-    if args.random_weights and args.teacher in distill.ARCHS:
+    if args.random_weights and args.teacher == "standin":  # the preset's stand-in architecture, untrained
+        teacher = distill.Teacher(distill.DinoViT(**distill.standin_vit(distill.PRESETS[args.preset])), "standin",
+                                  grid)
+    elif args.random_weights and args.teacher in distill.ARCHS:
         teacher = distill.Teacher(distill.DinoViT(**distill.ARCHS[args.teacher]), "dino", grid,
                                   rope_jitter=not args.no_teacher_jitter)
     else:
@@ -658,8 +661,13 @@ def build_stage1_teacher(args, grid, device):
 def ensure_standin_teacher(args):
     """`python tokenizer.py` with no arguments trains the stand-in teacher first if it is missing (and only
     if the run reads a teacher)."""
-    if args.sem_decoder == "none" or args.teacher != "standin" or os.path.isfile(args.teacher_weights):
+    if (args.sem_decoder == "none" or args.teacher != "standin" or args.random_weights
+            or os.path.isfile(args.teacher_weights)):
         return
+    if args.bench:
+        raise FileNotFoundError(f"stand-in teacher {args.teacher_weights} not found, and --bench writes nothing, "
+                                f"so it trains none: train it with `python distill.py`, or bench with "
+                                f"--random-weights")
     if args.teacher_weights != "runs/teacher/teacher.pt" or args.data != "synthetic":
         raise FileNotFoundError(f"stand-in teacher {args.teacher_weights} not found: train it with "
                                 f"`python distill.py --data {args.data}`")
@@ -1157,7 +1165,7 @@ def add_training_flags(p):
     distill.add_run_flags(p, ckpt_every=500, save_every=50, save_unit="epochs")
     p.add_argument("--grid-every", type=int, default=500, help="reconstruction grid PNG every N steps (0: off)")
     p.add_argument("--random-weights", action="store_true",
-                   help="with --bench: random teacher and perceptual weights (no downloads)")
+                   help="with --bench: untrained teacher and perceptual nets (no downloads, no stand-in training)")
 
 
 def build_parser(mode, add_help=True):
