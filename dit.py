@@ -12,7 +12,7 @@ Run:
     python dit.py                                        # tiny preset on runs/latents (built-in data)
     torchrun --nproc_per_node=8 dit.py --preset paper --model XL --latents /latents/rectok \\
         --tokenizer FT/latest.pt --out runs/dit_xl
-    python dit.py --model XL --bench 5 --batch-size 2    # timed steps, nothing written
+    python dit.py --preset paper --bench 5 --batch-size 2 --random-latents   # XL timed, no cache, no writes
 
 Reads a latent cache written by `tokenizer.py encode` (checked against meta.json) and writes OUT/latest.pt
 (resumable: model, EMA, optimizer, step, RNG), OUT/step_NNNNNNN.pt milestones and OUT/preview_STEP.png (EMA
@@ -312,8 +312,32 @@ def hold_then_linear(epoch, args):
     return args.lr + frac * (args.final_lr - args.lr)
 
 
+class RandomLatents(torch.utils.data.Dataset):
+    """--bench --random-latents: random moments in the shape of the latent cache of the tokenizer preset of
+    the same name (the paper's: C = 128 on a 16 x 16 grid, ImageNet's 1,000 classes), so that the generator's
+    step can be timed at the paper's sizes before any ImageNet cache exists. Item i is a function of i."""
+
+    def __init__(self, preset, num):
+        cfg, self.num = tokenizer.PRESETS[preset], num
+        self.meta = {"channels": cfg["channels"], "grid": cfg["image_size"] // cfg["patch_size"],
+                     "fingerprint": None, "tokenizer": None}
+        self.num_classes = 1000 if preset == "paper" else distill.SyntheticShapes.num_classes
+        self.mu, self.sigma = torch.zeros(cfg["channels"]), torch.ones(cfg["channels"])
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return self.num
+
+    def __getitem__(self, i):
+        return distill.indexed_noise((self.meta["grid"] ** 2, 2 * self.meta["channels"]), i), i % self.num_classes
+
+
 def open_latents(args):
     """The cache, checked against the tokenizer used for previews (same weights fingerprint)."""
+    if args.random_latents:
+        return RandomLatents(args.preset, args.bench * args.batch_size * distill.world_info()[1]), None
     expect = {}
     tok = None
     if args.tokenizer:
@@ -354,7 +378,7 @@ def train(args):
                             weight_decay=0.0, fused=True)  # CPU too
     loader, sampler = distill.make_loader(cache, args.batch_size, args.seed, rank, world, args.workers, device)
     # a resumed run must read the same latents (the same cache of the same tokenizer)
-    source = {"latents": os.path.abspath(args.latents), "fingerprint": cache.meta["fingerprint"]}
+    source = {"latents": args.latents and os.path.abspath(args.latents), "fingerprint": cache.meta["fingerprint"]}
     run = distill.Run(args, "generator", device, len(cache), args.batch_size * world,
                       {"model": model, "ema": ema, "optimizer": opt},
                       match={"config": config, "source": source})
@@ -472,13 +496,19 @@ def build_parser(add_help=True):
     p.add_argument("--label-dropout", type=float, default=0.1)
     distill.add_run_flags(p, ckpt_every=1000, save_every=50000, save_unit="steps")
     p.add_argument("--preview-every", type=int, default=5000, help="preview PNG every N steps (0: off)")
+    p.add_argument("--random-latents", action="store_true",
+                   help="with --bench: random latents of the preset's shape instead of a cache")
     return p
 
 
 def parse_args(argv=None):
     p, args = distill.parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)
+    if args.random_latents:
+        if not args.bench:
+            p.error("--random-latents is for --bench only: training needs a latent cache")
+        return args
     if args.latents is None:
-        p.error("--latents is required with --preset paper")
+        p.error("--latents is required with --preset paper (or --bench N --random-latents)")
     meta = os.path.join(args.latents, "meta.json")
     if args.tokenizer is None and os.path.isfile(meta):
         with open(meta) as f:

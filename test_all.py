@@ -43,6 +43,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_standin_accuracy_is_rank_0s_weights_on_every_image, test_weights_are_downloaded_once_per_machine
     recipe defaults and the command line:
       test_presets_are_the_parser_defaults, test_bench_is_one_rule_in_every_trainer, test_bench_trains_no_teacher,
+      test_dit_bench_needs_no_cache,
       test_weight_decay_skips_embeddings_and_tokens, test_dit_lr_decay_ends_at_its_own_epoch
     bad input, clear errors:
       test_*_bad_inputs, test_*_errors, test_image_folder_errors, test_dit_mismatch_errors,
@@ -1110,6 +1111,20 @@ def test_bench_trains_no_teacher(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="--bench writes nothing.*python distill.py.*--random-weights"):
         tokenizer.main(tiny)
     assert os.listdir(tmp_path) == []
+
+
+def test_dit_bench_needs_no_cache(tmp_path, monkeypatch, capsys):
+    """`dit.py --bench N --random-latents` times the generator's step on random latents in the shape of the
+    preset's cache (the paper's: 128 channels, a 16 x 16 grid, 1,000 classes) and writes nothing; before,
+    a bench at the paper's sizes needed an encoded ImageNet cache."""
+    monkeypatch.chdir(tmp_path)
+    result = dit.main(["--bench", "2", "--random-latents", "--batch-size", "4", "--workers", "0"])
+    assert result["images_per_s"] > 0 and os.listdir(tmp_path) == []
+    assert "8 latents (16 x 8^2)" in capsys.readouterr().out  # the tiny tokenizer's cache: C = 16, 8 x 8
+    moments, label = dit.RandomLatents("paper", 1001)[1000]
+    assert moments.shape == (16 * 16, 2 * 128) and label == 0
+    with pytest.raises(SystemExit):
+        dit.parse_args(["--random-latents"])  # training needs a cache
 
 
 def test_unwritable_out_and_full_disk(standin_teacher, tmp_path):
