@@ -155,6 +155,7 @@ def main(argv=None):
     if rank == 0:
         distill.prepare_out_dir(folder)
     model, guide, tok, mu, sigma = load_models(args, device)
+    judge = find_judge(args, model.num_classes)  # before sampling: a judge of other classes fails now
     check_provenance(args, provenance(args, model, guide, tok, mu, sigma))
     distill.barrier()  # the folder exists and provenance.json says what fills it
     batches = my_batches(args.num_images, args.global_batch_size, rank, world)
@@ -181,8 +182,8 @@ def main(argv=None):
     metrics = evaluate(args, device) if args.ref_stats else {}
     if not metrics:
         distill.log("no --ref-stats given: images written, FID not computed")
-    if rank == 0 and args.judge and os.path.isfile(args.judge):
-        metrics.update(judge_samples(args))
+    if rank == 0 and judge is not None:
+        metrics.update(judge_samples(args, judge))
     distill.cleanup_distributed()
     return metrics
 
@@ -192,13 +193,18 @@ def main(argv=None):
 #################################################################################
 
 
-def load_judge(path, device):
+def load_judge(path, device, num_classes=None):
     """A classifier checkpoint in distill.py's format (its teacher.pt: `config` {vit, num_classes} and the
-    `ema` weights of the ViT and its head) -> the classifier in eval mode, and its checkpoint."""
+    `ema` weights of the ViT and its head) -> the classifier in eval mode, and its checkpoint. With
+    `num_classes`, it must classify that many: the classes the samples were generated for."""
     what = "judge: a classifier checkpoint in distill.py's format (teacher.pt)"
     ckpt = distill.load_checkpoint(path, ("teacher",), what)
     if "config" not in ckpt or "num_classes" not in ckpt["config"]:
         raise ValueError(f"{path} is not a {what}")
+    if num_classes is not None and ckpt["config"]["num_classes"] != num_classes:
+        raise ValueError(f"judge {path} classifies {ckpt['config']['num_classes']} classes, the generator makes "
+                         f"{num_classes}: pass --judge a classifier of the generator's data (`python distill.py "
+                         f"--data DIR`), or --judge '' to sample without one")
     judge = distill.StandinClassifier(**ckpt["config"])
     distill.load_strict(judge, ckpt["ema"], f"judge {path}")
     judge.image_size = ckpt["config"]["vit"]["img_size"]
@@ -242,10 +248,19 @@ def real_images(data, num):
     return images.numpy(), [y for _, y in pairs]
 
 
-def judge_samples(args):
-    """samples.npz scored by --judge against --judge-data's held-out split (at the samples' size);
+def find_judge(args, num_classes):
+    """The --judge classifier, or None: off with '', skipped (and said) when the file is missing."""
+    if not args.judge:
+        return None
+    if not os.path.isfile(args.judge):
+        distill.log(f"no judge at {args.judge}: the samples are not judged")
+        return None
+    return load_judge(args.judge, "cpu", num_classes)[0]
+
+
+def judge_samples(args, judge):
+    """samples.npz scored by the judge against --judge-data's held-out split (at the samples' size);
     written to OUT/judge.json."""
-    judge, _ = load_judge(args.judge, "cpu")
     samples = np.load(os.path.join(args.out, "samples.npz"))
     real = distill.build_dataset(args.judge_data, samples["arr_0"].shape[1], "val", args.judge_real)
     scores = judge_scores(judge, samples["arr_0"], samples["labels"], *real_images(real, args.judge_real), "cpu")
@@ -276,9 +291,10 @@ def evaluate(args, device):
 
 
 PRESETS = {
-    "paper": dict(steps=150),  # the released sampler: 150 grid points
+    "paper": dict(steps=150, judge=""),  # the released sampler: 150 grid points; ImageNet has no judge here
     # On the tiny pipeline 50 points score as 150 do, in less than half the time (measured in the README).
-    "tiny": dict(steps=50),
+    # The judge: the stand-in teacher of the built-in data.
+    "tiny": dict(steps=50, judge=os.path.join(distill.RUNS["teacher"], "teacher.pt")),
 }
 
 
@@ -305,9 +321,9 @@ def build_parser(add_help=True):
     p.add_argument("--inception-weights", default=None)
     p.add_argument("--fid-mode", default="tf", choices=["tf", "pytorch-fid"])
     p.add_argument("--fid-batch-size", type=int, default=100)
-    p.add_argument("--judge", default="runs/teacher/teacher.pt", help="a classifier of the data in distill.py's "
-                   "format that scores the samples offline (class accuracy, Frechet distance in its features; "
-                   "skipped if the file is missing)")
+    p.add_argument("--judge", help="a classifier of the data in distill.py's format that scores the samples "
+                   "offline (class accuracy, Frechet distance in its features; skipped if the file is missing, "
+                   "off with '')")
     p.add_argument("--judge-data", default="synthetic", help="held-out real images for the judge: its val split")
     p.add_argument("--judge-real", type=int, default=1000, help="how many held-out real images")
     p.add_argument("--log-every", type=int, default=1, help="log every N batches")

@@ -23,7 +23,8 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     DiT^DH and its sampler:
       test_ditdh_forward_parity, test_sampler_parity, test_dit_loss_falls
     FID / IS / P&R, the offline judge:
-      test_fid_inception_parity, test_frechet_parity, test_inception_score_parity, test_judge_scores
+      test_fid_inception_parity, test_frechet_parity, test_inception_score_parity, test_judge_scores,
+      test_judge_must_know_the_generated_classes
     linear probing:
       test_probe_finds_planted_linear_structure, test_research_probe_is_adam_at_a_constant_lr,
       test_probe_training_views
@@ -1766,6 +1767,22 @@ def test_sampling_fid_and_autoguidance(dit_run, inception_files, standin_teacher
     assert judged["judge_class_accuracy"] == metrics["judge_class_accuracy"]
     with open(os.path.join(out, "metrics.json")) as f:
         assert json.load(f)["fid"] == pytest.approx(metrics["fid"])
+
+
+def test_judge_must_know_the_generated_classes(dit_run, standin_teacher, tmp_path):
+    """A judge of other classes than the generator's (the built-in data's stand-in against an ImageNet
+    generator) fails before any image is sampled, not with a judge.json of nonsense after the run; the paper
+    preset has no judge by default."""
+    ckpt = torch.load(standin_teacher, weights_only=True)
+    ckpt["config"]["num_classes"] = 5
+    ckpt["ema"] = {k: v[:5] if k.startswith("head.") else v for k, v in ckpt["ema"].items()}
+    five = str(tmp_path / "five.pt")
+    torch.save(ckpt, five)
+    out = str(tmp_path / "s")
+    with pytest.raises(ValueError, match="classifies 5 classes, the generator makes 10.*--judge ''"):
+        sample.main(sample_args(dit_run, out, "--judge", five))
+    assert not [f for f in os.listdir(os.path.join(out, "images")) if f.endswith(".png")]
+    assert sample.parse_args(["--preset", "paper"]).judge == ""
 
 
 def test_sampling_is_the_same_on_two_processes(dit_run, tmp_path):
