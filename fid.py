@@ -480,6 +480,19 @@ def write_atomically(path, write):
             os.remove(tmp)
 
 
+def setup_device():
+    """torchrun's process group (NCCL on CUDA, gloo on the CPU) and this process's device. Each rank is made
+    current on its own GPU: NCCL's object gather of the features runs on the current device, which is GPU 0
+    for every rank otherwise."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
 def main(argv=None):
     class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         """The docstring as written, and each flag's default."""
@@ -496,11 +509,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if len(args.sources) > 2:
         p.error("give one source (statistics, IS) or two (FID)")
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = setup_device()
     rank, _ = world_info()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     model = FIDInception().load(args.inception_weights).to(device)
     first = describe(args.sources[0], model, args, device, args.pr)
     metrics = {"sources": args.sources, "mode": args.mode}

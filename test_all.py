@@ -39,6 +39,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     rank independence (2 gloo processes):
       test_standin_two_process_gloo, test_cache_same_with_two_processes,
       test_sampling_is_the_same_on_two_processes, test_fid_features_two_processes_equal_one,
+      test_fid_ranks_use_their_own_gpu,
       test_evaluate_two_processes_equal_one, test_probe_two_processes_equal_one,
       test_ranks_agree_check_and_broadcast,
       test_standin_accuracy_is_rank_0s_weights_on_every_image, test_weights_are_downloaded_once_per_machine
@@ -1539,6 +1540,17 @@ def test_fid_features_two_processes_equal_one(inception_files):
     np.testing.assert_allclose(a["mu"], b["mu"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(a["sigma"], b["sigma"], rtol=1e-5, atol=1e-9)
     assert two["inception_score"] == pytest.approx(one["inception_score"], rel=1e-6)
+
+
+def test_fid_ranks_use_their_own_gpu(monkeypatch):
+    """Under torchrun on CUDA each fid.py process is made current on its LOCAL_RANK's GPU: NCCL's object
+    gather of the features runs on the current device, GPU 0 for every rank before. Checked without a GPU."""
+    made = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", made.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    assert fid.setup_device() == torch.device("cuda", 1) and made == [1]
 
 
 #################################################################################
