@@ -44,8 +44,8 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_ranks_agree_check_and_broadcast,
       test_standin_accuracy_is_rank_0s_weights_on_every_image, test_weights_are_downloaded_once_per_machine
     recipe defaults and the command line:
-      test_presets_are_the_parser_defaults, test_bench_is_one_rule_in_every_trainer, test_bench_trains_no_teacher,
-      test_dit_bench_needs_no_cache,
+      test_presets_are_the_parser_defaults, test_bench_is_one_rule_in_every_trainer,
+      test_tokenizer_bench_needs_no_earlier_stage, test_dit_bench_needs_no_cache,
       test_weight_decay_skips_embeddings_and_tokens, test_dit_lr_decay_ends_at_its_own_epoch
     bad input, clear errors:
       test_*_bad_inputs, test_*_errors, test_image_folder_errors, test_dit_mismatch_errors,
@@ -1101,15 +1101,17 @@ def test_bench_is_one_rule_in_every_trainer(standin_teacher, cache, tmp_path, ca
         assert all("e" not in v and float(v) == float(f"{float(v):.3g}") for v in m.groups()), line
 
 
-def test_bench_trains_no_teacher(tmp_path, monkeypatch):
-    """`tokenizer.py --bench` on a machine with no stand-in teacher writes nothing: it times an untrained
-    stand-in of the preset's architecture with --random-weights, and without it says how to get one (it
-    used to train one first, minutes spent and runs/teacher written)."""
+def test_tokenizer_bench_needs_no_earlier_stage(tmp_path, monkeypatch):
+    """`tokenizer.py [finetune] --bench` on a machine with no stand-in teacher and no stage-1 checkpoint
+    writes nothing: with --random-weights it times untrained nets of the preset's architecture, without it
+    it says how to get the teacher (stage 1 used to train one first, minutes spent and runs/teacher
+    written; stage 2 needed a stage-1 checkpoint)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(distill, "train_standin", lambda args: pytest.fail("--bench trained a stand-in teacher"))
     tiny = ["--bench", "2", "--batch-size", "8", "--num-train", "16", "--workers", "0"]
-    result = tokenizer.main(tiny + ["--random-weights"])
-    assert result["images_per_s"] > 0 and os.listdir(tmp_path) == []
+    for mode in ([], ["finetune"]):
+        result = tokenizer.main(mode + tiny + ["--random-weights"])
+        assert result["images_per_s"] > 0 and os.listdir(tmp_path) == []
     with pytest.raises(FileNotFoundError, match="--bench writes nothing.*python distill.py.*--random-weights"):
         tokenizer.main(tiny)
     assert os.listdir(tmp_path) == []

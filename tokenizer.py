@@ -25,6 +25,7 @@ Run:
     torchrun --nproc_per_node=8 tokenizer.py --preset paper --data /imagenet/train \\
         --teacher dinov3_vitl16 --teacher-weights /weights/dinov3_vitl16_pretrain_lvd1689m.pth
     python tokenizer.py --preset paper --bench 10 --batch-size 2 --random-weights   # timed, writes nothing
+    python tokenizer.py finetune --preset paper --bench 10 --batch-size 2 --random-weights   # stage 2, the same
 
 Writes OUT/latest.pt (every --ckpt-every steps and every epoch; a run started in a folder with latest.pt
 resumes it exactly), OUT/epoch_NNNN.pt milestones, and OUT/recon_STEP.png grids (held-out originals above
@@ -814,19 +815,29 @@ def train(args):
 def stage2_model(args, device):
     """The stage-1 EMA tokenizer without its semantic decoder, with everything but the pixel decoder
     frozen. Its config drops the semantic decoder, masking and flow: the saved checkpoint is the
-    generator-stage layout."""
-    if not os.path.isfile(args.init):
-        raise FileNotFoundError(f"stage-1 checkpoint not found: {args.init}. Train it first with "
-                                f"`python tokenizer.py` (or pass --init)")
-    ckpt = distill.load_checkpoint(args.init, ("tokenizer",), "stage-1 tokenizer checkpoint")
-    if "config" not in ckpt or "ema" not in ckpt:
-        raise ValueError(f"{args.init} is not a stage-1 checkpoint of this project (no config/ema)")
-    config = dict(ckpt["config"], sem_decoder="none", teacher_dim=0, mask_ratio=0.0)
+    generator-stage layout. With --random-weights (a bench), an untrained one of the preset's architecture."""
+    if args.random_weights:
+        stage1, sd = model_config(parse_args(["train", "--preset", args.preset]), 0), None
+    else:
+        stage1, sd = stage1_weights(args.init)
+    config = dict(stage1, sem_decoder="none", teacher_dim=0, mask_ratio=0.0)
     model = RecTok(**config)
-    sd = {k: v for k, v in ckpt["ema"].items() if not k.startswith("sem_decoder.")}
-    distill.load_strict(model, sd, f"stage-1 checkpoint {args.init}")
+    if sd is not None:
+        sd = {k: v for k, v in sd.items() if not k.startswith("sem_decoder.")}
+        distill.load_strict(model, sd, f"stage-1 checkpoint {args.init}")
     model.encoder.requires_grad_(False)
     return model.to(device), config
+
+
+def stage1_weights(path):
+    """(config, EMA weights) of a stage-1 checkpoint written by `tokenizer.py train`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"stage-1 checkpoint not found: {path}. Train it first with "
+                                f"`python tokenizer.py` (or pass --init)")
+    ckpt = distill.load_checkpoint(path, ("tokenizer",), "stage-1 tokenizer checkpoint")
+    if "config" not in ckpt or "ema" not in ckpt:
+        raise ValueError(f"{path} is not a stage-1 checkpoint of this project (no config/ema)")
+    return ckpt["config"], ckpt["ema"]
 
 
 #################################################################################
@@ -1165,7 +1176,8 @@ def add_training_flags(p):
     distill.add_run_flags(p, ckpt_every=500, save_every=50, save_unit="epochs")
     p.add_argument("--grid-every", type=int, default=500, help="reconstruction grid PNG every N steps (0: off)")
     p.add_argument("--random-weights", action="store_true",
-                   help="with --bench: untrained teacher and perceptual nets (no downloads, no stand-in training)")
+                   help="with --bench: untrained teacher and perceptual nets (no downloads, no stand-in "
+                        "training); in finetune also an untrained stage-1 tokenizer (no --init)")
 
 
 def build_parser(mode, add_help=True):
