@@ -309,7 +309,7 @@ def main(argv=None):
 PRESETS = {
     # MAE's ImageNet linear probe: base_lr 0.1 at batch 16384 (lr 6.4), 90 epochs, 10 warm-up, on the whole
     # train and val sets.
-    "paper": dict(base_lr=0.1, probe_batch_size=16384, num_train=None, num_val=None),
+    "paper": dict(base_lr=0.1, probe_batch_size=16384, num_train=None, num_val=None, workers=distill.IMAGE_WORKERS),
     # A few thousand images: batch 256 gives ~1000 LARS steps. LARS moves a weight matrix by lr x 0.001 of
     # its norm per step, so so few steps need a far larger lr (measured in the README's "Linear probing").
     "tiny": dict(base_lr=20.0, probe_batch_size=256, num_train=3000, num_val=1000),

@@ -46,6 +46,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     recipe defaults and the command line:
       test_presets_are_the_parser_defaults, test_bench_is_one_rule_in_every_trainer,
       test_tokenizer_bench_needs_no_earlier_stage, test_dit_bench_needs_no_cache,
+      test_paper_presets_decode_images_with_enough_workers,
       test_weight_decay_skips_embeddings_and_tokens, test_dit_lr_decay_ends_at_its_own_epoch
     bad input, clear errors:
       test_*_bad_inputs, test_*_errors, test_image_folder_errors, test_dit_mismatch_errors,
@@ -985,6 +986,15 @@ def test_presets_are_the_parser_defaults(module, presets, extra, capsys):
         with pytest.raises(SystemExit):
             module.parse_args(["--preset", name, *extra, "--help"])
         assert f"(default: {v})" in capsys.readouterr().out
+
+
+def test_paper_presets_decode_images_with_enough_workers():
+    """The paper presets of every stage that decodes ImageNet JPEGs run distill.IMAGE_WORKERS loader
+    workers per process: 2, the tiny presets' number, would hold a GPU near 370 img/s (README)."""
+    parsed = [distill.parse_args(["--preset", "paper"]), probe.parse_args(["--preset", "paper"])]
+    parsed += [tokenizer.parse_args([mode, "--preset", "paper"]) for mode in tokenizer.MODES]
+    assert [args.workers for args in parsed] == [distill.IMAGE_WORKERS] * 6 and distill.IMAGE_WORKERS >= 8
+    assert tokenizer.parse_args([]).workers == 2  # the tiny preset keeps the default
 
 
 def test_finetune_preset_is_the_released_stage2_recipe(capsys):

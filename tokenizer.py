@@ -603,7 +603,8 @@ PRESETS = {
     # The released recipe: 256 px, base/base, C = 128, DINOv3-L/16, 200 epochs at global batch 1024.
     "paper": dict(image_size=256, patch_size=16, channels=128, encoder_size="base", decoder_size="base",
                   sem_size="tiny", teacher="dinov3_vitl16", epochs=200, batch_size=128, base_lr=1e-4,
-                  gan_start_epoch=100, num_train=None, perceptual_weight=1.0, ema=0.999),
+                  gan_start_epoch=100, num_train=None, perceptual_weight=1.0, ema=0.999,
+                  workers=distill.IMAGE_WORKERS),
     # Minutes on a 2-core CPU: 32 px built-in shapes, patch 4 (an 8 x 8 grid), C = 16, the stand-in
     # teacher, no perceptual loss (its ImageNet weights need a download). The GAN keeps its epoch-100
     # start, so it stays off: without the perceptual loss it overpowers a model this small. EMA 0.99:
