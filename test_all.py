@@ -27,7 +27,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_judge_must_know_the_generated_classes
     linear probing:
       test_probe_finds_planted_linear_structure, test_research_probe_is_adam_at_a_constant_lr,
-      test_probe_training_views
+      test_probe_training_views, test_probe_heads_train_on_the_run_device
   Guarantees
     released weights load (strict keys):
       test_official_*_keys_load_strictly, test_load_released_tokenizer_layout,
@@ -1909,6 +1909,19 @@ def test_research_probe_is_adam_at_a_constant_lr(monkeypatch):
     x, y = torch.randn(400, 8), torch.arange(400) % 4
     train_linear(x, y, x, y, 4, probe_args(protocol="research", epochs=3, probe_batch_size=128))
     assert len(seen) == 9 and all(lr == pytest.approx(0.05) for lr in seen)
+
+
+def test_probe_heads_train_on_the_run_device(monkeypatch):
+    """The linear heads, their batches and the validation features go to the run's device (a GPU's under
+    torchrun), not the CPU: ImageNet's MAE probe is 7,000 steps of batch 16,384, hours on the one thread
+    torchrun gives each process. Shown on PyTorch's "meta" device, where a CPU tensor fails to mix."""
+    monkeypatch.setattr(probe, "accuracy", lambda head, xv, yv, n: {next(head.parameters()).device, xv.device,
+                                                                     yv.device})
+    x, y = torch.randn(64, 8), torch.arange(64) % 4
+    for protocol in ("mae", "research"):
+        args = probe_args(protocol=protocol, epochs=2, warmup_epochs=1)
+        seen = probe.train_heads(lambda epoch: {0: x}, y, {0: x}, y, 4, args, torch.device("meta"))
+        assert seen == {0: {torch.device("meta")}}
 
 
 def test_probe_training_views(stage1_run, monkeypatch):
