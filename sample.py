@@ -52,6 +52,9 @@ def load_generator(path, device, latent_stats):
     model, ckpt = dit.load_dit(path, device)
     latents = ckpt.get("latents")
     if latent_stats:
+        if not os.path.isfile(latent_stats):
+            raise FileNotFoundError(f"--latent-stats {latent_stats} not found: pass the stats.npz of a latent "
+                                    f"cache encoded with the generator's tokenizer (`tokenizer.py encode`)")
         stats = np.load(latent_stats)
         return model, latents, torch.from_numpy(stats["mean"]).float(), torch.from_numpy(stats["std"]).float()
     if latents is None:
@@ -331,7 +334,12 @@ def build_parser(add_help=True):
 
 
 def parse_args(argv=None):
-    return distill.parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)[1]
+    p, args = distill.parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)
+    if args.steps < 2:
+        p.error(f"--steps {args.steps}: the Euler grid needs at least 2 points (one step); the paper uses 150")
+    if args.num_images < 1 or args.global_batch_size < 1:
+        p.error("--num-images and --global-batch-size must be at least 1")
+    return args
 
 
 if __name__ == "__main__":

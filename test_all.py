@@ -1860,7 +1860,7 @@ def test_sampling_refuses_a_folder_made_otherwise(dit_run, tmp_path, monkeypatch
     assert len(np.load(os.path.join(fresh, "samples.npz"))["labels"]) == 14
 
 
-def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path):
+def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="generator checkpoint not found"):
         sample.main(sample_args(str(tmp_path / "none.pt"), str(tmp_path / "a")))
     with pytest.raises(FileNotFoundError, match="tokenizer checkpoint not found"):
@@ -1869,6 +1869,12 @@ def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path):
     torch.save({"model_ema": w}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="fingerprint"):
         sample.main(sample_args(dit_run, str(tmp_path / "c"), "--tokenizer", str(tmp_path / "other.pth")))
+    with pytest.raises(FileNotFoundError, match="--latent-stats .* not found: pass the stats.npz"):
+        sample.main(sample_args(dit_run, str(tmp_path / "d"), "--latent-stats", str(tmp_path / "none.npz")))
+    for flags, says in ((["--steps", "1"], "at least 2 points"), (["--num-images", "0"], "at least 1")):
+        with pytest.raises(SystemExit):  # one grid point made no step: the samples were the initial noise
+            sample.parse_args(["--dit", dit_run, *flags])
+        assert says in capsys.readouterr().err
 
 
 #################################################################################
