@@ -260,7 +260,7 @@ def plot_tau(runs, path, chance=None, size=(520, 340), margin=48):
         for px, py in points:
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
         draw.text((margin + 8, margin + 4 + 14 * k), name, fill=colour)
-    img.save(path)
+    distill.atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def plot_runs(paths, out):

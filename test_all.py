@@ -1961,7 +1961,7 @@ def test_probe_random_labels_stay_near_chance():
     assert 5 < acc["top1"] < 16 and 40 < acc["top5"] < 60
 
 
-def test_probe_two_processes_equal_one(stage1_run, tmp_path):
+def test_probe_two_processes_equal_one(stage1_run, tmp_path, monkeypatch):
     common = ["--tokenizer", stage1_run, "--num-train", "60", "--num-val", "30", "--batch-size", "16",
               "--epochs", "5", "--warmup-epochs", "1", "--probe-batch-size", "32", "--sweep-tau", "0", "0.5"]
     one = probe.main(common + ["--out", str(tmp_path / "one")])
@@ -1973,6 +1973,11 @@ def test_probe_two_processes_equal_one(stage1_run, tmp_path):
         two = json.load(f)["results"]
     assert [(r["tau"], round(r["top1"], 4)) for r in one] == [(r["tau"], round(r["top1"], 4)) for r in two]
     assert os.path.isfile(tmp_path / "one" / "probe_tau.png")
+    written = []
+    with monkeypatch.context() as m:
+        m.setattr(distill, "atomic_write", lambda path, write: written.append(os.path.basename(path)))
+        probe.plot_tau({"one": one}, str(tmp_path / "p.png"))
+    assert written == ["p.png"]  # the plot too: a run killed while drawing leaves no truncated PNG
     (tmp_path / "other").mkdir()  # a second, different run to draw beside the first
     (tmp_path / "other" / "probe.json").write_text(json.dumps(
         {"chance": 10.0, "results": [{"tau": r["tau"], "top1": 90 - r["top1"] / 2} for r in one]}))
