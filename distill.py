@@ -775,6 +775,19 @@ def readable(path):
         return False
 
 
+def unreadable(paths, every_rank=True):
+    """The files of `paths` whose header does not read. When every rank lists the folder (`every_rank`), each
+    checks a contiguous 1/world share and the lists are gathered: on shared storage the world reads each
+    header once, not world times. Four threads, each a contiguous run of files, not a task per file: the
+    check is Python-bound once the files are cached (README, "Faults and bad input")."""
+    rank, world = world_info() if every_rank else (0, 1)
+    mine = paths[rank * len(paths) // world:(rank + 1) * len(paths) // world]
+    runs = [mine[i * len(mine) // 4:(i + 1) * len(mine) // 4] for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        bad = [path for run in pool.map(lambda run: [p for p in run if not readable(p)], runs) for path in run]
+    return [path for share in gather_objects(bad, world) for path in share]
+
+
 def load_rgb(path):
     """An image file as 8-bit RGB. 16-bit greyscale (PNG mode I;16, or I) is scaled to 8 bits first:
     PIL's own conversion clips it, which turns almost every pixel white."""
@@ -788,9 +801,10 @@ def load_rgb(path):
 class ImageFolder(torch.utils.data.Dataset):
     """root/<class>/<image>, classes sorted by name (ImageNet's train/val layout). Returns (image, label);
     the random flip is applied in the training loop, from a checkpointed generator. Files whose header does
-    not read are reported when the folder is listed, or left out (and counted) with skip_bad."""
+    not read are reported when the folder is listed, or left out (and counted) with skip_bad. Under torchrun
+    every rank builds it, and they share the check (`every_rank=False` for a set one rank builds alone)."""
 
-    def __init__(self, root, size, skip_bad=False):
+    def __init__(self, root, size, skip_bad=False, every_rank=True):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder not found: {root} (expected root/<class>/<image files>)")
         self.size = size
@@ -803,14 +817,13 @@ class ImageFolder(torch.utils.data.Dataset):
                         if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not self.samples:
             raise ValueError(f"{root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:  # file opens: I/O bound
-            ok = list(pool.map(readable, [path for path, _ in self.samples]))
-        bad = [path for (path, _), good in zip(self.samples, ok) if not good]
+        bad = unreadable([path for path, _ in self.samples], every_rank)
         if bad and not skip_bad:
             raise ValueError(f"{len(bad)} of {len(self.samples)} files in {root} are not readable images (e.g. "
                              f"{', '.join(bad[:3])}): remove or replace them, or pass --skip-bad-images")
         if bad:
-            self.samples = [s for s, good in zip(self.samples, ok) if good]
+            left_out = set(bad)
+            self.samples = [s for s in self.samples if s[0] not in left_out]
             log(f"left out {len(bad)} unreadable file(s) of {root} (--skip-bad-images)")
         self.num_classes = len(self.classes)
 
@@ -938,12 +951,12 @@ def one_per_class(data, num=10):
     return sorted(first.values())[:num]
 
 
-def build_dataset(data, size, split="train", num_images=None, seed=0, skip_bad=False):
+def build_dataset(data, size, split="train", num_images=None, seed=0, skip_bad=False, every_rank=True):
     """'synthetic' -> the built-in data set (num_images of them, default 10,000 train / 1,000 val);
     anything else is a class-folder root (num_images, if set, keeps an evenly spaced subset)."""
     if data == "synthetic":
         return SyntheticShapes(num_images or (10000 if split == "train" else 1000), size, split, seed)
-    dataset = ImageFolder(data, size, skip_bad)
+    dataset = ImageFolder(data, size, skip_bad, every_rank)
     if num_images and num_images < len(dataset):
         keep = np.linspace(0, len(dataset) - 1, num_images).round().astype(int).tolist()
         subset = torch.utils.data.Subset(dataset, keep)

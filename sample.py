@@ -265,7 +265,8 @@ def judge_samples(args, judge):
     """samples.npz scored by the judge against --judge-data's held-out split (at the samples' size);
     written to OUT/judge.json."""
     samples = np.load(os.path.join(args.out, "samples.npz"))
-    real = distill.build_dataset(args.judge_data, samples["arr_0"].shape[1], "val", args.judge_real)
+    real = distill.build_dataset(args.judge_data, samples["arr_0"].shape[1], "val", args.judge_real,
+                                 every_rank=False)  # rank 0 alone
     scores = judge_scores(judge, samples["arr_0"], samples["labels"], *real_images(real, args.judge_real), "cpu")
     scores.update(judge=args.judge, judge_data=args.judge_data, num_samples=len(samples["labels"]))
     distill.write_json(os.path.join(args.out, "judge.json"), scores)

@@ -42,7 +42,8 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_fid_ranks_use_their_own_gpu,
       test_evaluate_two_processes_equal_one, test_probe_two_processes_equal_one,
       test_ranks_agree_check_and_broadcast,
-      test_standin_accuracy_is_rank_0s_weights_on_every_image, test_weights_are_downloaded_once_per_machine
+      test_standin_accuracy_is_rank_0s_weights_on_every_image, test_weights_are_downloaded_once_per_machine,
+      test_image_folder_check_is_shared_by_the_ranks
     recipe defaults and the command line:
       test_presets_are_the_parser_defaults, test_bench_is_one_rule_in_every_trainer,
       test_tokenizer_bench_needs_no_earlier_stage, test_dit_bench_needs_no_cache,
@@ -614,6 +615,42 @@ def test_image_folder_errors(tmp_path):
     good.write_bytes(good.read_bytes()[:60])  # the header reads, the pixels do not
     with pytest.raises(RuntimeError, match="cannot read image .*ok.png"):
         distill.ImageFolder(str(tmp_path), 32, skip_bad=True)[0]
+
+
+def test_image_folder_check_is_shared_by_the_ranks(tmp_path):
+    """Under torchrun each rank reads the headers of its own share of the files (shared storage sees each
+    once, not once per rank; ImageNet's 1.28M on 8 ranks) and all ranks end with the same list; a set one
+    rank builds alone (`every_rank=False`) is checked whole, with no collective to hang on."""
+    for c, names in (("a", ["0.png", "1.png", "bad0.jpg", "2.png"]), ("b", ["3.png", "bad1.jpg", "4.png"])):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for name in names:
+            path = tmp_path / "data" / c / name
+            if name.startswith("bad"):
+                path.write_bytes(b"not an image")
+            else:
+                Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(path)
+    script = tmp_path / "check.py"
+    script.write_text(f"""import json, os, sys
+sys.path.insert(0, {HERE!r})
+import torch.distributed as dist
+import distill
+checked, readable = [], distill.readable
+distill.readable = lambda path: checked.append(os.path.basename(path)) or readable(path)
+dist.init_process_group("gloo")
+shared = distill.ImageFolder(sys.argv[1], 8, skip_bad=True)
+record = {{"checked": list(checked), "samples": [os.path.basename(p) for p, _ in shared.samples]}}
+if dist.get_rank() == 0:
+    record["alone"] = len(distill.ImageFolder(sys.argv[1], 8, skip_bad=True, every_rank=False))
+with open(sys.argv[2] + str(dist.get_rank()), "w") as f:
+    json.dump(record, f)
+dist.destroy_process_group()
+""")
+    torchrun(str(script), [str(tmp_path / "data"), str(tmp_path / "rank")])
+    ranks = [json.loads((tmp_path / f"rank{r}").read_text()) for r in (0, 1)]
+    assert sorted(ranks[0]["checked"] + ranks[1]["checked"]) == sorted(os.listdir(tmp_path / "data" / "a") +
+                                                                        os.listdir(tmp_path / "data" / "b"))
+    assert ranks[0]["samples"] == ranks[1]["samples"] == ["0.png", "1.png", "2.png", "3.png", "4.png"]
+    assert ranks[0]["alone"] == 5
 
 
 #################################################################################
