@@ -142,9 +142,10 @@ def gather_objects(obj, world):
     return out
 
 
-def gather(x):
-    """Every rank's rows of a CPU tensor, concatenated in rank order (shards may be uneven)."""
-    return torch.cat(gather_objects(x, world_info()[1]))
+def gather(blocks):
+    """Every rank's row blocks (a list of CPU tensors), concatenated in rank order: shards may be uneven,
+    and a rank with no share (more processes than images) passes an empty list."""
+    return torch.cat([b for share in gather_objects(list(blocks), world_info()[1]) for b in share])
 
 
 def broadcast_module(module):

@@ -74,8 +74,7 @@ def extract(model, data, kind, taus, args, device):
         meter.add(len(y) * world)
         if (k + 1) % args.log_every == 0 or k + 1 == len(loader):
             distill.log(f"features: {done}/{len(mine)} images on rank 0, {meter.report()}")
-    gathered = {tau: distill.gather(torch.cat(v)) for tau, v in feats.items()}
-    return gathered, distill.gather(torch.cat(labels))
+    return {tau: distill.gather(v) for tau, v in feats.items()}, distill.gather(labels)
 
 
 #################################################################################

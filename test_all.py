@@ -40,7 +40,8 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_standin_two_process_gloo, test_cache_same_with_two_processes,
       test_sampling_is_the_same_on_two_processes, test_fid_features_two_processes_equal_one,
       test_fid_ranks_use_their_own_gpu,
-      test_evaluate_two_processes_equal_one, test_probe_two_processes_equal_one,
+      test_evaluate_two_processes_equal_one, test_evaluate_with_a_rank_that_has_no_image,
+      test_probe_two_processes_equal_one,
       test_ranks_agree_check_and_broadcast,
       test_standin_accuracy_is_rank_0s_weights_on_every_image, test_weights_are_downloaded_once_per_machine,
       test_image_folder_check_is_shared_by_the_ranks
@@ -1576,6 +1577,20 @@ def test_evaluate_two_processes_equal_one(stage1_run, inception_files, tmp_path)
         np.testing.assert_allclose(ref_two[k], ref_one[k], rtol=1e-4, atol=1e-7, err_msg=k)
 
 
+def test_evaluate_with_a_rank_that_has_no_image(stage1_run, inception_files, tmp_path):
+    """3 processes, 2 held-out images: rank 0's share is empty, and the run still equals one process (it
+    stopped on an empty list of features)."""
+    common = ["evaluate", "--ckpt", stage1_run, "--num-eval", "2", "--workers", "0", "--rfid",
+              "--inception-weights", str(inception_files / "inception.pth")]
+    one = tokenizer.main([*common, "--out", str(tmp_path / "one"), "--ref-stats", str(tmp_path / "one.npz")])
+    torchrun("tokenizer.py", [*common, "--out", str(tmp_path / "three"), "--ref-stats", str(tmp_path / "3.npz")],
+             nproc=3)
+    with open(tmp_path / "three" / "metrics_synthetic.json") as f:
+        three = json.load(f)
+    assert three["ema"]["psnr"] == pytest.approx(one["ema"]["psnr"], rel=1e-6)
+    assert three["ema"]["rfid"] == pytest.approx(one["ema"]["rfid"], rel=1e-3)
+
+
 def test_fid_features_two_processes_equal_one(inception_files):
     r = inception_files
     weights = ["--inception-weights", str(r / "inception.pth"), "--batch-size", "2", "--is"]
@@ -1972,7 +1987,7 @@ def test_probe_training_views(stage1_run, monkeypatch):
     pure function of (seed, epoch, index). Features are gathered in float32 (every rank holds the whole
     set: in float64, ImageNet's SL features were 7.8 GB per rank)."""
     gathered = []
-    monkeypatch.setattr(distill, "gather", lambda x: gathered.append(x.dtype) or x)
+    monkeypatch.setattr(distill, "gather", lambda blocks: gathered.append(blocks[0].dtype) or torch.cat(blocks))
     model, _ = tokenizer.load_tokenizer(stage1_run)
     data = distill.build_dataset("synthetic", 32, "train", 24)
     args = probe_args(protocol="research", batch_size=8, workers=0, log_every=100)

@@ -865,7 +865,7 @@ def reconstruction_pass(model, loader, device, inception):
         psnr_sum += (-10 * torch.log10(mse.clamp(min=1e-10))).double().sum()
         if inception is not None:  # uint8 by truncation, as the released evaluation saves them
             feats.append(inception(fid.preprocess((recon * 255).to(torch.uint8)))[0].double().cpu())
-    return psnr_sum, distill.gather(torch.cat(feats)).numpy() if inception is not None else None
+    return psnr_sum, distill.gather(feats).numpy() if inception is not None else None
 
 
 @torch.no_grad()
@@ -917,7 +917,7 @@ def reference_statistics(args, inception, loader, size, n, device, rank):
     for x, _ in loader:
         real = ((x.to(device).float() + 1) * 127.5).round().to(torch.uint8)  # the data's own uint8 pixels
         feats.append(inception(fid.preprocess(real))[0].double().cpu())
-    mu, sigma = fid.statistics(distill.gather(torch.cat(feats)).numpy())
+    mu, sigma = fid.statistics(distill.gather(feats).numpy())
     if rank == 0:
         distill.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
         distill.log(f"wrote reference statistics {path}")
