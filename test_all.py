@@ -53,6 +53,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     bad input, clear errors:
       test_*_bad_inputs, test_*_errors, test_image_folder_errors, test_dit_mismatch_errors,
       test_unwritable_out_and_full_disk, test_encode_refuses_to_resume_into_a_cache_of_other_images,
+      test_evaluate_reference_statistics_are_named_by_their_images,
       test_sampling_refuses_a_folder_made_otherwise
     checkpoint safety:
       test_no_loader_runs_code_from_a_checkpoint, test_wrong_or_damaged_checkpoints_say_what_they_are,
@@ -1557,6 +1558,20 @@ def test_evaluate_rfid(stage1_run, inception_files, tmp_path, monkeypatch):
     for weights in ("model", "ema"):
         assert np.isfinite(first[weights]["rfid"]) and first[weights]["rfid"] >= 0
         assert second[weights]["rfid"] == pytest.approx(first[weights]["rfid"], rel=1e-9)
+
+
+def test_evaluate_reference_statistics_are_named_by_their_images(stage1_run, inception_files, tmp_path,
+                                                                 monkeypatch):
+    """The default --ref-stats file names the images it holds: other images (here the built-in data's val
+    split with another --seed; for folders, another absolute path) get their own file, where they used to
+    read the first set's statistics (runs/fid_stats/synthetic_32px_4.npz for any seed)."""
+    monkeypatch.chdir(tmp_path)
+    common = ["evaluate", "--ckpt", stage1_run, "--num-eval", "4", "--workers", "0", "--rfid",
+              "--inception-weights", str(inception_files / "inception.pth")]
+    seeded = [tokenizer.main([*common, "--seed", seed])["ema"]["rfid"] for seed in ("0", "1", "1")]
+    assert len(os.listdir(tmp_path / "runs" / "fid_stats")) == 2 and seeded[1] == seeded[2] != seeded[0]
+    fresh = tokenizer.main([*common, "--seed", "1", "--ref-stats", str(tmp_path / "fresh.npz")])["ema"]["rfid"]
+    assert fresh == pytest.approx(seeded[1], rel=1e-9)
 
 
 def test_evaluate_two_processes_equal_one(stage1_run, inception_files, tmp_path):

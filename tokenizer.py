@@ -36,6 +36,7 @@ with weights_only=True (`distill.load_checkpoint`); later stages rebuild the tok
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -909,8 +910,7 @@ def reference_statistics(args, inception, loader, size, n, device, rank):
     else from one Inception pass over the images, written there (atomically, by rank 0)."""
     if inception is None:
         return None
-    path = args.ref_stats or os.path.join(
-        "runs", "fid_stats", f"{os.path.basename(os.path.normpath(args.data))}_{size}px_{n}.npz")
+    path = args.ref_stats or default_ref_stats(args, size, n)
     if os.path.isfile(path):
         return fid.load_statistics(path)
     feats = []
@@ -922,6 +922,17 @@ def reference_statistics(args, inception, loader, size, n, device, rank):
         distill.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
         distill.log(f"wrote reference statistics {path}")
     return mu, sigma
+
+
+def default_ref_stats(args, size, n):
+    """runs/fid_stats/DATA_SIZEpx_N_KEY.npz. KEY hashes what picks the images (a folder's absolute path and
+    --skip-bad-images, the built-in data's seed): two folders named val, or two seeds, never share a file.
+    A folder whose files change keeps its KEY: pass a fresh --ref-stats then."""
+    folder = [os.path.abspath(args.data), args.skip_bad_images]
+    source = ["synthetic", args.seed] if args.data == "synthetic" else folder
+    key = hashlib.sha1(json.dumps([*source, size, n]).encode()).hexdigest()[:8]
+    name = f"{os.path.basename(os.path.normpath(args.data))}_{size}px_{n}_{key}.npz"
+    return os.path.join("runs", "fid_stats", name)
 
 
 #################################################################################
@@ -1200,7 +1211,7 @@ def build_parser(mode, add_help=True):
         p.add_argument("--rfid", action="store_true", help="also rFID (needs the FID Inception)")
         p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 path (default: URL)")
         p.add_argument("--ref-stats", default=None,
-                       help="reference statistics cache (.npz); None: runs/fid_stats/DATA_SIZEpx_N.npz")
+                       help="reference statistics cache (.npz); None: runs/fid_stats/DATA_SIZEpx_N_KEY.npz")
     else:
         p.add_argument("--shard-size", type=int, default=4096, help="images per latent-cache shard file")
     distill.add_run_flags(p, train=False)
