@@ -295,7 +295,7 @@ def evaluate(args, device):
 
 
 PRESETS = {
-    "paper": dict(steps=150, judge=""),  # the released sampler: 150 grid points; ImageNet has no judge here
+    "paper": dict(steps=150, judge=None),  # the released sampler: 150 grid points; ImageNet has no judge here
     # On the tiny pipeline 50 points score as 150 do, in less than half the time (measured in the README).
     # The judge: the stand-in teacher of the built-in data.
     "tiny": dict(steps=50, judge=os.path.join(distill.RUNS["teacher"], "teacher.pt")),

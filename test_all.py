@@ -1863,7 +1863,7 @@ def test_judge_must_know_the_generated_classes(dit_run, standin_teacher, tmp_pat
     with pytest.raises(ValueError, match="classifies 5 classes, the generator makes 10.*--judge ''"):
         sample.main(sample_args(dit_run, out, "--judge", five))
     assert not [f for f in os.listdir(os.path.join(out, "images")) if f.endswith(".png")]
-    assert sample.parse_args(["--preset", "paper"]).judge == ""
+    assert sample.parse_args(["--preset", "paper"]).judge is None
 
 
 def test_sampling_is_the_same_on_two_processes(dit_run, tmp_path):
