@@ -2,9 +2,9 @@
 (`models/DDT.py`).
 
 Image i of a run has label i % num_classes and initial noise drawn from a generator seeded by (seed, i)
-alone; the index space is cut into global batches of --global-batch-size that are dealt to the ranks in
-contiguous runs, so every image is computed in the same batch whatever the number of processes, and the
-files are the same with 1 GPU or 64. A crash resumes by skipping the batches whose PNGs all exist.
+alone; the index space is cut into batches of --batch-size that are dealt whole to the ranks in contiguous
+runs (each process generates one batch at a time), so every image is computed in the same batch whatever
+the number of processes, and the files are the same with 1 GPU or 64. A crash resumes by skipping the batches whose PNGs all exist.
 
 Run:
     python sample.py                                          # tiny: 100 samples from runs/dit, 50 points
@@ -39,7 +39,8 @@ import tokenizer
 
 
 def my_batches(num, batch_size, rank, world):
-    """Global batches [k*B, (k+1)*B) dealt to ranks in contiguous runs (uneven shards allowed)."""
+    """Batches [k*B, (k+1)*B) dealt whole to ranks in contiguous runs (uneven shards allowed): a batch is
+    what one process generates at once, so the batches do not depend on the number of processes."""
     count = math.ceil(num / batch_size)
     lo, hi = rank * count // world, (rank + 1) * count // world
     return [range(k * batch_size, min(num, (k + 1) * batch_size)) for k in range(lo, hi)]
@@ -130,7 +131,7 @@ def provenance(args, model, guide, tok, mu, sigma):
             "guide": distill.weights_fingerprint(guide) if guide is not None else None,
             "latent_stats": distill.weights_fingerprint({"mu": mu, "sigma": sigma}), "seed": args.seed,
             "steps": args.steps, "cfg": args.cfg, "cfg_interval": list(args.cfg_interval),
-            "num_images": args.num_images, "global_batch_size": args.global_batch_size, "bf16": args.bf16}
+            "num_images": args.num_images, "batch_size": args.batch_size, "bf16": args.bf16}
 
 
 def check_provenance(args, made):
@@ -161,7 +162,7 @@ def main(argv=None):
     judge = find_judge(args, model.num_classes)  # before sampling: a judge of other classes fails now
     check_provenance(args, provenance(args, model, guide, tok, mu, sigma))
     distill.barrier()  # the folder exists and provenance.json says what fills it
-    batches = my_batches(args.num_images, args.global_batch_size, rank, world)
+    batches = my_batches(args.num_images, args.batch_size, rank, world)
     todo = [b for b in batches if not all(os.path.isfile(os.path.join(folder, f"{i:06d}.png")) for i in b)]
     before = len([f for f in os.listdir(folder) if f.endswith(".png")])
     distill.log(f"sampling {args.num_images} images ({args.steps} grid points, cfg {args.cfg}"
@@ -317,8 +318,8 @@ def build_parser(add_help=True):
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (CFG, or autoguidance with --guide)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="CFG time interval")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--global-batch-size", type=int, default=50,
-                   help="images per step over all ranks (the same images for any rank count)")
+    p.add_argument("--batch-size", type=int, default=50, help="per process: each rank generates whole batches "
+                   "of this many, the same batches (so the same images) on any number of processes")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA")
     p.add_argument("--out", default="runs/samples")
     p.add_argument("--ref-stats", default=None, help="reference statistics .npz for FID (mu, sigma)")
@@ -338,8 +339,8 @@ def parse_args(argv=None):
     p, args = distill.parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)
     if args.steps < 2:
         p.error(f"--steps {args.steps}: the Euler grid needs at least 2 points (one step); the paper uses 150")
-    if args.num_images < 1 or args.global_batch_size < 1:
-        p.error("--num-images and --global-batch-size must be at least 1")
+    if args.num_images < 1 or args.batch_size < 1:
+        p.error("--num-images and --batch-size must be at least 1")
     return args
 
 

@@ -48,6 +48,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_presets_are_the_parser_defaults, test_bench_is_one_rule_in_every_trainer,
       test_tokenizer_bench_needs_no_earlier_stage, test_dit_bench_needs_no_cache,
       test_paper_presets_decode_images_with_enough_workers,
+      test_every_stage_calls_its_batch_per_process_batch_size,
       test_weight_decay_skips_embeddings_and_tokens, test_dit_lr_decay_ends_at_its_own_epoch
     bad input, clear errors:
       test_*_bad_inputs, test_*_errors, test_image_folder_errors, test_dit_mismatch_errors,
@@ -190,7 +191,7 @@ def dit_args(cache, out, *extra):
 
 
 def sample_args(ckpt, out, *extra):
-    return ["--dit", ckpt, "--out", out, "--num-images", "14", "--steps", "4", "--global-batch-size", "4", *extra]
+    return ["--dit", ckpt, "--out", out, "--num-images", "14", "--steps", "4", "--batch-size", "4", *extra]
 
 
 @pytest.fixture
@@ -1028,6 +1029,18 @@ def test_presets_are_the_parser_defaults(module, presets, extra, capsys):
         with pytest.raises(SystemExit):
             module.parse_args(["--preset", name, *extra, "--help"])
         assert f"(default: {v})" in capsys.readouterr().out
+
+
+def test_every_stage_calls_its_batch_per_process_batch_size(capsys):
+    """One vocabulary: every stage's batch flag is --batch-size, per process. sample.py's is too: each rank
+    generates whole batches of it (the images do not depend on the process count); it was called
+    --global-batch-size and said "over all ranks", so 8 GPUs at 400 each ran 400, not 50."""
+    for module, _, extra in PRESET_STAGES:
+        with pytest.raises(SystemExit):
+            module.parse_args([*extra, "--help"])
+        help_text = capsys.readouterr().out
+        assert "--batch-size" in help_text and "global-batch" not in help_text, module.__name__
+    assert sample.my_batches(14, 4, 1, 2) == [range(8, 12), range(12, 14)]  # rank 1 of 2: whole batches
 
 
 def test_paper_presets_decode_images_with_enough_workers():
@@ -1928,7 +1941,8 @@ def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path, capsys):
         sample.main(sample_args(dit_run, str(tmp_path / "c"), "--tokenizer", str(tmp_path / "other.pth")))
     with pytest.raises(FileNotFoundError, match="--latent-stats .* not found: pass the stats.npz"):
         sample.main(sample_args(dit_run, str(tmp_path / "d"), "--latent-stats", str(tmp_path / "none.npz")))
-    for flags, says in ((["--steps", "1"], "at least 2 points"), (["--num-images", "0"], "at least 1")):
+    for flags, says in ((["--steps", "1"], "at least 2 points"), (["--num-images", "0"], "at least 1"),
+                        (["--batch-size", "0"], "at least 1")):
         with pytest.raises(SystemExit):  # one grid point made no step: the samples were the initial noise
             sample.parse_args(["--dit", dit_run, *flags])
         assert says in capsys.readouterr().err
@@ -2176,7 +2190,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch):
     metrics = tokenizer.main(["evaluate", "--num-eval", "32", "--batch-size", "16", "--workers", "0"])
     tokenizer.main(["encode", "--num-train", "128", "--batch-size", "32", "--workers", "0"])
     dit.main(["--epochs", "1", "--batch-size", "16", *quick])
-    sample.main(["--num-images", "20", "--steps", "10", "--global-batch-size", "10"])
+    sample.main(["--num-images", "20", "--steps", "10", "--batch-size", "10"])
     results = probe.main(["--num-train", "200", "--num-val", "100", "--epochs", "10", "--warmup-epochs", "1",
                           "--sweep-tau", "0", "0.3", "0.7"])
     runs = tmp_path / "runs"
