@@ -279,6 +279,8 @@ def main(argv=None):
     if args.plot:
         return plot_runs(args.plot, args.out)
     rank, world, device = distill.setup_distributed()
+    if rank == 0:  # an unwritable --out fails now, not after the extraction and the heads (hours on ImageNet)
+        distill.prepare_out_dir(args.out)
     model, config = tokenizer.load_tokenizer(args.tokenizer, device=device)
     taus = args.sweep_tau or [args.tau if args.feature == "flow" else 0.0]
     kind = "flow" if args.sweep_tau else args.feature
@@ -296,7 +298,6 @@ def main(argv=None):
         distill.log(f"{kind} tau {tau:.2f}: top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}% "
                     f"({len(y)} train / {len(yv)} val, {args.protocol} protocol)")
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
         chance = 100 / train.num_classes
         distill.write_json(os.path.join(args.out, "probe.json"), {
             "tokenizer": args.tokenizer, "protocol": args.protocol, "chance": chance, "results": results})

@@ -2060,6 +2060,10 @@ def test_probe_two_processes_equal_one(stage1_run, tmp_path, monkeypatch):
     for feature in ("L", "SL"):
         (res,) = probe.main(common[:-3] + ["--feature", feature, "--out", str(tmp_path / feature)])
         assert res["feature"] == feature and 0 <= res["top1"] <= 100
+    with monkeypatch.context() as m:  # an unwritable --out fails before any feature is extracted
+        m.setattr(probe, "extract", lambda *a: pytest.fail("features extracted before --out was checked"))
+        with pytest.raises(OSError, match="cannot write to /proc/rectok_probe"):
+            probe.main(common + ["--out", "/proc/rectok_probe"])
 
 
 #################################################################################
