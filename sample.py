@@ -4,7 +4,8 @@
 Image i of a run has label i % num_classes and initial noise drawn from a generator seeded by (seed, i)
 alone; the index space is cut into batches of --batch-size that are dealt whole to the ranks in contiguous
 runs (each process generates one batch at a time), so every image is computed in the same batch whatever
-the number of processes, and the files are the same with 1 GPU or 64. A crash resumes by skipping the batches whose PNGs all exist.
+the number of processes, and the files are the same with 1 GPU or 64. A crash resumes by skipping the
+batches whose PNGs all exist.
 
 Run:
     python sample.py                                          # tiny: 100 samples from runs/dit, 50 points
