@@ -370,6 +370,9 @@ def train(args):
         distill.prepare_out_dir(args.out)
     torch.manual_seed(args.seed * world + rank)
     cache, tok = open_latents(args)
+    if args.tokenizer is None and args.preview_every and not args.bench:  # not found (--tokenizer "" is off)
+        distill.log(f"previews off: no tokenizer to decode them (the cache's, {cache.meta['tokenizer']}, is gone); "
+                    f"pass --tokenizer")
     model, config = build_model(args, cache)
     model.to(device)
     ema = distill.make_ema(model)

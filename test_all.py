@@ -47,7 +47,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     recipe defaults and the command line:
       test_presets_are_the_parser_defaults, test_bench_is_one_rule_in_every_trainer,
       test_tokenizer_bench_needs_no_earlier_stage, test_dit_bench_needs_no_cache,
-      test_paper_presets_decode_images_with_enough_workers,
+      test_paper_presets_decode_images_with_enough_workers, test_dit_says_when_previews_are_off,
       test_every_stage_calls_its_batch_per_process_batch_size,
       test_weight_decay_skips_embeddings_and_tokens, test_dit_lr_decay_ends_at_its_own_epoch
     bad input, clear errors:
@@ -1801,6 +1801,18 @@ def test_dit_resume_refuses_other_latents_or_global_batch(cache, tmp_path):
     with pytest.raises(ValueError, match="another global batch .8, this run: 4"):
         dit.main(dit_args(cache, out, "--batch-size", "4"))  # 1 process: half the global batch
     assert dit.main(dit_args(cache, out, "--batch-size", "8")) == 10  # same global batch: continues
+
+
+def test_dit_says_when_previews_are_off(cache, tmp_path, capsys):
+    """A cache whose tokenizer file is gone trains without previews, and says so (it said nothing)."""
+    moved = str(tmp_path / "latents")
+    shutil.copytree(cache, moved)
+    with open(os.path.join(moved, "meta.json")) as f:
+        meta = json.load(f)
+    distill.write_json(os.path.join(moved, "meta.json"), dict(meta, tokenizer=str(tmp_path / "gone.pt")))
+    dit.main(dit_args(moved, str(tmp_path / "run"), "--stop-at", "1", "--preview-every", "1"))
+    assert "previews off" in capsys.readouterr().out
+    assert not [f for f in os.listdir(tmp_path / "run") if f.startswith("preview")]
 
 
 def test_dit_mismatch_errors(cache, tmp_path, parity_sizes):
