@@ -21,7 +21,6 @@ samples decoded by --tokenizer). A checkpoint is {"kind": "generator", "config",
 model from "config" and "ema".
 """
 import argparse
-import json
 import math
 import os
 
@@ -335,15 +334,21 @@ class RandomLatents(torch.utils.data.Dataset):
 
 
 def open_latents(args):
-    """The cache, checked against the tokenizer used for previews (same weights fingerprint)."""
+    """The cache and the tokenizer that decodes previews: --tokenizer, else the cache's own if its file still
+    exists ('' turns previews off), checked against the cache (same weights fingerprint)."""
     if args.random_latents:
         return RandomLatents(args.preset, args.bench * args.batch_size * distill.world_info()[1]), None
-    expect = {}
-    tok = None
-    if args.tokenizer:
-        tok, _ = tokenizer.load_tokenizer(args.tokenizer)
-        expect["fingerprint"] = distill.weights_fingerprint(tok)
-    return tokenizer.LatentCache(args.latents, expect=expect, seed=args.seed), tok
+    cache = tokenizer.LatentCache(args.latents, seed=args.seed)
+    path = cache.meta["tokenizer"] if args.tokenizer is None else args.tokenizer
+    if args.tokenizer is None and not os.path.isfile(path):
+        if args.preview_every and not args.bench:
+            distill.log(f"previews off: no tokenizer to decode them (the cache's, {path}, is gone); pass --tokenizer")
+        return cache, None
+    if not path:
+        return cache, None
+    tok, _ = tokenizer.load_tokenizer(path)
+    tokenizer.check_meta(args.latents, {"fingerprint": distill.weights_fingerprint(tok)})
+    return cache, tok
 
 
 def build_model(args, cache):
@@ -370,9 +375,6 @@ def train(args):
         distill.prepare_out_dir(args.out)
     torch.manual_seed(args.seed * world + rank)
     cache, tok = open_latents(args)
-    if args.tokenizer is None and args.preview_every and not args.bench:  # not found (--tokenizer "" is off)
-        distill.log(f"previews off: no tokenizer to decode them (the cache's, {cache.meta['tokenizer']}, is gone); "
-                    f"pass --tokenizer")
     model, config = build_model(args, cache)
     model.to(device)
     ema = distill.make_ema(model)
@@ -512,11 +514,6 @@ def parse_args(argv=None):
         return args
     if args.latents is None:
         p.error("--latents is required with --preset paper (or --bench N --random-latents)")
-    meta = os.path.join(args.latents, "meta.json")
-    if args.tokenizer is None and os.path.isfile(meta):
-        with open(meta) as f:
-            path = json.load(f)["tokenizer"]
-        args.tokenizer = path if os.path.isfile(path) else None
     return args
 
 
