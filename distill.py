@@ -191,7 +191,10 @@ def assert_ranks_agree(modules):
 
 #: the pipeline's default run folders: each stage reads the previous one's default output
 RUNS = {"teacher": "runs/teacher", "tokenizer": "runs/tokenizer", "tokenizer_ft": "runs/tokenizer_ft",
-        "latents": "runs/latents", "dit": "runs/dit", "samples": "runs/samples", "probe": "runs/probe"}
+        "latents": "runs/latents", "dit": "runs/dit", "samples": "runs/samples", "probe": "runs/probe",
+        "fid_stats": "runs/fid_stats"}
+#: the stand-in teacher that `python distill.py` writes and the tiny presets read
+STANDIN_TEACHER = os.path.join(RUNS["teacher"], "teacher.pt")
 
 
 def atomic_write(path, write):
@@ -1541,7 +1544,7 @@ def build_parser(add_help=True):
     p.add_argument("--data", default="synthetic", help="'synthetic' (built-in) or an ImageNet-style folder")
     p.add_argument("--val-data", default=None, help="held-out class folder (default: every 50th image)")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out (and count) unreadable files")
-    p.add_argument("--out", default="runs/teacher", help="run folder (resumes from OUT/latest.pt)")
+    p.add_argument("--out", default=RUNS["teacher"], help="run folder (resumes from OUT/latest.pt)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
     for k in ("image_size", "patch_size", "width", "depth", "heads", "epochs", "batch_size", "num_train",
               "num_val"):

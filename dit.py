@@ -298,7 +298,7 @@ PRESETS = {
     # head as narrow as the trunk and batch 32 buy many more steps in the same time, which the samples
     # need more than width (the README's "generation half" has the measurements).
     "tiny": dict(model="tiny", epochs=20, batch_size=32, lr=1e-3, hold_epochs=5, final_lr=1e-4,
-                 decay_end_epoch=20, ema=0.99, latents="runs/latents"),
+                 decay_end_epoch=20, ema=0.99, latents=distill.RUNS["latents"]),
 }
 
 
@@ -488,7 +488,7 @@ def build_parser(add_help=True):
     p.add_argument("--latents", help="latent cache folder (tokenizer.py encode)")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint for previews (default: the "
                    "cache's tokenizer, if it still exists)")
-    p.add_argument("--out", default="runs/dit")
+    p.add_argument("--out", default=distill.RUNS["dit"])
     p.add_argument("--model", choices=sorted(SIZES))
     p.add_argument("--epochs", type=int, help="train this many epochs (of the schedule below)")
     p.add_argument("--batch-size", type=int, help="per process")

@@ -321,7 +321,7 @@ PRESETS = {
 
 def build_parser(add_help=True):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=distill.HelpFormatter, add_help=add_help)
-    p.add_argument("--tokenizer", default="runs/tokenizer_ft/latest.pt")
+    p.add_argument("--tokenizer", default=os.path.join(distill.RUNS["tokenizer_ft"], "latest.pt"))
     p.add_argument("--data", default="synthetic", help="'synthetic' or a class-folder train set")
     p.add_argument("--val-data", default=None, help="class-folder val set (synthetic: its val split)")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out (and count) unreadable files")
@@ -348,7 +348,7 @@ def build_parser(add_help=True):
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=20, help="log feature extraction every N batches")
-    p.add_argument("--out", default="runs/probe")
+    p.add_argument("--out", default=distill.RUNS["probe"])
     p.add_argument("--plot", nargs="+", default=None, metavar="PROBE_JSON",
                    help="only draw these runs' probe.json on one plot, OUT/probe_tau.png")
     return p

@@ -300,14 +300,15 @@ PRESETS = {
     "paper": dict(steps=150, judge=None),  # the released sampler: 150 grid points; ImageNet has no judge here
     # On the tiny pipeline 50 points score as 150 do, in less than half the time (measured in the README).
     # The judge: the stand-in teacher of the built-in data.
-    "tiny": dict(steps=50, judge=os.path.join(distill.RUNS["teacher"], "teacher.pt")),
+    "tiny": dict(steps=50, judge=distill.STANDIN_TEACHER),
 }
 
 
 def build_parser(add_help=True):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=distill.HelpFormatter, add_help=add_help)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
-    p.add_argument("--dit", default="runs/dit/latest.pt", help="generator checkpoint (EMA weights are used)")
+    p.add_argument("--dit", default=os.path.join(distill.RUNS["dit"], "latest.pt"),
+                   help="generator checkpoint (EMA weights are used)")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one the "
                    "generator's latent cache came from)")
     p.add_argument("--guide", default=None, help="autoguidance: the weaker generator (e.g. DiT^DH-S)")
@@ -322,7 +323,7 @@ def build_parser(add_help=True):
     p.add_argument("--batch-size", type=int, default=50, help="per process: each rank generates whole batches "
                    "of this many, the same batches (so the same images) on any number of processes")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA")
-    p.add_argument("--out", default="runs/samples")
+    p.add_argument("--out", default=distill.RUNS["samples"])
     p.add_argument("--ref-stats", default=None, help="reference statistics .npz for FID (mu, sigma)")
     p.add_argument("--inception-weights", default=None)
     p.add_argument("--fid-mode", default="tf", choices=["tf", "pytorch-fid"])

@@ -49,6 +49,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_tokenizer_bench_needs_no_earlier_stage, test_dit_bench_needs_no_cache,
       test_paper_presets_decode_images_with_enough_workers, test_dit_says_when_previews_are_off,
       test_every_stage_calls_its_batch_per_process_batch_size,
+      test_each_stage_reads_the_default_output_of_the_stage_before,
       test_weight_decay_skips_embeddings_and_tokens, test_dit_lr_decay_ends_at_its_own_epoch
     bad input, clear errors:
       test_*_bad_inputs, test_*_errors, test_image_folder_errors, test_dit_mismatch_errors,
@@ -1041,6 +1042,29 @@ def test_every_stage_calls_its_batch_per_process_batch_size(capsys):
         help_text = capsys.readouterr().out
         assert "--batch-size" in help_text and "global-batch" not in help_text, module.__name__
     assert sample.my_batches(14, 4, 1, 2) == [range(8, 12), range(12, 14)]  # rank 1 of 2: whole batches
+
+
+def test_each_stage_reads_the_default_output_of_the_stage_before(monkeypatch):
+    """The pipeline's run folders have one home, distill.RUNS: each stage's default input is the default
+    output of the stage before it, and moving a folder there moves both ends (a literal "runs/..." in a
+    parser would not follow)."""
+    tiny = tokenizer.parse_args([])
+    assert tiny.teacher_weights == sample.parse_args([]).judge == distill.STANDIN_TEACHER
+    assert os.path.dirname(distill.STANDIN_TEACHER) == distill.parse_args([]).out
+    assert dit.parse_args([]).latents == tokenizer.parse_args(["encode"]).out
+    for key in distill.RUNS:
+        monkeypatch.setitem(distill.RUNS, key, os.path.join("elsewhere", key))
+    stages = {"teacher": distill.parse_args([]), "tokenizer": tokenizer.parse_args([]),
+              "tokenizer_ft": tokenizer.parse_args(["finetune"]), "latents": tokenizer.parse_args(["encode"]),
+              "dit": dit.parse_args(["--latents", "x"]), "samples": sample.parse_args([]),
+              "probe": probe.parse_args([])}
+    assert {key: args.out for key, args in stages.items()} == {key: os.path.join("elsewhere", key) for key in stages}
+    latest = {key: os.path.join("elsewhere", key, "latest.pt") for key in stages}
+    assert stages["tokenizer_ft"].init == latest["tokenizer"]
+    assert stages["latents"].ckpt == tokenizer.parse_args(["evaluate"]).ckpt == latest["tokenizer_ft"]
+    assert stages["probe"].tokenizer == latest["tokenizer_ft"] and stages["samples"].dit == latest["dit"]
+    args = tokenizer.parse_args(["evaluate"])
+    assert os.path.dirname(tokenizer.default_ref_stats(args, 32, 10)) == os.path.join("elsewhere", "fid_stats")
 
 
 def test_paper_presets_decode_images_with_enough_workers():

@@ -671,11 +671,11 @@ def ensure_standin_teacher(args):
         raise FileNotFoundError(f"stand-in teacher {args.teacher_weights} not found, and --bench writes nothing, "
                                 f"so it trains none: train it with `python distill.py`, or bench with "
                                 f"--random-weights")
-    if args.teacher_weights != "runs/teacher/teacher.pt" or args.data != "synthetic":
+    if os.path.abspath(args.teacher_weights) != os.path.abspath(distill.STANDIN_TEACHER) or args.data != "synthetic":
         raise FileNotFoundError(f"stand-in teacher {args.teacher_weights} not found: train it with "
                                 f"`python distill.py --data {args.data}`")
     distill.log("no stand-in teacher yet: training it first (python distill.py)")
-    distill.train_standin(distill.parse_args(["--out", "runs/teacher"]))  # every rank takes part
+    distill.train_standin(distill.parse_args(["--out", distill.RUNS["teacher"]]))  # every rank takes part
 
 
 def build_loss(args, stage, device):
@@ -932,7 +932,7 @@ def default_ref_stats(args, size, n):
     source = ["synthetic", args.seed] if args.data == "synthetic" else folder
     key = hashlib.sha1(json.dumps([*source, size, n]).encode()).hexdigest()[:8]
     name = f"{os.path.basename(os.path.normpath(args.data))}_{size}px_{n}_{key}.npz"
-    return os.path.join("runs", "fid_stats", name)
+    return os.path.join(distill.RUNS["fid_stats"], name)
 
 
 #################################################################################
@@ -1161,7 +1161,7 @@ def add_model_flags(p):
     g.add_argument("--gamma", type=float, default=1.0, help="flow noise scale; 0 turns the flow off")
     g.add_argument("--teacher", help="'standin' or an official one, e.g. dinov3_vitl16")
     g.add_argument("--teacher-weights", default=None,
-                   help="checkpoint path or URL (default: runs/teacher/teacher.pt for the stand-in)")
+                   help=f"checkpoint path or URL (default: {distill.STANDIN_TEACHER} for the stand-in)")
     g.add_argument("--no-teacher-jitter", action="store_true",
                    help="run DINOv3 without the training-mode RoPE rescale the release used")
     g.add_argument("--kl-weight", type=float, default=1e-6)
@@ -1229,7 +1229,7 @@ def parse_args(argv=None):
     if getattr(args, "random_weights", False) and not args.bench:
         p.error("--random-weights is for --bench only: training needs the real teacher")
     if mode == "train" and args.teacher_weights is None and args.teacher == "standin":
-        args.teacher_weights = os.path.join(distill.RUNS["teacher"], "teacher.pt")
+        args.teacher_weights = distill.STANDIN_TEACHER
     return args
 
 
