@@ -315,7 +315,8 @@ PRESETS = {
     "paper": dict(base_lr=0.1, probe_batch_size=16384, num_train=None, num_val=None, workers=distill.IMAGE_WORKERS),
     # A few thousand images: batch 256 gives ~1000 LARS steps. LARS moves a weight matrix by lr x 0.001 of
     # its norm per step, so so few steps need a far larger lr (measured in the README's "Linear probing").
-    "tiny": dict(base_lr=20.0, probe_batch_size=256, num_train=3000, num_val=1000),
+    # Loader workers off: a few thousand small images extract faster than worker processes start.
+    "tiny": dict(base_lr=20.0, probe_batch_size=256, num_train=3000, num_val=1000, workers=0),
 }
 
 
@@ -329,8 +330,8 @@ def build_parser(add_help=True):
     p.add_argument("--num-val", type=int, help="val images (None: all)")
     p.add_argument("--data-seed", type=int, default=1, help="seed of the built-in data (a fresh draw)")
     p.add_argument("--feature", default="L", choices=["L", "SL", "flow"])
-    p.add_argument("--tau", type=float, default=0.0, help="noise level of the 'flow' feature")
-    p.add_argument("--sweep-tau", type=float, nargs="*", default=None, help="probe 'flow' at these taus")
+    p.add_argument("--tau", type=float, default=0.0, help="noise level of the 'flow' feature, in [0, 1]")
+    p.add_argument("--sweep-tau", type=float, nargs="+", default=None, help="probe 'flow' at these taus")
     p.add_argument("--protocol", default="mae", choices=["mae", "research"],
                    help="mae: BN + linear, LARS, warm-up + cosine; research: the authors' linear head, Adam "
                         "at a constant lr, training flips")
@@ -345,9 +346,7 @@ def build_parser(add_help=True):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--probe-batch-size", type=int, help="linear-probe batch")
     p.add_argument("--batch-size", type=int, default=64, help="feature extraction batch per process")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=20, help="log feature extraction every N batches")
+    distill.add_run_flags(p, train=False)
     p.add_argument("--out", default=distill.RUNS["probe"])
     p.add_argument("--plot", nargs="+", default=None, metavar="PROBE_JSON",
                    help="only draw these runs' probe.json on one plot, OUT/probe_tau.png")
@@ -355,7 +354,16 @@ def build_parser(add_help=True):
 
 
 def parse_args(argv=None):
-    return distill.parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)[1]
+    p, args = distill.parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)
+    taus = args.sweep_tau or [args.tau]
+    if not all(0 <= tau <= 1 for tau in taus):
+        p.error(f"tau {taus}: the flow runs from tau = 0 (the clean latent) to 1 (noise)")
+    if args.tau and args.feature != "flow":
+        p.error(f"--tau {args.tau} is the noise level of --feature flow, not of --feature {args.feature}: add "
+                f"--feature flow, or --sweep-tau")
+    if args.sweep_tau and args.feature == "SL":
+        p.error("--sweep-tau probes the noisy latent (the 'flow' feature); --feature SL has no tau")
+    return args
 
 
 if __name__ == "__main__":

@@ -2102,6 +2102,19 @@ def test_probe_two_processes_equal_one(stage1_run, tmp_path, monkeypatch):
             probe.main(common + ["--out", "/proc/rectok_probe"])
 
 
+def test_probe_bad_inputs(capsys):
+    """A tau that would be silently ignored, or lies off the flow, fails at the command line."""
+    for flags, says in ((["--tau", "0.5"], "--feature flow, not of --feature L"),
+                        (["--feature", "SL", "--sweep-tau", "0", "0.5"], "SL has no tau"),
+                        (["--feature", "flow", "--tau", "1.5"], "from tau = 0"),
+                        (["--sweep-tau", "0", "-0.1"], "from tau = 0"), (["--sweep-tau"], "expected at least one")):
+        with pytest.raises(SystemExit):
+            probe.parse_args(flags)
+        assert says in capsys.readouterr().err, flags
+    assert probe.parse_args(["--feature", "flow", "--tau", "0.5"]).tau == 0.5
+    assert (probe.parse_args([]).workers, probe.parse_args(["--preset", "paper"]).workers) == (0, distill.IMAGE_WORKERS)
+
+
 #################################################################################
 #                  Checkpoint safety and wrong files (every loader)             #
 #################################################################################
