@@ -480,6 +480,20 @@ def write_atomically(path, write):
             os.remove(tmp)
 
 
+def check_writable(path, flag):
+    """Before any feature is computed: `path`'s folder exists (made if missing) and takes a file, so that
+    a read-only folder (the default --json lies beside the first source, e.g. a read-only data set) fails
+    now, not after an Inception pass over 50,000 images."""
+    folder = os.path.dirname(os.path.abspath(path))
+    test = os.path.join(folder, f".write_test{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(test, "wb").close()
+        os.remove(test)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path} ({e.strerror}): pass {flag} a writable path") from None
+
+
 def setup_device():
     """torchrun's process group (NCCL on CUDA, gloo on the CPU) and this process's device. Each rank is made
     current on its own GPU: NCCL's object gather of the features runs on the current device, which is GPU 0
@@ -509,13 +523,21 @@ def main(argv=None):
     args = p.parse_args(argv)
     if len(args.sources) > 2:
         p.error("give one source (statistics, IS) or two (FID)")
+    out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.sources[0])), "fid_metrics.json")
+    # --save-stats is named as np.savez names a path: .npz appended if missing
+    stats_path = args.save_stats and args.save_stats + ("" if args.save_stats.endswith(".npz") else ".npz")
     device = setup_device()
     rank, _ = world_info()
+    if rank == 0:
+        check_writable(out, "--json")
+        if stats_path:
+            check_writable(stats_path, "--save-stats")
     model = FIDInception().load(args.inception_weights).to(device)
     first = describe(args.sources[0], model, args, device, args.pr)
+    if args.inception_score and first[3] is None:
+        p.error(f"--is needs images: {args.sources[0]} holds statistics (mu, sigma)")
     metrics = {"sources": args.sources, "mode": args.mode}
-    if args.save_stats and rank == 0:  # named as np.savez names a path: .npz appended if missing
-        stats_path = args.save_stats if args.save_stats.endswith(".npz") else args.save_stats + ".npz"
+    if stats_path and rank == 0:
         write_atomically(stats_path, lambda f: np.savez(f, mu=first[0], sigma=first[1]))
     if len(args.sources) == 2:
         second = describe(args.sources[1], model, args, device, args.pr)
@@ -524,11 +546,10 @@ def main(argv=None):
             if first[2] is None or second[2] is None:
                 p.error("--pr needs images (not statistics) on both sides")
             metrics.update(precision_recall(first[2], second[2]))
-    if args.inception_score and first[3] is not None:
+    if args.inception_score:
         metrics["inception_score"], metrics["inception_score_std"] = inception_score(first[3])
     if rank == 0:
         print(json.dumps({k: v for k, v in metrics.items() if k != "fid_diagnostics"}, indent=1))
-        out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.sources[0])), "fid_metrics.json")
         write_atomically(out, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1540,6 +1540,24 @@ def test_fid_cli_and_sources_agree(inception_files):
         fid.FIDInception().load(str(r / "no_weights.pth"))
 
 
+def test_fid_cli_bad_inputs(inception_files, tmp_path, monkeypatch, capsys):
+    """What fid.py cannot do fails before the Inception runs: an unwritable --json (by default beside the
+    first source, which may be a read-only data set) or --save-stats used to fail after every feature was
+    computed; --is of statistics printed no IS and said nothing. --save-stats makes a missing folder."""
+    r, weights = inception_files, ["--inception-weights", str(inception_files / "inception.pth")]
+    with monkeypatch.context() as m:
+        m.setattr(fid, "features", lambda *a: pytest.fail("features computed before the outputs were checked"))
+        for flag in ("--json", "--save-stats"):
+            with pytest.raises(OSError, match=f"cannot write /proc/rectok_fid/x.* pass {flag} a writable path"):
+                fid.main([str(r / "a.npz"), flag, "/proc/rectok_fid/x", *weights])
+    fid.main([str(r / "a.npz"), "--save-stats", str(tmp_path / "new" / "a"), "--json", str(tmp_path / "m.json"),
+              *weights])
+    assert set(np.load(tmp_path / "new" / "a.npz").files) == {"mu", "sigma"}
+    with pytest.raises(SystemExit):
+        fid.main([str(tmp_path / "new" / "a.npz"), "--is", "--json", str(tmp_path / "m.json"), *weights])
+    assert "--is needs images" in capsys.readouterr().err
+
+
 def test_fid_files_are_written_atomically(tmp_path):
     """--json and --save-stats go through a temporary file: a kill mid-write keeps the previous file."""
     path = tmp_path / "fid_metrics.json"
