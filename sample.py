@@ -318,7 +318,8 @@ def build_parser(add_help=True):
     p.add_argument("--num-images", type=int, default=100, help="number of images (the paper: 50000)")
     p.add_argument("--steps", type=int, help="Euler grid points (steps + 1)")
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (CFG, or autoguidance with --guide)")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="CFG time interval")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LOW", "HIGH"),
+                   help="CFG acts for LOW <= t <= HIGH (generator time, 1 = data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=50, help="per process: each rank generates whole batches "
                    "of this many, the same batches (so the same images) on any number of processes")
@@ -343,6 +344,9 @@ def parse_args(argv=None):
         p.error(f"--steps {args.steps}: the Euler grid needs at least 2 points (one step); the paper uses 150")
     if args.num_images < 1 or args.batch_size < 1:
         p.error("--num-images and --batch-size must be at least 1")
+    lo, hi = args.cfg_interval
+    if not 0 <= lo <= hi <= 1:
+        p.error(f"--cfg-interval {lo} {hi}: give LOW HIGH with 0 <= LOW <= HIGH <= 1 (generator time, 1 = data)")
     return args
 
 

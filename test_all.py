@@ -1996,7 +1996,8 @@ def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="--latent-stats .* not found: pass the stats.npz"):
         sample.main(sample_args(dit_run, str(tmp_path / "d"), "--latent-stats", str(tmp_path / "none.npz")))
     for flags, says in ((["--steps", "1"], "at least 2 points"), (["--num-images", "0"], "at least 1"),
-                        (["--batch-size", "0"], "at least 1")):
+                        (["--batch-size", "0"], "at least 1"), (["--cfg-interval", "0.7", "0.2"], "LOW <= HIGH"),
+                        (["--cfg-interval", "0", "1.5"], "LOW <= HIGH")):
         with pytest.raises(SystemExit):  # one grid point made no step: the samples were the initial noise
             sample.parse_args(["--dit", dit_run, *flags])
         assert says in capsys.readouterr().err
