@@ -13,7 +13,7 @@ Run:
         --ref-stats /refs/VIRTUAL_imagenet256_labeled.npz     # gFID-50K without guidance
     ... --guide runs/dit_s/latest.pt --cfg 1.29               # autoguidance (the paper's guided numbers)
     ... --cfg 1.5 --cfg-interval 0.0 0.7                      # classifier-free guidance on an interval
-    sample.py --preset paper --dit DiTDDT_xl.pth --guide DiTDDT_s.pth --cfg 1.29 --tokenizer RecTok_decft.pth \
+    sample.py --preset paper --dit DiTDDT_xl.pth --guide DiTDDT_s.pth --cfg 1.29 --tokenizer RecTok_decft.pth \\
         --latent-stats /latents/rectok/stats.npz ...          # the authors' released weights
 
 Writes OUT/images/{i:06d}.png, OUT/provenance.json (what made them: the generator, guide and tokenizer

@@ -49,7 +49,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_tokenizer_bench_needs_no_earlier_stage, test_dit_bench_needs_no_cache,
       test_paper_presets_decode_images_with_enough_workers, test_dit_says_when_previews_are_off,
       test_every_stage_calls_its_batch_per_process_batch_size,
-      test_each_stage_reads_the_default_output_of_the_stage_before,
+      test_each_stage_reads_the_default_output_of_the_stage_before, test_help_prints_each_docstring_line_as_written,
       test_weight_decay_skips_embeddings_and_tokens, test_dit_lr_decay_ends_at_its_own_epoch
     bad input, clear errors:
       test_*_bad_inputs, test_*_errors, test_image_folder_errors, test_dit_mismatch_errors,
@@ -1065,6 +1065,17 @@ def test_each_stage_reads_the_default_output_of_the_stage_before(monkeypatch):
     assert stages["probe"].tokenizer == latest["tokenizer_ft"] and stages["samples"].dit == latest["dit"]
     args = tokenizer.parse_args(["evaluate"])
     assert os.path.dirname(tokenizer.default_ref_stats(args, 32, 10)) == os.path.join("elsewhere", "fid_stats")
+
+
+def test_help_prints_each_docstring_line_as_written():
+    """--help prints the stage's docstring, with its Run: lines: a shell continuation written with one
+    backslash (not two) joins two command lines into one there (sample.py's did)."""
+    for module in (distill, tokenizer, dit, sample, fid, probe):
+        with open(module.__file__) as f:
+            source = f.read()
+        start = source.index('"""') + 3
+        written = source[start:source.index('"""', start)]
+        assert len(module.__doc__.splitlines()) == len(written.splitlines()), module.__name__
 
 
 def test_paper_presets_decode_images_with_enough_workers():
