@@ -12,14 +12,15 @@ The Frechet distance is computed in float64 through a symmetric eigenvalue probl
 torch-fidelity (10 splits, rows permuted by RandomState(2020)).
 
 Run:
-    python fid.py samples.npz /refs/VIRTUAL_imagenet256_labeled.npz        # FID (and IS of the first)
-    python fid.py runs/samples/images stats.npz --is --pr                  # a folder; precision/recall
-    python fid.py /imagenet/val --save-stats runs/val_stats.npz            # statistics of a set
+    python fid.py samples.npz /refs/VIRTUAL_imagenet256_labeled.npz        # FID
+    python fid.py runs/samples/images ref.npz --is --pr                    # a folder; IS, precision/recall
+    python fid.py /imagenet/val --save-stats runs/val_stats.npz --json runs/val.json   # a set's statistics
     torchrun --nproc_per_node=8 fid.py samples.npz ref.npz                 # features on many ranks
 
 Each argument is a folder of images, an image .npz (`arr_0`, N x H x W x 3 uint8) or a statistics .npz
 (`mu`, `sigma`, as the ADM reference batches and pytorch-fid). Prints the metrics and writes them to
---json (default: fid_metrics.json beside the first argument). Imports nothing from the rest of the project.
+--json (default: fid_metrics.json beside the first argument; checked, like --save-stats, before the Inception
+runs). Imports nothing from the rest of the project.
 """
 import argparse
 import json
