@@ -367,6 +367,9 @@ def statistics(feats):
 
 
 def load_statistics(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"statistics file not found: {path} (an .npz with mu and sigma: an ADM "
+                                f"reference batch, or `fid.py IMAGES --save-stats FILE`)")
     stats = np.load(path)
     if "mu" not in stats.files or "sigma" not in stats.files:
         raise ValueError(f"{path} is not a statistics file: it needs 'mu' and 'sigma' (has {stats.files})")

@@ -160,7 +160,10 @@ def main(argv=None):
     if rank == 0:
         distill.prepare_out_dir(folder)
     model, guide, tok, mu, sigma = load_models(args, device)
-    judge = find_judge(args, model.num_classes)  # before sampling: a judge of other classes fails now
+    # before sampling (hours for 50,000 images): a wrong --ref-stats, Inception or judge fails now
+    ref = fid.load_statistics(args.ref_stats) if args.ref_stats else None
+    inception = fid.FIDInception().load(args.inception_weights).to(device) if ref is not None else None
+    judge = find_judge(args, model.num_classes)
     check_provenance(args, provenance(args, model, guide, tok, mu, sigma))
     distill.barrier()  # the folder exists and provenance.json says what fills it
     batches = my_batches(args.num_images, args.batch_size, rank, world)
@@ -184,7 +187,7 @@ def main(argv=None):
         pack(args, args.num_images, model.num_classes)
         distill.log(f"wrote {args.num_images} PNGs, samples.npz and preview.png in {args.out}")
     distill.barrier()
-    metrics = evaluate(args, device) if args.ref_stats else {}
+    metrics = evaluate(args, inception, ref, device) if ref is not None else {}
     if not metrics:
         distill.log("no --ref-stats given: images written, FID not computed")
     if rank == 0 and judge is not None:
@@ -279,12 +282,10 @@ def judge_samples(args, judge):
     return scores
 
 
-def evaluate(args, device):
-    """FID and IS of samples.npz against --ref-stats (ADM reference batch or fid.py statistics)."""
-    inception = fid.FIDInception().load(args.inception_weights).to(device)
+def evaluate(args, inception, ref, device):
+    """FID and IS of samples.npz against `ref`, the --ref-stats (ADM reference batch or fid.py statistics)."""
     feats, logits = fid.features(inception, os.path.join(args.out, "samples.npz"), args.fid_batch_size,
                                  args.fid_mode, device)
-    ref = fid.load_statistics(args.ref_stats)
     metrics = {"fid": fid.frechet_distance(*fid.statistics(feats), *ref), "num_samples": len(feats),
                "ref_stats": args.ref_stats, "dit": args.dit, "steps": args.steps, "cfg": args.cfg,
                "cfg_interval": args.cfg_interval, "guide": args.guide, "seed": args.seed}

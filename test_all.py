@@ -2006,6 +2006,9 @@ def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path, capsys):
         sample.main(sample_args(dit_run, str(tmp_path / "c"), "--tokenizer", str(tmp_path / "other.pth")))
     with pytest.raises(FileNotFoundError, match="--latent-stats .* not found: pass the stats.npz"):
         sample.main(sample_args(dit_run, str(tmp_path / "d"), "--latent-stats", str(tmp_path / "none.npz")))
+    with pytest.raises(FileNotFoundError, match="statistics file not found: .*none.npz"):  # before any sampling
+        sample.main(sample_args(dit_run, str(tmp_path / "e"), "--ref-stats", str(tmp_path / "none.npz")))
+    assert os.listdir(tmp_path / "e" / "images") == []
     for flags, says in ((["--steps", "1"], "at least 2 points"), (["--num-images", "0"], "at least 1"),
                         (["--batch-size", "0"], "at least 1"), (["--cfg-interval", "0.7", "0.2"], "LOW <= HIGH"),
                         (["--cfg-interval", "0", "1.5"], "LOW <= HIGH")):
