@@ -1293,6 +1293,21 @@ def test_finetune_changes_only_the_decoder(stage1_run, tmp_path):
     assert s2["d_optimizer"]["state"]  # a fresh discriminator trained from step 0
 
 
+def test_finetune_from_the_released_stage1_layout(parity_sizes, tmp_path):
+    """Stage 2 starts from the authors' RecTok.pth as from ours (they fine-tuned RecTok_decft.pth from it):
+    its config read off the weights, its EMA encoder frozen. It used to be refused (no config/ema)."""
+    _, w = parity("tokenizer_full_reconstruct")
+    torch.save({"model": w, "model_ema": w}, tmp_path / "RecTok.pth")
+    out = str(tmp_path / "ft")
+    tokenizer.main(["finetune", "--init", str(tmp_path / "RecTok.pth"), "--out", out, "--num-train", "16",
+                    "--batch-size", "8", "--epochs", "1", "--workers", "0", "--grid-every", "0"])
+    s2 = torch.load(os.path.join(out, "latest.pt"), weights_only=True)
+    released = tokenizer.from_official(w)
+    assert s2["step"] == 2 and s2["config"]["channels"] == 8 and s2["config"]["img_size"] == 32
+    assert all(torch.equal(v, released[k]) for k, v in s2["ema"].items() if k.startswith("encoder."))
+    assert any(not torch.equal(v, released[k]) for k, v in s2["model"].items() if k.startswith("decoder."))
+
+
 def test_evaluate_writes_metrics(stage1_run):
     results = tokenizer.main(["evaluate", "--ckpt", stage1_run, "--num-eval", "24", "--batch-size", "8",
                               "--workers", "0"])

@@ -832,14 +832,13 @@ def stage2_model(args, device):
 
 
 def stage1_weights(path):
-    """(config, EMA weights) of a stage-1 checkpoint written by `tokenizer.py train`."""
+    """(config, EMA weights) of a stage-1 tokenizer: written by `tokenizer.py train`, or the authors'
+    RecTok.pth (from which they fine-tuned RecTok_decft.pth)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"stage-1 checkpoint not found: {path}. Train it first with "
                                 f"`python tokenizer.py` (or pass --init)")
-    ckpt = distill.load_checkpoint(path, ("tokenizer",), "stage-1 tokenizer checkpoint")
-    if "config" not in ckpt or "ema" not in ckpt:
-        raise ValueError(f"{path} is not a stage-1 checkpoint of this project (no config/ema)")
-    return ckpt["config"], ckpt["ema"]
+    model, config = load_tokenizer(path, "ema")
+    return config, model.state_dict()
 
 
 #################################################################################
@@ -1203,7 +1202,7 @@ def build_parser(mode, add_help=True):
         add_training_flags(p)
         if mode == "finetune":
             p.add_argument("--init", default=os.path.join(distill.RUNS["tokenizer"], "latest.pt"),
-                           help="the stage-1 checkpoint")
+                           help="the stage-1 checkpoint (ours, or the authors' RecTok.pth)")
         return p
     p.add_argument("--ckpt", default=os.path.join(distill.RUNS["tokenizer_ft"], "latest.pt"), help="the tokenizer")
     if mode == "evaluate":
