@@ -31,7 +31,8 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
   Guarantees
     released weights load (strict keys):
       test_official_*_keys_load_strictly, test_load_released_tokenizer_layout,
-      test_load_dit_official_ema_without_buffers, test_sampling_from_released_layout
+      test_load_dit_official_ema_without_buffers, test_sampling_from_released_layout,
+      test_finetune_from_the_released_stage1_layout
     exact resume (stop + resume = uninterrupted):
       test_*_resume_is_exact, test_*_two_processes_resume_exactly,
       test_interrupted_encode_resumes_to_the_same_files, test_interrupted_sampling_resumes_to_the_same_set,
