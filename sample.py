@@ -348,6 +348,11 @@ def parse_args(argv=None):
     lo, hi = args.cfg_interval
     if not 0 <= lo <= hi <= 1:
         p.error(f"--cfg-interval {lo} {hi}: give LOW HIGH with 0 <= LOW <= HIGH <= 1 (generator time, 1 = data)")
+    if args.guide and args.cfg == 1.0:
+        p.error("--guide at --cfg 1 is the main model alone (v_g + 1 (v - v_g) = v) at twice the cost: pass "
+                "--cfg (the paper's autoguidance: 1.29)")
+    if args.guide and (lo, hi) != (0.0, 1.0):
+        p.error("--cfg-interval is for classifier-free guidance; autoguidance (--guide) acts at every step")
     return args
 
 

@@ -2027,7 +2027,8 @@ def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path, capsys):
     assert os.listdir(tmp_path / "e" / "images") == []
     for flags, says in ((["--steps", "1"], "at least 2 points"), (["--num-images", "0"], "at least 1"),
                         (["--batch-size", "0"], "at least 1"), (["--cfg-interval", "0.7", "0.2"], "LOW <= HIGH"),
-                        (["--cfg-interval", "0", "1.5"], "LOW <= HIGH")):
+                        (["--cfg-interval", "0", "1.5"], "LOW <= HIGH"), (["--guide", dit_run], "main model alone"),
+                        (["--guide", dit_run, "--cfg", "1.3", "--cfg-interval", "0", "0.7"], "every step")):
         with pytest.raises(SystemExit):  # one grid point made no step: the samples were the initial noise
             sample.parse_args(["--dit", dit_run, *flags])
         assert says in capsys.readouterr().err
@@ -2205,7 +2206,7 @@ def test_no_loader_runs_code_from_a_checkpoint(stage1_run, dit_run, cache, tmp_p
         lambda: sample.main(sample_args(evil, str(tmp_path / "s1"))),
         lambda: sample.main(sample_args(evil, str(tmp_path / "s2"), "--latent-stats",
                                         os.path.join(cache, "stats.npz"), "--tokenizer", stage1_run)),
-        lambda: sample.main(sample_args(dit_run, str(tmp_path / "s3"), "--guide", evil)),
+        lambda: sample.main(sample_args(dit_run, str(tmp_path / "s3"), "--guide", evil, "--cfg", "1.29")),
         lambda: sample.main(sample_args(dit_run, str(tmp_path / "s4"), "--tokenizer", evil)),
         lambda: probe.main(["--tokenizer", evil, "--num-train", "10", "--num-val", "10"]),
     ]
