@@ -351,8 +351,9 @@ def parse_args(argv=None):
     if args.guide and args.cfg == 1.0:
         p.error("--guide at --cfg 1 is the main model alone (v_g + 1 (v - v_g) = v) at twice the cost: pass "
                 "--cfg (the paper's autoguidance: 1.29)")
-    if args.guide and (lo, hi) != (0.0, 1.0):
-        p.error("--cfg-interval is for classifier-free guidance; autoguidance (--guide) acts at every step")
+    if (lo, hi) != (0.0, 1.0) and (args.guide or args.cfg == 1.0):
+        p.error("--cfg-interval is where classifier-free guidance acts: it needs a --cfg other than 1, and "
+                "autoguidance (--guide) acts at every step")
     return args
 
 

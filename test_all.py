@@ -2028,7 +2028,8 @@ def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path, capsys):
     for flags, says in ((["--steps", "1"], "at least 2 points"), (["--num-images", "0"], "at least 1"),
                         (["--batch-size", "0"], "at least 1"), (["--cfg-interval", "0.7", "0.2"], "LOW <= HIGH"),
                         (["--cfg-interval", "0", "1.5"], "LOW <= HIGH"), (["--guide", dit_run], "main model alone"),
-                        (["--guide", dit_run, "--cfg", "1.3", "--cfg-interval", "0", "0.7"], "every step")):
+                        (["--guide", dit_run, "--cfg", "1.3", "--cfg-interval", "0", "0.7"], "every step"),
+                        (["--cfg-interval", "0", "0.7"], "needs a --cfg other than 1")):
         with pytest.raises(SystemExit):  # one grid point made no step: the samples were the initial noise
             sample.parse_args(["--dit", dit_run, *flags])
         assert says in capsys.readouterr().err
