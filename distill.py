@@ -1557,7 +1557,11 @@ def build_parser(add_help=True):
 
 
 def parse_args(argv=None):
-    return parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)[1]
+    p, args = parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)
+    if args.weights and not args.check:
+        p.error("--weights goes with --check ARCH (official weights to load and run); without it distill.py "
+                "trains the stand-in teacher from scratch")
+    return args
 
 
 def main(argv=None):

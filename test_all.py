@@ -440,7 +440,7 @@ def test_build_teacher_rejects_wrong_architecture(tmp_path, tiny_arch):
     assert "unexpected keys" in str(e.value) and "pos_embed" in str(e.value)
 
 
-def test_teacher_weights_errors(tmp_path, monkeypatch):
+def test_teacher_weights_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="licence"):
         distill.build_teacher("dinov3_vitl16", None)
@@ -452,6 +452,9 @@ def test_teacher_weights_errors(tmp_path, monkeypatch):
         distill.build_teacher("dinov4", None)
     with pytest.raises(FileNotFoundError, match="python distill.py"):
         distill.build_teacher("standin", str(tmp_path / "none.pt"))
+    with pytest.raises(SystemExit):  # it trained a stand-in teacher, the weights unread
+        distill.parse_args(["--weights", str(tmp_path / "dinov3.pth")])
+    assert "--weights goes with --check" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("loader", ["distill.fetch", "fid.FIDInception.load"])
