@@ -363,6 +363,8 @@ def parse_args(argv=None):
                 f"--feature flow, or --sweep-tau")
     if args.sweep_tau and args.feature == "SL":
         p.error("--sweep-tau probes the noisy latent (the 'flow' feature); --feature SL has no tau")
+    if args.augment and args.protocol != "mae":
+        p.error("--augment is MAE's protocol (fresh crops each epoch); --protocol research trains on flips only")
     return args
 
 

@@ -2161,7 +2161,8 @@ def test_probe_bad_inputs(capsys):
     for flags, says in ((["--tau", "0.5"], "--feature flow, not of --feature L"),
                         (["--feature", "SL", "--sweep-tau", "0", "0.5"], "SL has no tau"),
                         (["--feature", "flow", "--tau", "1.5"], "from tau = 0"),
-                        (["--sweep-tau", "0", "-0.1"], "from tau = 0"), (["--sweep-tau"], "expected at least one")):
+                        (["--sweep-tau", "0", "-0.1"], "from tau = 0"), (["--sweep-tau"], "expected at least one"),
+                        (["--protocol", "research", "--augment"], "flips only")):
         with pytest.raises(SystemExit):
             probe.parse_args(flags)
         assert says in capsys.readouterr().err, flags
