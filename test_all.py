@@ -2157,7 +2157,8 @@ def test_probe_two_processes_equal_one(stage1_run, tmp_path, monkeypatch):
 
 
 def test_probe_bad_inputs(capsys):
-    """A tau that would be silently ignored, or lies off the flow, fails at the command line."""
+    """A flag the run would ignore (--tau without the flow feature, --sweep-tau with SL, --augment in the
+    research protocol), or a tau off the flow, fails at the command line."""
     for flags, says in ((["--tau", "0.5"], "--feature flow, not of --feature L"),
                         (["--feature", "SL", "--sweep-tau", "0", "0.5"], "SL has no tau"),
                         (["--feature", "flow", "--tau", "1.5"], "from tau = 0"),
