@@ -163,7 +163,7 @@ def main(argv=None):
     # before sampling (hours for 50,000 images): a wrong --ref-stats, Inception or judge fails now
     ref = fid.load_statistics(args.ref_stats) if args.ref_stats else None
     inception = fid.FIDInception().load(args.inception_weights).to(device) if ref is not None else None
-    judge = find_judge(args, model.num_classes)
+    judge = find_judge(args, model.num_classes, tok.grid * tok.decoder.patch_size)
     check_provenance(args, provenance(args, model, guide, tok, mu, sigma))
     distill.barrier()  # the folder exists and provenance.json says what fills it
     batches = my_batches(args.num_images, args.batch_size, rank, world)
@@ -191,7 +191,7 @@ def main(argv=None):
     if not metrics:
         distill.log("no --ref-stats given: images written, FID not computed")
     if rank == 0 and judge is not None:
-        metrics.update(judge_samples(args, judge))
+        metrics.update(judge_samples(args, *judge))
     distill.cleanup_distributed()
     return metrics
 
@@ -256,22 +256,25 @@ def real_images(data, num):
     return images.numpy(), [y for _, y in pairs]
 
 
-def find_judge(args, num_classes):
-    """The --judge classifier, or None: off with '', skipped (and said) when the file is missing."""
+def find_judge(args, num_classes, image_size):
+    """(the --judge classifier, --judge-data's held-out split at the samples' size), or None: off with '',
+    skipped (and said) when the file is missing. Both are opened before sampling, so that a wrong judge or
+    data folder fails now; the images are listed by rank 0 alone, the one that judges."""
     if not args.judge:
         return None
     if not os.path.isfile(args.judge):
         distill.log(f"no judge at {args.judge}: the samples are not judged")
         return None
-    return load_judge(args.judge, "cpu", num_classes)[0]
+    judge = load_judge(args.judge, "cpu", num_classes)[0]
+    if distill.world_info()[0] != 0:
+        return None
+    return judge, distill.build_dataset(args.judge_data, image_size, "val", args.judge_real, every_rank=False)
 
 
-def judge_samples(args, judge):
-    """samples.npz scored by the judge against --judge-data's held-out split (at the samples' size);
-    written to OUT/judge.json."""
+def judge_samples(args, judge, real):
+    """samples.npz scored by the judge against `real`, --judge-data's held-out images; written to
+    OUT/judge.json."""
     samples = np.load(os.path.join(args.out, "samples.npz"))
-    real = distill.build_dataset(args.judge_data, samples["arr_0"].shape[1], "val", args.judge_real,
-                                 every_rank=False)  # rank 0 alone
     scores = judge_scores(judge, samples["arr_0"], samples["labels"], *real_images(real, args.judge_real), "cpu")
     scores.update(judge=args.judge, judge_data=args.judge_data, num_samples=len(samples["labels"]))
     distill.write_json(os.path.join(args.out, "judge.json"), scores)

@@ -1949,7 +1949,7 @@ def test_sampling_fid_and_autoguidance(dit_run, inception_files, standin_teacher
 
 def test_judge_must_know_the_generated_classes(dit_run, standin_teacher, tmp_path):
     """A judge of other classes than the generator's (the built-in data's stand-in against an ImageNet
-    generator) fails before any image is sampled, not with a judge.json of nonsense after the run; the paper
+    generator), or a missing --judge-data folder, fails before any image is sampled, not with a judge.json of nonsense after the run; the paper
     preset has no judge by default."""
     ckpt = torch.load(standin_teacher, weights_only=True)
     ckpt["config"]["num_classes"] = 5
@@ -1959,6 +1959,8 @@ def test_judge_must_know_the_generated_classes(dit_run, standin_teacher, tmp_pat
     out = str(tmp_path / "s")
     with pytest.raises(ValueError, match="classifies 5 classes, the generator makes 10.*--judge ''"):
         sample.main(sample_args(dit_run, out, "--judge", five))
+    with pytest.raises(FileNotFoundError, match="data folder not found"):  # its real images, before sampling too
+        sample.main(sample_args(dit_run, out, "--judge", standin_teacher, "--judge-data", str(tmp_path / "none")))
     assert not [f for f in os.listdir(os.path.join(out, "images")) if f.endswith(".png")]
     assert sample.parse_args(["--preset", "paper"]).judge is None
 
