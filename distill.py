@@ -630,12 +630,22 @@ class Throughput:
 IMAGE_WORKERS = 8
 
 
+def positive_int(text):
+    """The argparse type of every count and size (batches, images, epochs, widths, log interval): an
+    integer >= 1, so that a 0 is refused at the command line rather than deep in a run (a division by
+    zero, or a loader that takes no batch)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def add_run_flags(p, ckpt_every=None, save_every=None, save_unit=None, train=True):
     """The run-control flags every stage shares; the checkpoint cadence flags only for the stages that
     checkpoint by step (the stand-in teacher writes one per epoch); --stop-at and --bench for trainers."""
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
-    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--log-every", type=positive_int, default=20)
     if not train:
         return
     if ckpt_every is not None:
@@ -1548,7 +1558,7 @@ def build_parser(add_help=True):
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
     for k in ("image_size", "patch_size", "width", "depth", "heads", "epochs", "batch_size", "num_train",
               "num_val"):
-        p.add_argument("--" + k.replace("_", "-"), type=int)
+        p.add_argument("--" + k.replace("_", "-"), type=positive_int)
     p.add_argument("--lr", type=float)
     add_run_flags(p)
     p.add_argument("--check", default=None, help="an official teacher to load and run, e.g. dinov3_vitl16")

@@ -326,8 +326,8 @@ def build_parser(add_help=True):
     p.add_argument("--data", default="synthetic", help="'synthetic' or a class-folder train set")
     p.add_argument("--val-data", default=None, help="class-folder val set (synthetic: its val split)")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out (and count) unreadable files")
-    p.add_argument("--num-train", type=int, help="train images (None: all)")
-    p.add_argument("--num-val", type=int, help="val images (None: all)")
+    p.add_argument("--num-train", type=distill.positive_int, help="train images (None: all)")
+    p.add_argument("--num-val", type=distill.positive_int, help="val images (None: all)")
     p.add_argument("--data-seed", type=int, default=1, help="seed of the built-in data (a fresh draw)")
     p.add_argument("--feature", default="L", choices=["L", "SL", "flow"])
     p.add_argument("--tau", type=float, default=0.0, help="noise level of the 'flow' feature, in [0, 1]")
@@ -338,14 +338,14 @@ def build_parser(add_help=True):
     p.add_argument("--augment", action="store_true",
                    help="mae: fresh RandomResizedCrop + flip views each epoch (MAE's protocol; an extraction "
                         "per epoch) instead of fixed centre-crop features")
-    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--epochs", type=distill.positive_int, default=90)
     p.add_argument("--warmup-epochs", type=float, default=10, help="mae only")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
     p.add_argument("--base-lr", type=float, help="mae: lr = base_lr * batch / 256")
     p.add_argument("--adam-base-lr", type=float, default=0.1, help="research: Adam lr = adam_base_lr * batch / 256")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--probe-batch-size", type=int, help="linear-probe batch")
-    p.add_argument("--batch-size", type=int, default=64, help="feature extraction batch per process")
+    p.add_argument("--probe-batch-size", type=distill.positive_int, help="linear-probe batch")
+    p.add_argument("--batch-size", type=distill.positive_int, default=64, help="feature extraction batch per process")
     distill.add_run_flags(p, train=False)
     p.add_argument("--out", default=distill.RUNS["probe"])
     p.add_argument("--plot", nargs="+", default=None, metavar="PROBE_JSON",

@@ -319,26 +319,26 @@ def build_parser(add_help=True):
     p.add_argument("--latent-stats", default=None, help="the authors' generators: stats.npz of a cache "
                    "encoded with their tokenizer (`tokenizer.py encode --ckpt RecTok_decft.pth`)")
     # not `--num`: torchrun would take it for an abbreviation of its own --numa-binding
-    p.add_argument("--num-images", type=int, default=100, help="number of images (the paper: 50000)")
+    p.add_argument("--num-images", type=distill.positive_int, default=100, help="number of images (the paper: 50000)")
     p.add_argument("--steps", type=int, help="Euler grid points (steps + 1)")
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (CFG, or autoguidance with --guide)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LOW", "HIGH"),
                    help="CFG acts for LOW <= t <= HIGH (generator time, 1 = data)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=50, help="per process: each rank generates whole batches "
-                   "of this many, the same batches (so the same images) on any number of processes")
+    p.add_argument("--batch-size", type=distill.positive_int, default=50, help="per process: each rank generates "
+                   "whole batches of this many, the same batches (so the same images) on any number of processes")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA")
     p.add_argument("--out", default=distill.RUNS["samples"])
     p.add_argument("--ref-stats", default=None, help="reference statistics .npz for FID (mu, sigma)")
     p.add_argument("--inception-weights", default=None)
     p.add_argument("--fid-mode", default="tf", choices=["tf", "pytorch-fid"])
-    p.add_argument("--fid-batch-size", type=int, default=100)
+    p.add_argument("--fid-batch-size", type=distill.positive_int, default=100)
     p.add_argument("--judge", help="a classifier of the data in distill.py's format that scores the samples "
                    "offline (class accuracy, Frechet distance in its features; skipped if the file is missing, "
                    "off with '')")
     p.add_argument("--judge-data", default="synthetic", help="held-out real images for the judge: its val split")
-    p.add_argument("--judge-real", type=int, default=1000, help="how many held-out real images")
-    p.add_argument("--log-every", type=int, default=1, help="log every N batches")
+    p.add_argument("--judge-real", type=distill.positive_int, default=1000, help="how many held-out real images")
+    p.add_argument("--log-every", type=distill.positive_int, default=1, help="log every N batches")
     return p
 
 
@@ -346,8 +346,6 @@ def parse_args(argv=None):
     p, args = distill.parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)
     if args.steps < 2:
         p.error(f"--steps {args.steps}: the Euler grid needs at least 2 points (one step); the paper uses 150")
-    if args.num_images < 1 or args.batch_size < 1:
-        p.error("--num-images and --batch-size must be at least 1")
     lo, hi = args.cfg_interval
     if not 0 <= lo <= hi <= 1:
         p.error(f"--cfg-interval {lo} {hi}: give LOW HIGH with 0 <= LOW <= HIGH <= 1 (generator time, 1 = data)")

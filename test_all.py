@@ -51,6 +51,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_paper_presets_decode_images_with_enough_workers, test_dit_says_when_previews_are_off,
       test_every_stage_calls_its_batch_per_process_batch_size,
       test_each_stage_reads_the_default_output_of_the_stage_before, test_help_prints_each_docstring_line_as_written,
+      test_counts_and_sizes_must_be_at_least_one,
       test_weight_decay_skips_embeddings_and_tokens, test_dit_lr_decay_ends_at_its_own_epoch
     bad input, clear errors:
       test_*_bad_inputs, test_*_errors, test_image_folder_errors, test_dit_mismatch_errors,
@@ -1071,6 +1072,20 @@ def test_each_stage_reads_the_default_output_of_the_stage_before(monkeypatch):
     assert os.path.dirname(tokenizer.default_ref_stats(args, 32, 10)) == os.path.join("elsewhere", "fid_stats")
 
 
+def test_counts_and_sizes_must_be_at_least_one(capsys):
+    """A 0 where a count or size is meant is refused at the command line in every stage: --grad-accum 0
+    divided by zero in the run skeleton, --log-every 0 in encode and sample.py too, a --batch-size 0 stopped
+    in the data loader, and --epochs 0 wrote an untrained stand-in teacher.pt."""
+    cases = [(distill, ["--batch-size", "0"]), (distill, ["--epochs", "0"]), (tokenizer, ["--grad-accum", "0"]),
+             (tokenizer, ["encode", "--log-every", "0"]), (tokenizer, ["evaluate", "--num-eval", "0"]),
+             (dit, ["--latents", "x", "--batch-size", "0"]), (probe, ["--probe-batch-size", "0"]),
+             (sample, ["--log-every", "0"])]
+    for module, argv in cases:
+        with pytest.raises(SystemExit):
+            module.parse_args(argv)
+        assert "must be at least 1" in capsys.readouterr().err, (module.__name__, argv)
+
+
 def test_help_prints_each_docstring_line_as_written():
     """--help prints the stage's docstring, with its Run: lines: a shell continuation written with one
     backslash (not two) joins two command lines into one there (sample.py's did)."""
@@ -1949,8 +1964,8 @@ def test_sampling_fid_and_autoguidance(dit_run, inception_files, standin_teacher
 
 def test_judge_must_know_the_generated_classes(dit_run, standin_teacher, tmp_path):
     """A judge of other classes than the generator's (the built-in data's stand-in against an ImageNet
-    generator), or a missing --judge-data folder, fails before any image is sampled, not with a judge.json of nonsense after the run; the paper
-    preset has no judge by default."""
+    generator), or a missing --judge-data folder, fails before any image is sampled, not with a judge.json
+    of nonsense after the run; the paper preset has no judge by default."""
     ckpt = torch.load(standin_teacher, weights_only=True)
     ckpt["config"]["num_classes"] = 5
     ckpt["ema"] = {k: v[:5] if k.startswith("head.") else v for k, v in ckpt["ema"].items()}

@@ -1138,17 +1138,17 @@ def add_data_flags(p, mode):
     p.add_argument("--skip-bad-images", action="store_true", help="leave out (and count) unreadable files")
     p.add_argument("--out", default=None if mode == "evaluate" else out, help=f"run folder ({out})" + (
         "; a folder with latest.pt resumes" if mode in ("train", "finetune") else ""))
-    p.add_argument("--batch-size", type=int, help="per process")
+    p.add_argument("--batch-size", type=distill.positive_int, help="per process")
     if mode != "evaluate":
-        p.add_argument("--num-train", type=int, help="use this many training images")
+        p.add_argument("--num-train", type=distill.positive_int, help="use this many training images")
 
 
 def add_model_flags(p):
     """Stage 1 only: stage 2 and the others read the architecture from their checkpoint."""
     g = p.add_argument_group("model (`models/rectok.py`) and teacher (`utils/foundation_models.py`)")
-    g.add_argument("--image-size", type=int)
-    g.add_argument("--patch-size", type=int)
-    g.add_argument("--channels", type=int, help="latent channels C")
+    g.add_argument("--image-size", type=distill.positive_int)
+    g.add_argument("--patch-size", type=distill.positive_int)
+    g.add_argument("--channels", type=distill.positive_int, help="latent channels C")
     g.add_argument("--encoder-size", choices=sorted(SIZES))
     g.add_argument("--decoder-size", choices=sorted(SIZES))
     g.add_argument("--sem-size", choices=sorted(SIZES))
@@ -1177,8 +1177,8 @@ def add_training_flags(p):
     g.add_argument("--vgg16-weights", default=VGG16_URL)
     g.add_argument("--lpips-weights", default=LPIPS_URL)
     g.add_argument("--convnext-weights", default=CONVNEXT_S_URL)
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--epochs", type=distill.positive_int)
+    g.add_argument("--grad-accum", type=distill.positive_int, default=1)
     g.add_argument("--base-lr", type=float, help="lr = base_lr * global_batch / 256")
     g.add_argument("--warmup", type=float, default=0.25, help="fraction of training")
     g.add_argument("--weight-decay", type=float, default=1e-4)
@@ -1206,13 +1206,14 @@ def build_parser(mode, add_help=True):
         return p
     p.add_argument("--ckpt", default=os.path.join(distill.RUNS["tokenizer_ft"], "latest.pt"), help="the tokenizer")
     if mode == "evaluate":
-        p.add_argument("--num-eval", type=int, default=1000, help="held-out images")
+        p.add_argument("--num-eval", type=distill.positive_int, default=1000, help="held-out images")
         p.add_argument("--rfid", action="store_true", help="also rFID (needs the FID Inception)")
         p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 path (default: URL)")
         p.add_argument("--ref-stats", default=None,
                        help="reference statistics cache (.npz); None: runs/fid_stats/DATA_SIZEpx_N_KEY.npz")
     else:
-        p.add_argument("--shard-size", type=int, default=4096, help="images per latent-cache shard file")
+        p.add_argument("--shard-size", type=distill.positive_int, default=4096,
+                       help="images per latent-cache shard file")
     distill.add_run_flags(p, train=False)
     return p
 
