@@ -1278,6 +1278,9 @@ def test_tokenizer_bad_inputs(standin_teacher, tmp_path):
         tokenizer.main(tok_args(str(tmp_path / "missing.pt"), out))
     with pytest.raises(ValueError, match="multiple of the patch size"):
         tokenizer.RecTok(img_size=30, patch_size=8)
+    for ratios in ({"mask_ratio": 1.0}, {"mask_ratio": 0.3, "mask_ratio_min": 0.5}):  # before any step
+        with pytest.raises(ValueError, match="need mask_ratio_min <= mask_ratio < 1"):
+            tokenizer.RecTok(32, 8, 8, "micro", "micro", sem_size="micro", teacher_dim=16, **ratios)
     with pytest.raises(RuntimeError, match="perceptual-weight 0"):  # offline, no perceptual weights
         tokenizer.main(tok_args(standin_teacher, out, "--perceptual-weight", "1",
                                 "--vgg16-weights", "http://127.0.0.1:9/vgg16.pth"))

@@ -285,6 +285,9 @@ class RecTok(nn.Module):
             raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
         if noise_schedule not in ("shift", "uniform", "lognorm"):
             raise ValueError(f"noise schedule {noise_schedule!r}: choose shift, uniform or lognorm")
+        if not (0 <= mask_ratio < 1 and mask_ratio_min <= mask_ratio):
+            raise ValueError(f"mask ratios {mask_ratio_min}..{mask_ratio}: need mask_ratio_min <= mask_ratio < 1 "
+                             f"(a ratio of 1 keeps no token for the encoder; 0 turns masking off)")
         self.grid, self.channels = img_size // patch_size, channels
         self.mask_ratio, self.mask_ratio_min = mask_ratio, mask_ratio_min
         self.noise_schedule, self.gamma = noise_schedule, gamma
