@@ -1200,6 +1200,11 @@ def test_checkpoints_at_every_epoch_end(standin_teacher, cache, tmp_path, monkey
     tokenizer.main(tok_args(standin_teacher, str(tmp_path / "tok"), "--epochs", "2", "--ckpt-every", "1000"))
     dit.main(dit_args(cache, str(tmp_path / "dit"), "--ckpt-every", "1000"))
     assert saved == [8, 16, 5, 10]
+    saved.clear()  # generator milestones keep their own cadence: they were written only where latest.pt fell
+    dit.main(dit_args(cache, str(tmp_path / "dit_m"), "--ckpt-every", "1000", "--save-every", "3"))
+    assert saved == [3, 5, 6, 9, 10]
+    assert sorted(f for f in os.listdir(tmp_path / "dit_m") if f.startswith("step_")) == [
+        "step_0000003.pt", "step_0000006.pt", "step_0000009.pt"]
 
 
 def test_bench_is_one_rule_in_every_trainer(standin_teacher, cache, tmp_path, capsys):
