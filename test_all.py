@@ -1318,6 +1318,9 @@ def test_finetune_changes_only_the_decoder(stage1_run, tmp_path):
     changed = [k for k in s2["model"] if k.startswith("decoder.") and not torch.equal(s2["model"][k], s1["ema"][k])]
     assert len(changed) > 10
     assert s2["d_optimizer"]["state"]  # a fresh discriminator trained from step 0
+    state = torch.get_rng_state()  # reading the stage-1 weights draws nothing from the seeded stream of stage 2
+    tokenizer.stage1_weights(stage1_run)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_finetune_from_the_released_stage1_layout(parity_sizes, tmp_path):
@@ -1333,6 +1336,9 @@ def test_finetune_from_the_released_stage1_layout(parity_sizes, tmp_path):
     assert s2["step"] == 2 and s2["config"]["channels"] == 8 and s2["config"]["img_size"] == 32
     assert all(torch.equal(v, released[k]) for k, v in s2["ema"].items() if k.startswith("encoder."))
     assert any(not torch.equal(v, released[k]) for k, v in s2["model"].items() if k.startswith("decoder."))
+    state = torch.get_rng_state()  # no model is built to read them (its init would move the seeded stream)
+    tokenizer.stage1_weights(str(tmp_path / "RecTok.pth"))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_evaluate_writes_metrics(stage1_run):

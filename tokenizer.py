@@ -419,17 +419,21 @@ def load_tokenizer(path, weights="ema", device="cpu"):
     """A tokenizer checkpoint -> (RecTok in eval mode, its config). Reads ours ({'config', 'ema', ...}) and
     the authors' RecTok.pth / RecTok_decft.pth ('model_ema' or 'model'), strictly."""
     ckpt = distill.load_checkpoint(path, ("tokenizer",), "tokenizer checkpoint")
-    if "config" in ckpt:
-        config, sd = ckpt["config"], ckpt[weights]
-    else:
-        sd = from_official(ckpt.get({"ema": "model_ema", "model": "model"}[weights], ckpt.get("model", ckpt)))
-        if "encoder.latent_head.weight" not in sd:
-            raise ValueError(f"{path} is not a tokenizer checkpoint: neither ours (with 'kind' and 'config') "
-                             f"nor the authors' RecTok layout (no encoder.latent_head)")
-        config = official_config(sd)
+    config, sd = tokenizer_weights(ckpt, path, weights)
     model = RecTok(**config)
     distill.load_strict(model, sd, f"tokenizer checkpoint {path}")
     return model.to(device).eval(), config
+
+
+def tokenizer_weights(ckpt, path, weights="ema"):
+    """(config, state dict in our names) of a loaded tokenizer checkpoint, ours or the authors'."""
+    if "config" in ckpt:
+        return ckpt["config"], ckpt[weights]
+    sd = from_official(ckpt.get({"ema": "model_ema", "model": "model"}[weights], ckpt.get("model", ckpt)))
+    if "encoder.latent_head.weight" not in sd:
+        raise ValueError(f"{path} is not a tokenizer checkpoint: neither ours (with 'kind' and 'config') "
+                         f"nor the authors' RecTok layout (no encoder.latent_head)")
+    return official_config(sd), sd
 
 
 #################################################################################
@@ -836,12 +840,12 @@ def stage2_model(args, device):
 
 def stage1_weights(path):
     """(config, EMA weights) of a stage-1 tokenizer: written by `tokenizer.py train`, or the authors'
-    RecTok.pth (from which they fine-tuned RecTok_decft.pth)."""
+    RecTok.pth (from which they fine-tuned RecTok_decft.pth). No model is built here: that would draw
+    from the run's seeded random stream and change what stage 2 trains."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"stage-1 checkpoint not found: {path}. Train it first with "
                                 f"`python tokenizer.py` (or pass --init)")
-    model, config = load_tokenizer(path, "ema")
-    return config, model.state_dict()
+    return tokenizer_weights(distill.load_checkpoint(path, ("tokenizer",), "stage-1 tokenizer checkpoint"), path)
 
 
 #################################################################################
