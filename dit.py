@@ -431,11 +431,15 @@ def checkpoint(run, ema, cache, tok, device):
         return
     if run.rank == 0 and tok is not None and run.every(args.preview_every):
         save_preview(ema, tok, cache, os.path.join(args.out, f"preview_{run.step:07d}.png"), device)
+    due = run.checkpoint_due()
+    milestone = args.save_every and run.step % args.save_every == 0  # its own cadence, not latest.pt's
+    if not (due or milestone):
+        return
     latents = {"root": os.path.abspath(args.latents), "fingerprint": cache.meta["fingerprint"],
                "tokenizer": cache.meta["tokenizer"], "mu": cache.mu, "sigma": cache.sigma}
-    if run.checkpoint_due():
+    if due:
         run.save(latents=latents)
-    if args.save_every and run.step % args.save_every == 0:  # its own cadence, not only where latest.pt falls
+    if milestone:
         run.save(f"step_{run.step:07d}.pt", latents=latents)
 
 

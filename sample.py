@@ -265,7 +265,7 @@ def find_judge(args, num_classes, image_size):
     if not os.path.isfile(args.judge):
         distill.log(f"no judge at {args.judge}: the samples are not judged")
         return None
-    judge = load_judge(args.judge, "cpu", num_classes)[0]
+    judge = load_judge(args.judge, "cpu", num_classes)[0]  # on every rank: a judge of other classes stops all
     if distill.world_info()[0] != 0:
         return None
     return judge, distill.build_dataset(args.judge_data, image_size, "val", args.judge_real, every_rank=False)

@@ -1217,7 +1217,8 @@ def build_parser(mode, add_help=True):
         p.add_argument("--rfid", action="store_true", help="also rFID (needs the FID Inception)")
         p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 path (default: URL)")
         p.add_argument("--ref-stats", default=None,
-                       help="reference statistics cache (.npz); None: runs/fid_stats/DATA_SIZEpx_N_KEY.npz")
+                       help=f"reference statistics cache (.npz); None: {distill.RUNS['fid_stats']}/"
+                            f"DATA_SIZEpx_N_KEY.npz")
     else:
         p.add_argument("--shard-size", type=distill.positive_int, default=4096,
                        help="images per latent-cache shard file")
