@@ -679,6 +679,12 @@ def parse_with_preset(build, preset_defaults, argv=None):
     return parser, parser.parse_args(argv)
 
 
+def flags_moved(parser, args, *dests):
+    """Of `dests`, the flags whose values are not the parser's defaults (the preset's), spelt `--name`: a
+    flag that acts only with another is refused, not silently ignored, when that other is absent."""
+    return [f"--{d.replace('_', '-')}" for d in dests if getattr(args, d) != parser.get_default(d)]
+
+
 # ----- weights from files and URLs (a safetensors reader of our own) -----
 
 

@@ -1086,6 +1086,24 @@ def test_counts_and_sizes_must_be_at_least_one(capsys):
         assert "must be at least 1" in capsys.readouterr().err, (module.__name__, argv)
 
 
+def test_flags_that_act_only_with_another_are_refused_without_it(capsys):
+    """A flag that shapes a step the run does not take fails at the command line, naming the flag that
+    turns that step on (and passes with it): sample.py's FID flags without --ref-stats and its judge flags
+    without a judge, and evaluate's rFID flags without --rfid, were accepted and ignored."""
+    ref, judge, rfid = ["--ref-stats", "r.npz"], ["--judge", "j.pt"], ["--rfid"]
+    cases = [(sample, ["--fid-mode", "pytorch-fid"], ref), (sample, ["--fid-batch-size", "7"], ref),
+             (sample, ["--inception-weights", "w.pth"], ref), (sample, ["--judge", "", "--judge-data", "/val"], judge),
+             (sample, ["--preset", "paper", "--judge-real", "10"], judge),
+             (tokenizer, ["evaluate", "--ref-stats", "r.npz"], rfid),
+             (tokenizer, ["evaluate", "--inception-weights", "w.pth"], rfid)]
+    for module, argv, turn_on in cases:
+        with pytest.raises(SystemExit):
+            module.parse_args(argv)
+        err = capsys.readouterr().err
+        assert f"{argv[-2]}: " in err and f"only with {turn_on[0]}" in err, (module.__name__, argv)
+        module.parse_args([*argv, *turn_on])
+
+
 def test_help_prints_each_docstring_line_as_written():
     """--help prints the stage's docstring, with its Run: lines: a shell continuation written with one
     backslash (not two) joins two command lines into one there (sample.py's did)."""

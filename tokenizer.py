@@ -1236,6 +1236,9 @@ def parse_args(argv=None):
     args.mode = mode
     if getattr(args, "random_weights", False) and not args.bench:
         p.error("--random-weights is for --bench only: training needs the real teacher")
+    rfid_flags = distill.flags_moved(p, args, "inception_weights", "ref_stats") if mode == "evaluate" else []
+    if rfid_flags and not args.rfid:
+        p.error(f"{' '.join(rfid_flags)}: rFID is computed only with --rfid; add it, or leave these out")
     if mode == "train" and args.teacher_weights is None and args.teacher == "standin":
         args.teacher_weights = distill.STANDIN_TEACHER
     return args
