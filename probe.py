@@ -363,6 +363,10 @@ def parse_args(argv=None):
                 f"--feature flow, or --sweep-tau")
     if args.sweep_tau and args.feature == "SL":
         p.error("--sweep-tau probes the noisy latent (the 'flow' feature); --feature SL has no tau")
+    for protocol, dests in (("mae", ("base_lr", "warmup_epochs")), ("research", ("adam_base_lr",))):
+        moved = distill.flags_moved(p, args, *dests)
+        if moved and args.protocol != protocol:
+            p.error(f"{' '.join(moved)}: only with --protocol {protocol}, whose optimiser reads it")
     if args.augment and args.protocol != "mae":
         p.error("--augment is MAE's protocol (fresh crops each epoch); --protocol research trains on flips only")
     return args

@@ -2206,17 +2206,22 @@ def test_probe_two_processes_equal_one(stage1_run, tmp_path, monkeypatch):
 
 
 def test_probe_bad_inputs(capsys):
-    """A flag the run would ignore (--tau without the flow feature, --sweep-tau with SL, --augment in the
-    research protocol), or a tau off the flow, fails at the command line."""
+    """A flag the run would ignore (--tau without the flow feature, --sweep-tau with SL, --augment or a
+    LARS setting in the research protocol, the Adam lr in MAE's), or a tau off the flow, fails at the command
+    line."""
     for flags, says in ((["--tau", "0.5"], "--feature flow, not of --feature L"),
                         (["--feature", "SL", "--sweep-tau", "0", "0.5"], "SL has no tau"),
                         (["--feature", "flow", "--tau", "1.5"], "from tau = 0"),
                         (["--sweep-tau", "0", "-0.1"], "from tau = 0"), (["--sweep-tau"], "expected at least one"),
-                        (["--protocol", "research", "--augment"], "flips only")):
+                        (["--protocol", "research", "--augment"], "flips only"),
+                        (["--protocol", "research", "--base-lr", "1"], "--base-lr: only with --protocol mae"),
+                        (["--protocol", "research", "--warmup-epochs", "2"], "only with --protocol mae"),
+                        (["--adam-base-lr", "0.3"], "--adam-base-lr: only with --protocol research")):
         with pytest.raises(SystemExit):
             probe.parse_args(flags)
         assert says in capsys.readouterr().err, flags
     assert probe.parse_args(["--feature", "flow", "--tau", "0.5"]).tau == 0.5
+    assert probe.parse_args(["--protocol", "research", "--adam-base-lr", "0.3"]).adam_base_lr == 0.3
     assert (probe.parse_args([]).workers, probe.parse_args(["--preset", "paper"]).workers) == (0, distill.IMAGE_WORKERS)
 
 
