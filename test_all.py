@@ -1089,18 +1089,23 @@ def test_counts_and_sizes_must_be_at_least_one(capsys):
 def test_flags_that_act_only_with_another_are_refused_without_it(capsys):
     """A flag that shapes a step the run does not take fails at the command line, naming the flag that
     turns that step on (and passes with it): sample.py's FID flags without --ref-stats and its judge flags
-    without a judge, and evaluate's rFID flags without --rfid, were accepted and ignored."""
+    without a judge, evaluate's rFID flags without --rfid, and the perceptual or GAN settings of a loss
+    weighted 0, were accepted and ignored."""
     ref, judge, rfid = ["--ref-stats", "r.npz"], ["--judge", "j.pt"], ["--rfid"]
+    perceptual = ["--perceptual-weight", "1"]
     cases = [(sample, ["--fid-mode", "pytorch-fid"], ref), (sample, ["--fid-batch-size", "7"], ref),
              (sample, ["--inception-weights", "w.pth"], ref), (sample, ["--judge", "", "--judge-data", "/val"], judge),
              (sample, ["--preset", "paper", "--judge-real", "10"], judge),
              (tokenizer, ["evaluate", "--ref-stats", "r.npz"], rfid),
-             (tokenizer, ["evaluate", "--inception-weights", "w.pth"], rfid)]
+             (tokenizer, ["evaluate", "--inception-weights", "w.pth"], rfid),
+             (tokenizer, ["--vgg16-weights", "v.pth"], perceptual),
+             (tokenizer, ["finetune", "--perceptual-weight", "0", "--lpips-weights", "l.pth"], perceptual),
+             (tokenizer, ["--gan-weight", "0", "--gan-start-epoch", "0"], ["--gan-weight", "0.1"])]
     for module, argv, turn_on in cases:
         with pytest.raises(SystemExit):
             module.parse_args(argv)
         err = capsys.readouterr().err
-        assert f"{argv[-2]}: " in err and f"only with {turn_on[0]}" in err, (module.__name__, argv)
+        assert f"{argv[-2]}: " in err and f"only with {turn_on[0]}" in err, (module.__name__, argv, err)
         module.parse_args([*argv, *turn_on])
 
 

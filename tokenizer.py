@@ -1236,6 +1236,11 @@ def parse_args(argv=None):
     args.mode = mode
     if getattr(args, "random_weights", False) and not args.bench:
         p.error("--random-weights is for --bench only: training needs the real teacher")
+    for weight, dests in (("perceptual_weight", ("vgg16_weights", "lpips_weights", "convnext_weights")),
+                          ("gan_weight", ("gan_start_epoch",))):
+        moved = distill.flags_moved(p, args, *dests) if mode in ("train", "finetune") else []
+        if moved and getattr(args, weight) <= 0:
+            p.error(f"{' '.join(moved)}: only with --{weight.replace('_', '-')} above 0 (that loss is off)")
     rfid_flags = distill.flags_moved(p, args, "inception_weights", "ref_stats") if mode == "evaluate" else []
     if rfid_flags and not args.rfid:
         p.error(f"{' '.join(rfid_flags)}: rFID is computed only with --rfid; add it, or leave these out")
