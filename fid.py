@@ -458,12 +458,19 @@ def precision_recall(sample_feats, ref_feats, k=3):
 #################################################################################
 
 
+def statistics_members(source):
+    """The members of `source` if it is statistics, else None. An .npz with `mu` and `sigma` is statistics
+    whatever else it holds: the ADM reference batches store the statistics of the whole data set beside a
+    10,000-image `arr_0`, which serves precision/recall only."""
+    members = set(np.load(source).files) if source.endswith(".npz") and os.path.isfile(source) else set()
+    return members if {"mu", "sigma"} <= members else None
+
+
 def describe(source, model, args, device, need_images=False):
-    """A source -> (mu, sigma, features or None, logits or None). An .npz with `mu` and `sigma` is
-    statistics whatever else it holds: the ADM reference batches store the statistics of the whole data
-    set beside a 10,000-image `arr_0`, which serves precision/recall only (`need_images`)."""
-    members = set(np.load(source).files) if isinstance(source, str) and source.endswith(".npz") else set()
-    if {"mu", "sigma"} <= members:
+    """A source -> (mu, sigma, features or None, logits or None); a statistics file's `arr_0` is read only
+    for precision/recall (`need_images`)."""
+    members = statistics_members(source)
+    if members is not None:
         with_images = need_images and "arr_0" in members
         feats = features(model, source, args.batch_size, args.mode, device)[0] if with_images else None
         return (*load_statistics(source), feats, None)
@@ -511,6 +518,23 @@ def setup_device():
     return torch.device("cuda", local)
 
 
+def check_sources(p, args):
+    """What the sources cannot give fails before the Inception is loaded or any feature computed."""
+    if len(args.sources) > 2:
+        p.error("give one source (statistics, IS) or two (FID)")
+    missing = [s for s in args.sources if not os.path.exists(s)]
+    if missing:
+        p.error(f"{' '.join(missing)} not found: a source is a folder of images, an image .npz (arr_0) or a "
+                f"statistics .npz (mu, sigma)")
+    if args.batch_size < 1:
+        p.error(f"--batch-size {args.batch_size}: must be at least 1")
+    members = [statistics_members(s) for s in args.sources]
+    if args.inception_score and members[0] is not None:
+        p.error(f"--is needs images: {args.sources[0]} holds statistics (mu, sigma)")
+    if args.pr and (len(args.sources) < 2 or any(m is not None and "arr_0" not in m for m in members)):
+        p.error("--pr compares two sources' images: give two, each images or a reference batch with arr_0")
+
+
 def main(argv=None):
     class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         """The docstring as written, and each flag's default."""
@@ -525,8 +549,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=100, help="per process")
     p.add_argument("--json", default=None, help="where to write the metrics")
     args = p.parse_args(argv)
-    if len(args.sources) > 2:
-        p.error("give one source (statistics, IS) or two (FID)")
+    check_sources(p, args)
     out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.sources[0])), "fid_metrics.json")
     # --save-stats is named as np.savez names a path: .npz appended if missing
     stats_path = args.save_stats and args.save_stats + ("" if args.save_stats.endswith(".npz") else ".npz")
@@ -538,8 +561,6 @@ def main(argv=None):
             check_writable(stats_path, "--save-stats")
     model = FIDInception().load(args.inception_weights).to(device)
     first = describe(args.sources[0], model, args, device, args.pr)
-    if args.inception_score and first[3] is None:
-        p.error(f"--is needs images: {args.sources[0]} holds statistics (mu, sigma)")
     metrics = {"sources": args.sources, "mode": args.mode}
     if stats_path and rank == 0:
         write_atomically(stats_path, lambda f: np.savez(f, mu=first[0], sigma=first[1]))
@@ -547,8 +568,6 @@ def main(argv=None):
         second = describe(args.sources[1], model, args, device, args.pr)
         metrics["fid"], metrics["fid_diagnostics"] = frechet_distance(*first[:2], *second[:2], diagnostics=True)
         if args.pr:
-            if first[2] is None or second[2] is None:
-                p.error("--pr needs images (not statistics) on both sides")
             metrics.update(precision_recall(first[2], second[2]))
     if args.inception_score:
         metrics["inception_score"], metrics["inception_score_std"] = inception_score(first[3])

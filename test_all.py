@@ -1613,8 +1613,6 @@ def test_fid_cli_and_sources_agree(inception_files):
     assert folder["fid"] == pytest.approx(m["fid"], rel=1e-9) and stats["fid"] == pytest.approx(m["fid"], rel=1e-9)
     with open(r / "m.json") as f:
         assert json.load(f)["fid"] == pytest.approx(m["fid"])
-    with pytest.raises(FileNotFoundError):
-        fid.main([str(r / "missing"), *weights])
     np.savez(r / "bad.npz", mean=np.zeros(3))
     with pytest.raises(ValueError, match="mu"):
         fid.load_statistics(str(r / "bad.npz"))
@@ -1625,7 +1623,8 @@ def test_fid_cli_and_sources_agree(inception_files):
 def test_fid_cli_bad_inputs(inception_files, tmp_path, monkeypatch, capsys):
     """What fid.py cannot do fails before the Inception runs: an unwritable --json (by default beside the
     first source, which may be a read-only data set) or --save-stats used to fail after every feature was
-    computed; --is of statistics printed no IS and said nothing. --save-stats makes a missing folder."""
+    computed, as did --pr against statistics with no images; --is of statistics printed no IS and said
+    nothing, --pr with one source likewise. --save-stats makes a missing folder."""
     r, weights = inception_files, ["--inception-weights", str(inception_files / "inception.pth")]
     with monkeypatch.context() as m:
         m.setattr(fid, "features", lambda *a: pytest.fail("features computed before the outputs were checked"))
@@ -1635,9 +1634,14 @@ def test_fid_cli_bad_inputs(inception_files, tmp_path, monkeypatch, capsys):
     fid.main([str(r / "a.npz"), "--save-stats", str(tmp_path / "new" / "a"), "--json", str(tmp_path / "m.json"),
               *weights])
     assert set(np.load(tmp_path / "new" / "a.npz").files) == {"mu", "sigma"}
-    with pytest.raises(SystemExit):
-        fid.main([str(tmp_path / "new" / "a.npz"), "--is", "--json", str(tmp_path / "m.json"), *weights])
-    assert "--is needs images" in capsys.readouterr().err
+    stats, images = str(tmp_path / "new" / "a.npz"), str(r / "a.npz")
+    monkeypatch.setattr(fid.FIDInception, "load", lambda *a: pytest.fail("the Inception loaded before the check"))
+    for argv, says in (([stats, "--is"], "--is needs images"), ([images, "--pr"], "--pr compares two sources"),
+                       ([images, stats, "--pr"], "--pr compares two sources"), ([str(r / "missing")], "not found"),
+                       ([images, "--batch-size", "0"], "at least 1")):
+        with pytest.raises(SystemExit):
+            fid.main([*argv, "--json", str(tmp_path / "m.json"), *weights])
+        assert says in capsys.readouterr().err, argv
 
 
 def test_fid_files_are_written_atomically(tmp_path):
