@@ -1545,6 +1545,9 @@ def standin_splits(args):
     return train, val
 
 
+CHECK_READS = ("help", "preset", "check", "weights", "image_size")  # the flags check_teacher reads
+
+
 @torch.no_grad()
 def check_teacher(args):
     """Load official weights and print what the tokenizer would receive for a few synthetic images."""
@@ -1577,6 +1580,10 @@ def parse_args(argv=None):
     if args.weights and not args.check:
         p.error("--weights goes with --check ARCH (official weights to load and run); without it distill.py "
                 "trains the stand-in teacher from scratch")
+    training = flags_moved(p, args, *(a.dest for a in p._actions if a.dest not in CHECK_READS))
+    if args.check and training:
+        p.error(f"{' '.join(training)}: flags of the stand-in teacher's training; --check runs {args.check} on a "
+                f"few built-in images and reads only --image-size and --weights")
     return args
 
 

@@ -456,6 +456,10 @@ def test_teacher_weights_errors(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):  # it trained a stand-in teacher, the weights unread
         distill.parse_args(["--weights", str(tmp_path / "dinov3.pth")])
     assert "--weights goes with --check" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --check loads official weights: the training flags did nothing
+        distill.parse_args(["--check", "dinov3_vitl16", "--epochs", "3", "--out", "elsewhere"])
+    assert "--out --epochs: flags of the stand-in teacher's training" in capsys.readouterr().err
+    assert distill.parse_args(["--check", "dinov3_vitl16", "--image-size", "64", "--preset", "paper"]).check
 
 
 @pytest.mark.parametrize("loader", ["distill.fetch", "fid.FIDInception.load"])
