@@ -514,6 +514,9 @@ def parse_args(argv=None):
     if args.random_latents:
         if not args.bench:
             p.error("--random-latents is for --bench only: training needs a latent cache")
+        cache = distill.flags_moved(p, args, "latents", "tokenizer")
+        if cache:
+            p.error(f"{' '.join(cache)}: --random-latents benchmarks on noise, with no cache or tokenizer read")
         return args
     if args.latents is None:
         p.error("--latents is required with --preset paper (or --bench N --random-latents)")

@@ -1280,6 +1280,9 @@ def test_dit_bench_needs_no_cache(tmp_path, monkeypatch, capsys):
     assert moments.shape == (16 * 16, 2 * 128) and label == 0
     with pytest.raises(SystemExit):
         dit.parse_args(["--random-latents"])  # training needs a cache
+    with pytest.raises(SystemExit):  # a cache named beside the noise was never read
+        dit.parse_args(["--bench", "2", "--random-latents", "--latents", "/data/latents"])
+    assert "--latents: --random-latents benchmarks on noise" in capsys.readouterr().err
 
 
 def test_unwritable_out_and_full_disk(standin_teacher, tmp_path):
