@@ -369,6 +369,10 @@ def parse_args(argv=None):
             p.error(f"{' '.join(moved)}: only with --protocol {protocol}, whose optimiser reads it")
     if args.augment and args.protocol != "mae":
         p.error("--augment is MAE's protocol (fresh crops each epoch); --protocol research trains on flips only")
+    probing = distill.flags_moved(p, args, *(a.dest for a in p._actions
+                                             if a.dest not in ("help", "preset", "plot", "out")))
+    if args.plot and probing:
+        p.error(f"{' '.join(probing)}: --plot probes nothing, it draws saved probe.json files into --out")
     return args
 
 

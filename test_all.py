@@ -2223,8 +2223,8 @@ def test_probe_two_processes_equal_one(stage1_run, tmp_path, monkeypatch):
 
 def test_probe_bad_inputs(capsys):
     """A flag the run would ignore (--tau without the flow feature, --sweep-tau with SL, --augment or a
-    LARS setting in the research protocol, the Adam lr in MAE's), or a tau off the flow, fails at the command
-    line."""
+    LARS setting in the research protocol, the Adam lr in MAE's, a probe's flag with --plot), or a tau off
+    the flow, fails at the command line."""
     for flags, says in ((["--tau", "0.5"], "--feature flow, not of --feature L"),
                         (["--feature", "SL", "--sweep-tau", "0", "0.5"], "SL has no tau"),
                         (["--feature", "flow", "--tau", "1.5"], "from tau = 0"),
@@ -2232,7 +2232,8 @@ def test_probe_bad_inputs(capsys):
                         (["--protocol", "research", "--augment"], "flips only"),
                         (["--protocol", "research", "--base-lr", "1"], "--base-lr: only with --protocol mae"),
                         (["--protocol", "research", "--warmup-epochs", "2"], "only with --protocol mae"),
-                        (["--adam-base-lr", "0.3"], "--adam-base-lr: only with --protocol research")):
+                        (["--adam-base-lr", "0.3"], "--adam-base-lr: only with --protocol research"),
+                        (["--plot", "a/probe.json", "--feature", "SL"], "--feature: --plot probes nothing")):
         with pytest.raises(SystemExit):
             probe.parse_args(flags)
         assert says in capsys.readouterr().err, flags
