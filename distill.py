@@ -20,7 +20,8 @@ Contents, top to bottom (every other file imports from here; this file imports n
      atomic writes (checkpoints, JSON, PNG) and the pipeline's run folders (`RUNS`), RNG state and safe
      checkpoint loading (`load_checkpoint`), EMA, the resumable sampler, the run skeleton with its one
      save/resume pair (`Run`), schedules, throughput and `--bench` (`Bench`), the run flags (`add_run_flags`,
-     `positive_int`) and the one preset mechanism (`parse_with_preset`), weights from files and URLs.
+     `positive_int`), the one preset mechanism (`parse_with_preset`) and the refusal of flags a run would
+     ignore (`flags_moved`), weights from files and URLs.
   2. Image data: ImageNet-style class folders with ADM's center crop, and the built-in synthetic shapes
      (`build_dataset`).
   3. Transformer parts every net shares (`Attention`, `SwiGLU`) and the DINOv2/DINOv3 ViT.
