@@ -170,10 +170,11 @@ STANDIN_TINY = ["--image-size", "32", "--patch-size", "8", "--width", "32", "--d
 
 
 def tok_args(teacher, out, *extra):
+    """A small stage-1 run; teacher None: no semantic decoder (--sem-decoder none), so no teacher flags."""
+    semantic = ["--sem-size", "mini", "--teacher-weights", teacher] if teacher else ["--sem-decoder", "none"]
     return ["--image-size", "32", "--patch-size", "8", "--channels", "8", "--encoder-size", "mini",
-            "--decoder-size", "mini", "--sem-size", "mini", "--num-train", "128", "--batch-size", "16",
-            "--epochs", "1", "--workers", "0", "--log-every", "2", "--grid-every", "0",
-            "--teacher-weights", teacher, "--out", out, *extra]
+            "--decoder-size", "mini", "--num-train", "128", "--batch-size", "16", "--epochs", "1",
+            "--workers", "0", "--log-every", "2", "--grid-every", "0", *semantic, "--out", out, *extra]
 
 
 def encode_args(ckpt, out, *extra):
@@ -1104,7 +1105,8 @@ def test_flags_that_act_only_with_another_are_refused_without_it(capsys):
              (tokenizer, ["evaluate", "--inception-weights", "w.pth"], rfid),
              (tokenizer, ["--vgg16-weights", "v.pth"], perceptual),
              (tokenizer, ["finetune", "--perceptual-weight", "0", "--lpips-weights", "l.pth"], perceptual),
-             (tokenizer, ["--gan-weight", "0", "--gan-start-epoch", "0"], ["--gan-weight", "0.1"])]
+             (tokenizer, ["--gan-weight", "0", "--gan-start-epoch", "0"], ["--gan-weight", "0.1"]),
+             (tokenizer, ["--sem-decoder", "none", "--teacher", "dinov3_vitl16"], ["--sem-decoder", "mlp"])]
     for module, argv, turn_on in cases:
         with pytest.raises(SystemExit):
             module.parse_args(argv)
@@ -1213,7 +1215,7 @@ def test_same_tokenizer_whether_or_not_the_teacher_existed(tmp_path, monkeypatch
     tokenizer.main(flags)
     assert_same_runs(str(fresh / "runs" / "tokenizer"), str(ready / "runs" / "tokenizer"), ("model", "ema"))
     monkeypatch.chdir(nosem.mkdir() or nosem)
-    tokenizer.main(flags + ["--sem-decoder", "none"])
+    tokenizer.main(tok_args(None, "runs/tokenizer", "--stop-at", "3"))
     assert (nosem / "runs" / "tokenizer" / "latest.pt").is_file() and not (nosem / "runs" / "teacher").exists()
 
 
@@ -2273,7 +2275,7 @@ def test_no_loader_runs_code_from_a_checkpoint(stage1_run, dit_run, cache, tmp_p
         lambda: tokenizer.main(["evaluate", "--ckpt", evil, "--num-eval", "4", "--workers", "0"]),
         lambda: tokenizer.main(encode_args(evil, str(tmp_path / "enc"))),
         lambda: tokenizer.main(["finetune", "--init", evil, "--out", str(tmp_path / "ft"), "--workers", "0"]),
-        lambda: tokenizer.main(tok_args(evil, str(runs["tok"]), "--sem-decoder", "none")),  # resume
+        lambda: tokenizer.main(tok_args(None, str(runs["tok"]))),  # resume
         lambda: dit.load_dit(evil),
         lambda: dit.main(dit_args(cache, str(runs["dit"]))),  # resume
         lambda: dit.main(dit_args(cache, str(tmp_path / "d2"), "--tokenizer", evil)),

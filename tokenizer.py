@@ -1226,6 +1226,9 @@ def build_parser(mode, add_help=True):
     return p
 
 
+SEMANTIC_FLAGS = ("teacher", "teacher_weights", "no_teacher_jitter", "sem_size", "sem_weight", "sem_loss")
+
+
 def parse_args(argv=None):
     """`tokenizer.py [train | finetune | evaluate | encode] [flags]`; no mode means train."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1244,6 +1247,10 @@ def parse_args(argv=None):
     rfid_flags = distill.flags_moved(p, args, "inception_weights", "ref_stats") if mode == "evaluate" else []
     if rfid_flags and not args.rfid:
         p.error(f"{' '.join(rfid_flags)}: rFID is computed only with --rfid; add it, or leave these out")
+    semantic = distill.flags_moved(p, args, *SEMANTIC_FLAGS) if mode == "train" else []
+    if semantic and args.sem_decoder == "none":
+        p.error(f"{' '.join(semantic)}: only with --sem-decoder transformer or mlp; none trains the pixels "
+                f"alone, with no teacher")
     if mode == "train" and args.teacher_weights is None and args.teacher == "standin":
         args.teacher_weights = distill.STANDIN_TEACHER
     return args
