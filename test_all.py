@@ -1094,8 +1094,9 @@ def test_counts_and_sizes_must_be_at_least_one(capsys):
 def test_flags_that_act_only_with_another_are_refused_without_it(capsys):
     """A flag that shapes a step the run does not take fails at the command line, naming the flag that
     turns that step on (and passes with it): sample.py's FID flags without --ref-stats and its judge flags
-    without a judge, evaluate's rFID flags without --rfid, and the perceptual or GAN settings of a loss
-    weighted 0, were accepted and ignored."""
+    without a judge, evaluate's rFID flags without --rfid, the settings of a loss weighted 0, of the flow
+    at --gamma 0, of masking at --mask-ratio 0 and of the teacher without a semantic decoder were accepted
+    and ignored."""
     ref, judge, rfid = ["--ref-stats", "r.npz"], ["--judge", "j.pt"], ["--rfid"]
     perceptual = ["--perceptual-weight", "1"]
     cases = [(sample, ["--fid-mode", "pytorch-fid"], ref), (sample, ["--fid-batch-size", "7"], ref),
@@ -1106,7 +1107,9 @@ def test_flags_that_act_only_with_another_are_refused_without_it(capsys):
              (tokenizer, ["--vgg16-weights", "v.pth"], perceptual),
              (tokenizer, ["finetune", "--perceptual-weight", "0", "--lpips-weights", "l.pth"], perceptual),
              (tokenizer, ["--gan-weight", "0", "--gan-start-epoch", "0"], ["--gan-weight", "0.1"]),
-             (tokenizer, ["--sem-decoder", "none", "--teacher", "dinov3_vitl16"], ["--sem-decoder", "mlp"])]
+             (tokenizer, ["--sem-decoder", "none", "--teacher", "dinov3_vitl16"], ["--sem-decoder", "mlp"]),
+             (tokenizer, ["--gamma", "0", "--noise-schedule", "lognorm"], ["--gamma", "1"]),
+             (tokenizer, ["--mask-ratio", "0", "--mask-ratio-min", "-0.2"], ["--mask-ratio", "0.4"])]
     for module, argv, turn_on in cases:
         with pytest.raises(SystemExit):
             module.parse_args(argv)

@@ -1226,7 +1226,21 @@ def build_parser(mode, add_help=True):
     return p
 
 
-SEMANTIC_FLAGS = ("teacher", "teacher_weights", "no_teacher_jitter", "sem_size", "sem_weight", "sem_loss")
+# Flags that act only while another setting is on, per mode: (that setting, whether it is off, the flags).
+LOSSES = [("--perceptual-weight above 0", lambda a: a.perceptual_weight <= 0,
+           ("vgg16_weights", "lpips_weights", "convnext_weights")),
+          ("--gan-weight above 0", lambda a: a.gan_weight <= 0, ("gan_start_epoch",))]
+SWITCHES = {
+    "train": LOSSES + [
+        ("--gamma above 0 (the forward flow)", lambda a: a.gamma <= 0, ("noise_schedule",)),
+        ("--mask-ratio above 0 (RAD's masking)", lambda a: a.mask_ratio <= 0, ("mask_ratio_min",)),
+        ("--sem-decoder transformer or mlp (none trains the pixels alone, with no teacher)",
+         lambda a: a.sem_decoder == "none",
+         ("teacher", "teacher_weights", "no_teacher_jitter", "sem_size", "sem_weight", "sem_loss"))],
+    "finetune": LOSSES,
+    "evaluate": [("--rfid", lambda a: not a.rfid, ("inception_weights", "ref_stats"))],
+    "encode": [],
+}
 
 
 def parse_args(argv=None):
@@ -1239,18 +1253,10 @@ def parse_args(argv=None):
     args.mode = mode
     if getattr(args, "random_weights", False) and not args.bench:
         p.error("--random-weights is for --bench only: training needs the real teacher")
-    for weight, dests in (("perceptual_weight", ("vgg16_weights", "lpips_weights", "convnext_weights")),
-                          ("gan_weight", ("gan_start_epoch",))):
-        moved = distill.flags_moved(p, args, *dests) if mode in ("train", "finetune") else []
-        if moved and getattr(args, weight) <= 0:
-            p.error(f"{' '.join(moved)}: only with --{weight.replace('_', '-')} above 0 (that loss is off)")
-    rfid_flags = distill.flags_moved(p, args, "inception_weights", "ref_stats") if mode == "evaluate" else []
-    if rfid_flags and not args.rfid:
-        p.error(f"{' '.join(rfid_flags)}: rFID is computed only with --rfid; add it, or leave these out")
-    semantic = distill.flags_moved(p, args, *SEMANTIC_FLAGS) if mode == "train" else []
-    if semantic and args.sem_decoder == "none":
-        p.error(f"{' '.join(semantic)}: only with --sem-decoder transformer or mlp; none trains the pixels "
-                f"alone, with no teacher")
+    for switch, off, dests in SWITCHES[mode]:
+        moved = distill.flags_moved(p, args, *dests)
+        if moved and off(args):
+            p.error(f"{' '.join(moved)}: only with {switch}; add it, or leave these out")
     if mode == "train" and args.teacher_weights is None and args.teacher == "standin":
         args.teacher_weights = distill.STANDIN_TEACHER
     return args
