@@ -18,9 +18,9 @@ Run:
     torchrun --nproc_per_node=8 fid.py samples.npz ref.npz                 # features on many ranks
 
 Each argument is a folder of images, an image .npz (`arr_0`, N x H x W x 3 uint8) or a statistics .npz
-(`mu`, `sigma`, as the ADM reference batches and pytorch-fid). Prints the metrics and writes them to
---json (default: fid_metrics.json beside the first argument; checked, like --save-stats, before the Inception
-runs). Imports nothing from the rest of the project.
+(`mu`, `sigma`, as the ADM reference batches and pytorch-fid; two of them need no Inception). Prints the
+metrics and writes them to --json (default: fid_metrics.json beside the first argument; checked, like
+--save-stats, before the Inception runs). Imports nothing from the rest of the project.
 """
 import argparse
 import json
@@ -519,7 +519,8 @@ def setup_device():
 
 
 def check_sources(p, args):
-    """What the sources cannot give fails before the Inception is loaded or any feature computed."""
+    """What the sources cannot give fails before the Inception is loaded or any feature computed. Returns
+    whether any source's images are read (two statistics files need no Inception)."""
     if len(args.sources) > 2:
         p.error("give one source (statistics, IS) or two (FID)")
     missing = [s for s in args.sources if not os.path.exists(s)]
@@ -533,6 +534,7 @@ def check_sources(p, args):
         p.error(f"--is needs images: {args.sources[0]} holds statistics (mu, sigma)")
     if args.pr and (len(args.sources) < 2 or any(m is not None and "arr_0" not in m for m in members)):
         p.error("--pr compares two sources' images: give two, each images or a reference batch with arr_0")
+    return args.pr or any(m is None for m in members)
 
 
 def main(argv=None):
@@ -549,7 +551,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=100, help="per process")
     p.add_argument("--json", default=None, help="where to write the metrics")
     args = p.parse_args(argv)
-    check_sources(p, args)
+    reads_images = check_sources(p, args)
     out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.sources[0])), "fid_metrics.json")
     # --save-stats is named as np.savez names a path: .npz appended if missing
     stats_path = args.save_stats and args.save_stats + ("" if args.save_stats.endswith(".npz") else ".npz")
@@ -559,7 +561,7 @@ def main(argv=None):
         check_writable(out, "--json")
         if stats_path:
             check_writable(stats_path, "--save-stats")
-    model = FIDInception().load(args.inception_weights).to(device)
+    model = FIDInception().load(args.inception_weights).to(device) if reads_images else None
     first = describe(args.sources[0], model, args, device, args.pr)
     metrics = {"sources": args.sources, "mode": args.mode}
     if stats_path and rank == 0:

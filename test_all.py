@@ -1636,7 +1636,8 @@ def test_fid_cli_bad_inputs(inception_files, tmp_path, monkeypatch, capsys):
     """What fid.py cannot do fails before the Inception runs: an unwritable --json (by default beside the
     first source, which may be a read-only data set) or --save-stats used to fail after every feature was
     computed, as did --pr against statistics with no images; --is of statistics printed no IS and said
-    nothing, --pr with one source likewise. --save-stats makes a missing folder."""
+    nothing, --pr with one source likewise. --save-stats makes a missing folder; two statistics files
+    are compared without the Inception (it was loaded, or downloaded, for nothing)."""
     r, weights = inception_files, ["--inception-weights", str(inception_files / "inception.pth")]
     with monkeypatch.context() as m:
         m.setattr(fid, "features", lambda *a: pytest.fail("features computed before the outputs were checked"))
@@ -1654,6 +1655,8 @@ def test_fid_cli_bad_inputs(inception_files, tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit):
             fid.main([*argv, "--json", str(tmp_path / "m.json"), *weights])
         assert says in capsys.readouterr().err, argv
+    both = fid.main([stats, stats, "--json", str(tmp_path / "m.json")])  # statistics alone: no Inception
+    assert both["fid"] == pytest.approx(0, abs=1e-6)
 
 
 def test_fid_files_are_written_atomically(tmp_path):
