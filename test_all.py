@@ -51,14 +51,14 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_paper_presets_decode_images_with_enough_workers, test_dit_says_when_previews_are_off,
       test_every_stage_calls_its_batch_per_process_batch_size,
       test_each_stage_reads_the_default_output_of_the_stage_before, test_help_prints_each_docstring_line_as_written,
-      test_counts_and_sizes_must_be_at_least_one,
+      test_counts_and_sizes_must_be_at_least_one, test_flags_that_act_only_with_another_are_refused_without_it,
       test_weight_decay_skips_embeddings_and_tokens, test_dit_lr_decay_ends_at_its_own_epoch
     bad input, clear errors:
       test_*_bad_inputs, test_*_errors, test_image_folder_errors, test_dit_mismatch_errors,
       test_unwritable_out_and_full_disk, test_encode_refuses_to_resume_into_a_cache_of_other_images,
       test_evaluate_reference_statistics_are_named_by_their_images,
       test_sampling_refuses_a_folder_made_otherwise
-    checkpoint safety:
+    checkpoint safety (and the checkout is left alone: the_checkout_is_left_alone, around every test):
       test_no_loader_runs_code_from_a_checkpoint, test_wrong_or_damaged_checkpoints_say_what_they_are,
       test_divergence_stops_before_anything_is_saved
     the whole pipeline:
@@ -162,6 +162,20 @@ def assert_same_runs(a, b, parts):
 #################################################################################
 
 # Each fixture is a real run of a stage at a tiny size, made once per test session and shared.
+
+
+@pytest.fixture(autouse=True)
+def the_checkout_is_left_alone():
+    """No test writes into the checkout: a default --out there (runs/...) would put test outputs among a
+    user's runs. The names at the top and in runs/ are compared (__pycache__ and pytest's cache aside)."""
+    def names():
+        top = set(os.listdir(HERE)) - {"__pycache__", ".pytest_cache"}
+        runs = os.path.join(HERE, "runs")
+        return top | {os.path.join("runs", n) for n in (os.listdir(runs) if os.path.isdir(runs) else [])}
+
+    before = names()
+    yield
+    assert names() == before, f"the test wrote {sorted(names() - before)} into {HERE}"
 
 
 STANDIN_TINY = ["--image-size", "32", "--patch-size", "8", "--width", "32", "--depth", "1", "--heads", "2",
@@ -2293,7 +2307,7 @@ def test_no_loader_runs_code_from_a_checkpoint(stage1_run, dit_run, cache, tmp_p
                                         os.path.join(cache, "stats.npz"), "--tokenizer", stage1_run)),
         lambda: sample.main(sample_args(dit_run, str(tmp_path / "s3"), "--guide", evil, "--cfg", "1.29")),
         lambda: sample.main(sample_args(dit_run, str(tmp_path / "s4"), "--tokenizer", evil)),
-        lambda: probe.main(["--tokenizer", evil, "--num-train", "10", "--num-val", "10"]),
+        lambda: probe.main(["--tokenizer", evil, "--num-train", "10", "--num-val", "10", "--out", str(tmp_path / "p")]),
     ]
     for i, call in enumerate(entry_points):
         with pytest.raises(ValueError, match="refused: it holds objects other than tensors"):
