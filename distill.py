@@ -1546,7 +1546,7 @@ def standin_splits(args):
     return train, val
 
 
-CHECK_READS = ("help", "preset", "check", "weights", "image_size")  # the flags check_teacher reads
+CHECK_READS = ("help", "preset", "check", "weights", "image_size")  # --check, what it reads, and the parser's own
 
 
 @torch.no_grad()
