@@ -21,7 +21,7 @@ Contents, top to bottom (every other file imports from here; this file imports n
      checkpoint loading (`load_checkpoint`), EMA, the resumable sampler, the run skeleton with its one
      save/resume pair (`Run`), schedules, throughput and `--bench` (`Bench`), the run flags (`add_run_flags`,
      `positive_int`), the one preset mechanism (`parse_with_preset`) and the refusal of flags a run would
-     ignore (`flags_moved`), weights from files and URLs.
+     ignore (`flags_moved`, `refuse_ignored`), weights from files and URLs.
   2. Image data: ImageNet-style class folders with ADM's center crop, and the built-in synthetic shapes
      (`build_dataset`).
   3. Transformer parts every net shares (`Attention`, `SwiGLU`) and the DINOv2/DINOv3 ViT.
@@ -680,10 +680,22 @@ def parse_with_preset(build, preset_defaults, argv=None):
     return parser, parser.parse_args(argv)
 
 
-def flags_moved(parser, args, *dests):
-    """Of `dests`, the flags whose values are not the parser's defaults (the preset's), spelt `--name`: a
-    flag that acts only with another is refused, not silently ignored, when that other is absent."""
+def flags_moved(parser, args, *dests, all_but=None):
+    """Of `dests` (with `all_but`: of every flag but those), the flags whose values are not the parser's
+    defaults (the preset's), spelt `--name`: the flags this command line set, to refuse where they would be
+    silently ignored."""
+    if all_but is not None:
+        dests = [a.dest for a in parser._actions if a.dest not in ("help", *all_but)]
     return [f"--{d.replace('_', '-')}" for d in dests if getattr(args, d) != parser.get_default(d)]
+
+
+def refuse_ignored(parser, args, switches):
+    """A flag that acts only while some setting is on fails at the command line, naming that setting, when
+    it is off. `switches`: (the setting, whether it is off for `args`, the flags that need it)."""
+    for setting, off, dests in switches:
+        moved = flags_moved(parser, args, *dests)
+        if moved and off(args):
+            parser.error(f"{' '.join(moved)}: only with {setting}; set it, or leave them out")
 
 
 # ----- weights from files and URLs (a safetensors reader of our own) -----
@@ -1546,7 +1558,7 @@ def standin_splits(args):
     return train, val
 
 
-CHECK_READS = ("help", "preset", "check", "weights", "image_size")  # --check, what it reads, and the parser's own
+CHECK_READS = ("preset", "check", "weights", "image_size")  # --check and the flags it reads
 
 
 @torch.no_grad()
@@ -1581,7 +1593,7 @@ def parse_args(argv=None):
     if args.weights and not args.check:
         p.error("--weights goes with --check ARCH (official weights to load and run); without it distill.py "
                 "trains the stand-in teacher from scratch")
-    training = flags_moved(p, args, *(a.dest for a in p._actions if a.dest not in CHECK_READS))
+    training = flags_moved(p, args, all_but=CHECK_READS)
     if args.check and training:
         p.error(f"{' '.join(training)}: flags of the stand-in teacher's training; --check runs {args.check} on a "
                 f"few built-in images and reads only --image-size and --weights")

@@ -363,14 +363,12 @@ def parse_args(argv=None):
                 f"--feature flow, or --sweep-tau")
     if args.sweep_tau and args.feature == "SL":
         p.error("--sweep-tau probes the noisy latent (the 'flow' feature); --feature SL has no tau")
-    for protocol, dests in (("mae", ("base_lr", "warmup_epochs")), ("research", ("adam_base_lr",))):
-        moved = distill.flags_moved(p, args, *dests)
-        if moved and args.protocol != protocol:
-            p.error(f"{' '.join(moved)}: only with --protocol {protocol}, whose optimiser reads it")
+    distill.refuse_ignored(p, args, [  # each protocol's optimiser reads its own lr flags
+        ("--protocol mae", lambda a: a.protocol != "mae", ("base_lr", "warmup_epochs")),
+        ("--protocol research", lambda a: a.protocol != "research", ("adam_base_lr",))])
     if args.augment and args.protocol != "mae":
         p.error("--augment is MAE's protocol (fresh crops each epoch); --protocol research trains on flips only")
-    probing = distill.flags_moved(p, args, *(a.dest for a in p._actions
-                                             if a.dest not in ("help", "preset", "plot", "out")))
+    probing = distill.flags_moved(p, args, all_but=("preset", "plot", "out"))
     if args.plot and probing:
         p.error(f"{' '.join(probing)}: --plot probes nothing, it draws saved probe.json files into --out")
     return args

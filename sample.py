@@ -355,14 +355,11 @@ def parse_args(argv=None):
     if (lo, hi) != (0.0, 1.0) and (args.guide or args.cfg == 1.0):
         p.error("--cfg-interval is where classifier-free guidance acts: it needs a --cfg other than 1, and "
                 "autoguidance (--guide) acts at every step")
-    fid_flags = distill.flags_moved(p, args, "inception_weights", "fid_mode", "fid_batch_size")
-    if fid_flags and not args.ref_stats:
-        p.error(f"{' '.join(fid_flags)}: FID is computed only with --ref-stats (the reference statistics .npz); "
-                f"pass it, or leave these out")
-    judge_flags = distill.flags_moved(p, args, "judge_data", "judge_real")
-    if judge_flags and not args.judge:
-        p.error(f"{' '.join(judge_flags)}: samples are judged only with --judge (a classifier in distill.py's "
-                f"format, e.g. {distill.STANDIN_TEACHER}); pass it, or leave these out")
+    distill.refuse_ignored(p, args, [
+        ("--ref-stats (the reference statistics .npz of FID)", lambda a: not a.ref_stats,
+         ("inception_weights", "fid_mode", "fid_batch_size")),
+        (f"--judge (a classifier in distill.py's format, e.g. {distill.STANDIN_TEACHER})", lambda a: not a.judge,
+         ("judge_data", "judge_real"))])
     return args
 
 

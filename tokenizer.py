@@ -1226,7 +1226,8 @@ def build_parser(mode, add_help=True):
     return p
 
 
-# Flags that act only while another setting is on, per mode: (that setting, whether it is off, the flags).
+# Flags that act only while some setting is on, per mode (distill.refuse_ignored): (the setting, whether it
+# is off, the flags).
 LOSSES = [("--perceptual-weight above 0", lambda a: a.perceptual_weight <= 0,
            ("vgg16_weights", "lpips_weights", "convnext_weights")),
           ("--gan-weight above 0", lambda a: a.gan_weight <= 0, ("gan_start_epoch",))]
@@ -1253,10 +1254,7 @@ def parse_args(argv=None):
     args.mode = mode
     if getattr(args, "random_weights", False) and not args.bench:
         p.error("--random-weights is for --bench only: training needs the real teacher")
-    for switch, off, dests in SWITCHES[mode]:
-        moved = distill.flags_moved(p, args, *dests)
-        if moved and off(args):
-            p.error(f"{' '.join(moved)}: only with {switch}; add it, or leave these out")
+    distill.refuse_ignored(p, args, SWITCHES[mode])
     if mode == "train" and args.teacher_weights is None and args.teacher == "standin":
         args.teacher_weights = distill.STANDIN_TEACHER
     return args
