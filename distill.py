@@ -476,9 +476,9 @@ class Run:
             self.bench.tick(images)
 
     def every(self, n):
-        """The one cadence rule (log lines, checkpoints, pictures): every n steps (n = 0: never) and where
-        the run stops."""
-        return (n > 0 and self.step % n == 0) or self.step == self.stop
+        """The one cadence rule (log lines, checkpoints, pictures): every n steps and where the run stops;
+        n = 0: never."""
+        return n > 0 and (self.step % n == 0 or self.step == self.stop)
 
     def check_finite(self):
         bad = self.nonfinite.double()
@@ -500,8 +500,9 @@ class Run:
         return self.step % self.steps_per_epoch == 0
 
     def checkpoint_due(self):
-        """latest.pt every --ckpt-every steps, at each epoch's end and where the run stops (never in bench)."""
-        return not self.bench and (self.every(getattr(self.args, "ckpt_every", 0)) or self.epoch_end())
+        """latest.pt every --ckpt-every steps, at each epoch's end and where the run stops, whatever
+        --ckpt-every (never in bench)."""
+        return not self.bench and (self.every(self.args.ckpt_every) or self.epoch_end() or self.step == self.stop)
 
     def record(self, keys=None, **extra):
         """The run's weights (`keys` of `states`, default all), what it must match, where it is, its args."""

@@ -334,17 +334,17 @@ class RandomLatents(torch.utils.data.Dataset):
 
 
 def open_latents(args):
-    """The cache and the tokenizer that decodes previews: --tokenizer, else the cache's own if its file still
-    exists ('' turns previews off), checked against the cache (same weights fingerprint)."""
+    """The cache and the tokenizer that decodes previews, checked against the cache (same weights
+    fingerprint): --tokenizer, else the cache's own if its file still exists. None where no preview is
+    made (--bench, --preview-every 0): loading and hashing the weights would buy nothing."""
     if args.random_latents:
         return RandomLatents(args.preset, args.bench * args.batch_size * distill.world_info()[1]), None
     cache = tokenizer.LatentCache(args.latents, seed=args.seed)
+    if args.bench or args.preview_every <= 0:
+        return cache, None
     path = cache.meta["tokenizer"] if args.tokenizer is None else args.tokenizer
     if args.tokenizer is None and not os.path.isfile(path):
-        if args.preview_every and not args.bench:
-            distill.log(f"previews off: no tokenizer to decode them (the cache's, {path}, is gone); pass --tokenizer")
-        return cache, None
-    if not path:
+        distill.log(f"previews off: no tokenizer to decode them (the cache's, {path}, is gone); pass --tokenizer")
         return cache, None
     tok, _ = tokenizer.load_tokenizer(path)
     tokenizer.check_meta(args.latents, {"fingerprint": distill.weights_fingerprint(tok)})
@@ -520,6 +520,8 @@ def parse_args(argv=None):
         return args
     if args.latents is None:
         p.error("--latents is required with --preset paper (or --bench N --random-latents)")
+    distill.refuse_ignored(p, args, [("--preview-every above 0 (the previews it decodes)",
+                                      lambda a: a.preview_every <= 0, ("tokenizer",))])
     return args
 
 

@@ -1109,8 +1109,8 @@ def test_flags_that_act_only_with_another_are_refused_without_it(capsys):
     """A flag that shapes a step the run does not take fails at the command line, naming the flag that
     turns that step on (and passes with it): sample.py's FID flags without --ref-stats and its judge flags
     without a judge, evaluate's rFID flags without --rfid, the settings of a loss weighted 0, of the flow
-    at --gamma 0, of masking at --mask-ratio 0 and of the teacher without a semantic decoder were accepted
-    and ignored."""
+    at --gamma 0, of masking at --mask-ratio 0, of the teacher without a semantic decoder and dit.py's
+    preview tokenizer at --preview-every 0 were accepted and ignored."""
     ref, judge, rfid = ["--ref-stats", "r.npz"], ["--judge", "j.pt"], ["--rfid"]
     perceptual = ["--perceptual-weight", "1"]
     cases = [(sample, ["--fid-mode", "pytorch-fid"], ref), (sample, ["--fid-batch-size", "7"], ref),
@@ -1123,7 +1123,8 @@ def test_flags_that_act_only_with_another_are_refused_without_it(capsys):
              (tokenizer, ["--gan-weight", "0", "--gan-start-epoch", "0"], ["--gan-weight", "0.1"]),
              (tokenizer, ["--sem-decoder", "none", "--teacher", "dinov3_vitl16"], ["--sem-decoder", "mlp"]),
              (tokenizer, ["--gamma", "0", "--noise-schedule", "lognorm"], ["--gamma", "1"]),
-             (tokenizer, ["--mask-ratio", "0", "--mask-ratio-min", "-0.2"], ["--mask-ratio", "0.4"])]
+             (tokenizer, ["--mask-ratio", "0", "--mask-ratio-min", "-0.2"], ["--mask-ratio", "0.4"]),
+             (dit, ["--latents", "c", "--preview-every", "0", "--tokenizer", "t.pt"], ["--preview-every", "5"])]
     for module, argv, turn_on in cases:
         with pytest.raises(SystemExit):
             module.parse_args(argv)
@@ -1165,16 +1166,17 @@ def test_finetune_preset_is_the_released_stage2_recipe(capsys):
 
 def test_tokenizer_resume_is_exact(standin_teacher, tmp_path, monkeypatch):
     """k steps, stop, resume to n equals n straight steps, bit for bit (GAN on from step 0); each
-    reconstruction grid is written once, at --grid-every steps and where a run stops."""
+    reconstruction grid is written once, at --grid-every steps and where a run stops, and none at
+    --grid-every 0 (one was written where each run stopped)."""
     written, save = [], tokenizer.save_reconstructions
     monkeypatch.setattr(tokenizer, "save_reconstructions",
                         lambda *a: written.append(os.path.basename(a[-1])) or save(*a))
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    extra = ["--gan-start-epoch", "0", "--grad-accum", "2", "--grid-every", "2"]
-    tokenizer.main(tok_args(standin_teacher, a, *extra))
-    tokenizer.main(tok_args(standin_teacher, b, *extra, "--stop-at", "2"))
+    extra = ["--gan-start-epoch", "0", "--grad-accum", "2"]
+    tokenizer.main(tok_args(standin_teacher, a, *extra, "--grid-every", "3"))
+    tokenizer.main(tok_args(standin_teacher, b, *extra, "--stop-at", "2"))  # --grid-every 0
     assert torch.load(os.path.join(b, "latest.pt"), weights_only=True)["step"] == 2
-    tokenizer.main(tok_args(standin_teacher, b, *extra))
+    tokenizer.main(tok_args(standin_teacher, b, *extra, "--grid-every", "3"))
     ca = torch.load(os.path.join(a, "latest.pt"), weights_only=True)
     cb = torch.load(os.path.join(b, "latest.pt"), weights_only=True)
     assert ca["step"] == cb["step"] == 4
@@ -1182,7 +1184,7 @@ def test_tokenizer_resume_is_exact(standin_teacher, tmp_path, monkeypatch):
         for k in ca[part]:
             assert torch.equal(ca[part][k], cb[part][k]), (part, k)
     assert os.path.isfile(os.path.join(a, "recon_0000004.png"))
-    assert written == ["recon_0000002.png", "recon_0000004.png"] * 2  # run a, then run b's two halves
+    assert written == ["recon_0000003.png", "recon_0000004.png"] * 2  # run a, then run b's second half
 
 
 def test_tokenizer_two_processes_resume_exactly(standin_teacher, tmp_path):
@@ -1910,20 +1912,22 @@ def test_dit_lr_decay_ends_at_its_own_epoch():
 
 def test_dit_resume_is_exact(cache, tmp_path, monkeypatch):
     """Stop at step 3 and resume equals the straight run; each preview is written once, every
-    --preview-every steps and where a run stops."""
+    --preview-every steps and where a run stops, and none at --preview-every 0. The first half of the stopped
+    run makes no preview: loading the tokenizer that decodes them leaves the run's random stream alone (it
+    drew the generator's init)."""
     written, save = [], dit.save_preview
     monkeypatch.setattr(dit, "save_preview", lambda *a: written.append(os.path.basename(a[3])) or save(*a))
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     dit.main(dit_args(cache, a, "--preview-every", "5"))
-    dit.main(dit_args(cache, b, "--stop-at", "3"))
-    dit.main(dit_args(cache, b))
+    dit.main(dit_args(cache, b, "--stop-at", "3"))  # --preview-every 0: none (one was made at the stop)
+    dit.main(dit_args(cache, b, "--preview-every", "4"))
     ca, cb = (torch.load(os.path.join(x, "latest.pt"), weights_only=True) for x in (a, b))
     assert ca["step"] == cb["step"] == 10
     for part in ("model", "ema"):
         for k in ca[part]:
             assert torch.equal(ca[part][k], cb[part][k]), (part, k)
     assert os.path.isfile(os.path.join(a, "preview_0000010.png"))  # decoded by the cache's tokenizer
-    assert written == [f"preview_{s:07d}.png" for s in (5, 10, 3, 10)]  # run a, then run b's two halves
+    assert written == [f"preview_{s:07d}.png" for s in (5, 10, 4, 8, 10)]  # run a, then run b's second half
 
 
 def test_dit_is_the_same_with_loader_workers(cache, tmp_path):
@@ -1960,8 +1964,12 @@ def test_dit_resume_refuses_other_latents_or_global_batch(cache, tmp_path):
     assert dit.main(dit_args(cache, out, "--batch-size", "8")) == 10  # same global batch: continues
 
 
-def test_dit_says_when_previews_are_off(cache, tmp_path, capsys):
-    """A cache whose tokenizer file is gone trains without previews, and says so (it said nothing)."""
+def test_dit_says_when_previews_are_off(cache, tmp_path, capsys, monkeypatch):
+    """A cache whose tokenizer file is gone trains without previews, and says so (it said nothing). With
+    previews off (--preview-every 0) no tokenizer is loaded (its weights were loaded and hashed for nothing)."""
+    with monkeypatch.context() as m:
+        m.setattr(tokenizer, "load_tokenizer", lambda *a, **k: pytest.fail("a tokenizer was loaded"))
+        dit.main(dit_args(cache, str(tmp_path / "no_previews"), "--stop-at", "1"))
     moved = str(tmp_path / "latents")
     shutil.copytree(cache, moved)
     with open(os.path.join(moved, "meta.json")) as f:
@@ -1977,7 +1985,7 @@ def test_dit_mismatch_errors(cache, tmp_path, parity_sizes):
     other = str(tmp_path / "other.pth")
     torch.save({"model_ema": w}, other)
     with pytest.raises(ValueError, match="does not match"):
-        dit.main(dit_args(cache, str(tmp_path / "x"), "--tokenizer", other))
+        dit.main(dit_args(cache, str(tmp_path / "x"), "--tokenizer", other, "--preview-every", "5"))
     out = str(tmp_path / "run")
     dit.main(dit_args(cache, out, "--stop-at", "1"))
     with pytest.raises(ValueError, match="was made with another config"):
@@ -2298,7 +2306,7 @@ def test_no_loader_runs_code_from_a_checkpoint(stage1_run, dit_run, cache, tmp_p
         lambda: tokenizer.main(tok_args(None, str(runs["tok"]))),  # resume
         lambda: dit.load_dit(evil),
         lambda: dit.main(dit_args(cache, str(runs["dit"]))),  # resume
-        lambda: dit.main(dit_args(cache, str(tmp_path / "d2"), "--tokenizer", evil)),
+        lambda: dit.main(dit_args(cache, str(tmp_path / "d2"), "--tokenizer", evil, "--preview-every", "5")),
         lambda: distill.main(STANDIN_TINY + ["--out", str(runs["teacher"])]),  # resume
         lambda: distill.build_teacher("standin", evil),
         lambda: distill.read_state_dict(evil),

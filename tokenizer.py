@@ -417,10 +417,13 @@ def official_config(sd):
 
 def load_tokenizer(path, weights="ema", device="cpu"):
     """A tokenizer checkpoint -> (RecTok in eval mode, its config). Reads ours ({'config', 'ema', ...}) and
-    the authors' RecTok.pth / RecTok_decft.pth ('model_ema' or 'model'), strictly."""
+    the authors' RecTok.pth / RecTok_decft.pth ('model_ema' or 'model'), strictly. The caller's random
+    stream is left as it was: building the net draws initial weights, and a generator run that loads one
+    for its previews must train what a run without previews trains."""
     ckpt = distill.load_checkpoint(path, ("tokenizer",), "tokenizer checkpoint")
     config, sd = tokenizer_weights(ckpt, path, weights)
-    model = RecTok(**config)
+    with torch.random.fork_rng(devices=[]):  # the CPU stream; the net is built on the CPU
+        model = RecTok(**config)
     distill.load_strict(model, sd, f"tokenizer checkpoint {path}")
     return model.to(device).eval(), config
 
@@ -762,7 +765,8 @@ def train(args):
         {"model": model, "ema": ema, "optimizer": opt, "discriminator": loss_fn.discriminator, "d_optimizer": d_opt},
         {"flip_rng": flip_gen}, match={"config": config},
         check={"tokenizer": model, "discriminator": loss_fn.discriminator})
-    images = grid_images(args, data, config["img_size"]) if rank == 0 and not args.bench else None
+    grids = rank == 0 and not args.bench and args.grid_every > 0
+    images = grid_images(args, data, config["img_size"]) if grids else None
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     distill.log(f"RecTok stage {stage}: {trained / 1e6:.2f}M trained parameters "
                 f"(teacher {args.teacher if teacher is not None else 'none'}), {len(data)} images, "
@@ -810,8 +814,8 @@ def train(args):
             if run.step >= run.stop or run.epoch_end():
                 break
     result = run.done(f"RecTok stage {stage}")
-    if images is not None:
-        distill.log(f"wrote {os.path.join(args.out, 'latest.pt')} and reconstruction grids in {args.out}")
+    if not run.bench:
+        distill.log(f"wrote {run.latest}" + (f" and reconstruction grids in {args.out}" if images is not None else ""))
     distill.cleanup_distributed()
     return result
 
