@@ -461,7 +461,7 @@ class Run:
         self.latest = os.path.join(args.out, "latest.pt")
         self.meter, self.nonfinite = Throughput(device), torch.zeros((), dtype=torch.bool, device=device)
         self.bench = Bench(device) if args.bench else None
-        self.step = 0 if args.bench else self.resume()
+        self.step = self.start = 0 if args.bench else self.resume()
 
     @property
     def epoch(self):
@@ -542,7 +542,8 @@ class Run:
             log(f"{self.latest} was written by {len(ckpt['rng'])} processes, this run has {self.world}: same global "
                 f"batch, so it continues, with re-seeded random streams (not bit-identical to an uninterrupted run)")
             reseed(ckpt["step"] * self.world + self.rank, self.generators)
-        log(f"resumed from {self.latest} at step {ckpt['step']}")
+        done = ckpt["step"] >= self.stop  # a finished run started again, or a --stop-at already passed
+        log(f"resumed from {self.latest} at step {ckpt['step']}" + (": the run stops there, no step to take" * done))
         return ckpt["step"]
 
     def done(self, name):
@@ -1489,7 +1490,6 @@ def train_standin(args):
         f"{len(train_set)} train / {len(val_set)} val images, {train_set.num_classes} classes, {run.total} steps")
     final_path = os.path.join(args.out, "teacher.pt")
     if run.step >= run.stop and (run.step < run.total or os.path.isfile(final_path)):
-        log(f"{run.latest} is already at step {run.step} of {run.total} (--stop-at {args.stop_at}): nothing to do")
         cleanup_distributed()
         return None
     acc = None

@@ -1164,10 +1164,11 @@ def test_finetune_preset_is_the_released_stage2_recipe(capsys):
     assert "fraction of training (default: 0.05)" in help_text and "(default: 5e-05)" in help_text
 
 
-def test_tokenizer_resume_is_exact(standin_teacher, tmp_path, monkeypatch):
+def test_tokenizer_resume_is_exact(standin_teacher, tmp_path, monkeypatch, capsys):
     """k steps, stop, resume to n equals n straight steps, bit for bit (GAN on from step 0); each
     reconstruction grid is written once, at --grid-every steps and where a run stops, and none at
-    --grid-every 0 (one was written where each run stopped)."""
+    --grid-every 0 (one was written where each run stopped). A finished run started again says it has
+    no step to take (it said it wrote latest.pt)."""
     written, save = [], tokenizer.save_reconstructions
     monkeypatch.setattr(tokenizer, "save_reconstructions",
                         lambda *a: written.append(os.path.basename(a[-1])) or save(*a))
@@ -1185,6 +1186,11 @@ def test_tokenizer_resume_is_exact(standin_teacher, tmp_path, monkeypatch):
             assert torch.equal(ca[part][k], cb[part][k]), (part, k)
     assert os.path.isfile(os.path.join(a, "recon_0000004.png"))
     assert written == ["recon_0000003.png", "recon_0000004.png"] * 2  # run a, then run b's second half
+    capsys.readouterr()
+    tokenizer.main(tok_args(standin_teacher, a, *extra, "--grid-every", "3"))
+    out = capsys.readouterr().out
+    assert "at step 4: the run stops there, no step to take" in out and "wrote" not in out
+    assert written == ["recon_0000003.png", "recon_0000004.png"] * 2
 
 
 def test_tokenizer_two_processes_resume_exactly(standin_teacher, tmp_path):

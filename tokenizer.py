@@ -814,7 +814,7 @@ def train(args):
             if run.step >= run.stop or run.epoch_end():
                 break
     result = run.done(f"RecTok stage {stage}")
-    if not run.bench:
+    if run.step > run.start and not run.bench:
         distill.log(f"wrote {run.latest}" + (f" and reconstruction grids in {args.out}" if images is not None else ""))
     distill.cleanup_distributed()
     return result
