@@ -257,12 +257,13 @@ def euler_grid(num_points, s):
 
 def guided_velocity(model, x, t, y, cfg=1.0, interval=(0.0, 1.0), guide=None):
     """Classifier-free guidance v_u + w (v_c - v_u) on ALL channels inside the (inclusive) interval, or
-    autoguidance v_g + w (v_main - v_g) with a weaker model on the same labels (`models/DDT.py`)."""
-    tb = t.expand(x.shape[0])
+    autoguidance v_g + w (v_main - v_g) with a weaker model on the same labels (`models/DDT.py`). `t` is a
+    number, so that the interval test reads nothing back from the device."""
+    tb = torch.full((x.shape[0],), t, device=x.device)
     if guide is not None:
         v, v_g = model(x, tb, y), guide(x, tb, y)
         return v_g + cfg * (v - v_g)
-    if cfg == 1.0 or not (interval[0] <= float(t) <= interval[1]):
+    if cfg == 1.0 or not (interval[0] <= t <= interval[1]):
         return model(x, tb, y)
     null = torch.full_like(y, model.num_classes)
     v_c, v_u = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null])).chunk(2)
@@ -274,10 +275,11 @@ def sample(model, z0, y, num_points=150, s=None, cfg=1.0, interval=(0.0, 1.0), g
     """Euler ODE from t = 0 (noise z0) to 1: x <- x + (g_{i+1} - g_i) v(x, g_i). The last state is returned
     with no extra denoising step."""
     s = tokenizer.latent_shift(model.grid, model.channels) if s is None else s
-    grid = euler_grid(num_points, s).to(z0.device)
+    grid = euler_grid(num_points, s)
+    times, grid = grid.tolist(), grid.to(z0.device)  # the same float32 values, on the host and the device
     x, states = z0, [z0]
     for i in range(num_points - 1):
-        v = guided_velocity(model, x, grid[i], y, cfg, interval, guide)
+        v = guided_velocity(model, x, times[i], y, cfg, interval, guide)
         x = x + (grid[i + 1] - grid[i]) * v.to(x.dtype)
         if trajectory:  # else only the current state is held (150 of them are a GB at batch 50, C = 128)
             states.append(x)

@@ -21,7 +21,8 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     stage 2 (decoder fine-tuning):
       test_finetune_changes_only_the_decoder, test_finetune_preset_is_the_released_stage2_recipe
     DiT^DH and its sampler:
-      test_ditdh_forward_parity, test_sampler_parity, test_dit_loss_falls
+      test_ditdh_forward_parity, test_sampler_parity, test_dit_loss_falls,
+      test_sampler_reads_nothing_back_from_the_device
     FID / IS / P&R, the offline judge:
       test_fid_inception_parity, test_frechet_parity, test_inception_score_parity, test_judge_scores,
       test_judge_must_know_the_generated_classes
@@ -1860,6 +1861,20 @@ def test_sampler_parity():
         # CFG stores the [cond | uncond] halves of its doubled batch; ours is the conditional half
         assert_close(traj, o[name]["trajectory"][:, :len(i["y"])])
         assert_close(traj[-1], o[name]["samples"])
+
+
+def test_sampler_reads_nothing_back_from_the_device(monkeypatch):
+    """An Euler step with guidance on an interval reads no tensor value on the host: on a GPU each read waits
+    for the step before it (CFG's interval test did, 150 times per batch at the paper's grid)."""
+    d, w = parity("sampler")
+    model, i = dit_from_reference(d["config"], w), d["inputs"]
+    s, n = d["config"]["timestep_shift"], d["config"]["num_grid_points"]
+    expect = dit.sample(model, i["z0"], i["y"], n, s, cfg=1.5, interval=(0.0, 0.7))
+    for read in ("__float__", "__bool__", "item"):
+        monkeypatch.setattr(torch.Tensor, read, lambda *a, read=read: pytest.fail(f"the sampler read {read}"))
+    got = dit.sample(model, i["z0"], i["y"], n, s, cfg=1.5, interval=(0.0, 0.7))
+    monkeypatch.undo()
+    assert torch.equal(got, expect)
 
 
 @pytest.mark.parametrize("name,size,params", [("DiTDDT_xl_C128.json", "XL", 835.3e6),
