@@ -46,8 +46,11 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_ranks_agree_check_and_broadcast,
       test_standin_accuracy_is_rank_0s_weights_on_every_image, test_weights_are_downloaded_once_per_machine,
       test_image_folder_check_is_shared_by_the_ranks
+    speed (no host read in a step, --bench):
+      test_a_training_step_reads_nothing_back_from_the_device, test_sampler_reads_nothing_back_from_the_device,
+      test_bench_is_one_rule_in_every_trainer
     recipe defaults and the command line:
-      test_presets_are_the_parser_defaults, test_bench_is_one_rule_in_every_trainer,
+      test_presets_are_the_parser_defaults,
       test_tokenizer_bench_needs_no_earlier_stage, test_dit_bench_needs_no_cache,
       test_paper_presets_decode_images_with_enough_workers, test_dit_says_when_previews_are_off,
       test_every_stage_calls_its_batch_per_process_batch_size,
@@ -1278,6 +1281,33 @@ def test_bench_is_one_rule_in_every_trainer(standin_teacher, cache, tmp_path, ca
         m = re.search(r"median step (\S+) s over 2 steps after 1 warm-up, (\S+) img/s, peak mem (\S+) GB", line)
         assert m, line
         assert all("e" not in v and float(v) == float(f"{float(v):.3g}") for v in m.groups()), line
+
+
+def host_reads(monkeypatch, run):
+    """How many tensor values `run()` reads on the host (item, float, bool, tolist)."""
+    count = [0]
+    with monkeypatch.context() as m:
+        for name in ("item", "__float__", "__bool__", "tolist"):
+            def counted(self, *a, original=getattr(torch.Tensor, name)):
+                count[0] += 1
+                return original(self, *a)
+            m.setattr(torch.Tensor, name, counted)
+        run()
+    return count[0]
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(standin_teacher, cache, tmp_path, monkeypatch):
+    """The losses stay on the device between log lines: in each trainer, 4 steps read as many tensor values
+    on the host as 2 (those of the stop: its log line, the finite check, the checkpoint). On a GPU each read
+    in the step would make the host wait for the step to finish."""
+    trainers = {
+        "distill": lambda out, k: distill.main(STANDIN_TINY + ["--out", out, "--stop-at", k, "--log-every", "99"]),
+        "tokenizer": lambda out, k: tokenizer.main(tok_args(standin_teacher, out, "--gan-start-epoch", "0",
+                                                            "--stop-at", k, "--log-every", "99")),
+        "dit": lambda out, k: dit.main(dit_args(cache, out, "--stop-at", k, "--log-every", "99"))}
+    for name, train in trainers.items():
+        reads = [host_reads(monkeypatch, lambda: train(str(tmp_path / f"{name}{k}"), str(k))) for k in (2, 4)]
+        assert reads[0] == reads[1], (name, reads)
 
 
 def test_tokenizer_bench_needs_no_earlier_stage(tmp_path, monkeypatch):
