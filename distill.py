@@ -168,21 +168,29 @@ def allreduce_grads(module):
                 p.grad.div_(world)
 
 
+DIVERGED = ("stopping before anything non-finite is saved (the last good latest.pt is kept). Lower the learning "
+            "rate or lengthen the warm-up, then resume from it")
+
+
 @torch.no_grad()
-def assert_ranks_agree(modules):
-    """Stop if any rank's parameters differ from rank 0's (checked before each checkpoint, so a checkpoint
-    that keeps rank 0's weights never hides a divergence). One float64 sum per tensor: equal tensors give
-    equal sums, and any difference changes them. BatchNorm running statistics are per rank and unused
-    (train-mode BN reads batch statistics), so only parameters count."""
-    if not is_distributed():
-        return
+def check_weights(modules, step):
+    """Before each checkpoint: every weight is finite, and every rank holds rank 0's, or the run stops (all
+    ranks together, none left waiting). A finite loss does not prove finite weights: a nan or inf gradient
+    (an overflow in the backward pass) leaves it finite. One float64 sum per tensor: any nan or inf
+    makes it non-finite; equal tensors give equal sums, and any difference changes them. BatchNorm running
+    statistics are per rank and unused (train-mode BN reads batch statistics), so only parameters count."""
     for name, module in modules.items():
         sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
         ref = sums.clone()
-        dist.broadcast(ref, 0)
-        differs = (sums != ref).any().double()
-        dist.all_reduce(differs, op=dist.ReduceOp.MAX)  # every rank stops, none waits for the others
-        if differs.item():
+        if is_distributed():
+            dist.broadcast(ref, 0)
+        flags = torch.stack([(~torch.isfinite(sums)).any(), (sums != ref).any()]).double()
+        if is_distributed():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, differs = flags.tolist()
+        if nonfinite:
+            raise FloatingPointError(f"the {name} weights became nan or inf at or before step {step}; {DIVERGED}")
+        if differs:
             raise RuntimeError(f"the ranks hold different {name} weights: every rank must build the same "
                                f"{name} (broadcast rank 0's) and average its gradients")
 
@@ -457,7 +465,7 @@ class Run:
         self.stop = min(self.total, args.bench or args.stop_at or self.total)
         self.states, self.generators = states, generators or {}
         self.match = dict(match or {}, global_batch=global_batch)
-        self.check = check or {kind: states["model"]}  # the modules whose ranks must agree at a checkpoint
+        self.check = check or {kind: states["model"]}  # checked at each checkpoint: finite, the same on all ranks
         self.latest = os.path.join(args.out, "latest.pt")
         self.meter, self.nonfinite = Throughput(device), torch.zeros((), dtype=torch.bool, device=device)
         self.bench = Bench(device) if args.bench else None
@@ -485,9 +493,7 @@ class Run:
         if is_distributed():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
         if bad.item():
-            raise FloatingPointError(f"the loss became nan or inf at or before step {self.step}; stopping before "
-                                     f"anything non-finite is saved (the last good latest.pt is kept). Lower "
-                                     f"the learning rate or lengthen the warm-up, then resume from it")
+            raise FloatingPointError(f"the loss became nan or inf at or before step {self.step}; {DIVERGED}")
 
     def log_due(self):
         """A log line now? Then the losses are checked (one sync) and the caller may read them."""
@@ -513,7 +519,7 @@ class Run:
         """Check, then write OUT/name atomically on rank 0 while the others wait: nothing non-finite and no
         disagreement between ranks is ever saved. Every rank calls it: the record holds all ranks' RNG states."""
         self.check_finite()
-        assert_ranks_agree(self.check)
+        check_weights(self.check, self.step)
         rngs = {k: gather_objects(g.get_state(), self.world) for k, g in self.generators.items()}
         state = dict(self.record(**extra), rng=gather_objects(rng_state(), self.world), **rngs)
         if self.rank == 0:

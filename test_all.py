@@ -64,7 +64,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_sampling_refuses_a_folder_made_otherwise
     checkpoint safety (and the checkout is left alone: the_checkout_is_left_alone, around every test):
       test_no_loader_runs_code_from_a_checkpoint, test_wrong_or_damaged_checkpoints_say_what_they_are,
-      test_divergence_stops_before_anything_is_saved
+      test_divergence_stops_before_anything_is_saved, test_tokenizer_logs_and_watches_the_mean_over_micro_batches
     the whole pipeline:
       test_pipeline_end_to_end
 
@@ -952,7 +952,8 @@ def test_load_released_tokenizer_layout(parity_sizes, tmp_path):
 def test_ranks_agree_check_and_broadcast(tmp_path):
     """A module built from each rank's own seed differs across ranks: the checkpoint check refuses it, and
     broadcasting rank 0's weights makes the ranks agree. A rank with no share of an evaluation (more
-    processes than images) gathers an empty list of features: it used to stop on torch.cat([])."""
+    processes than images) gathers an empty list of features: it used to stop on torch.cat([]). A nan weight
+    on one rank stops both."""
     script = tmp_path / "agree.py"
     script.write_text(
         "import sys, torch, torch.distributed as dist\n"
@@ -963,15 +964,22 @@ def test_ranks_agree_check_and_broadcast(tmp_path):
         "m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))\n"
         f"out = open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.txt', 'w')\n"
         "try:\n"
-        "    distill.assert_ranks_agree({'net': m})\n"
+        "    distill.check_weights({'net': m}, 0)\n"
         "    out.write('not caught\\n')\n"
         "except RuntimeError as e:\n"
         "    out.write(f'caught: {e}\\n')\n"
         "distill.broadcast_module(m)\n"
-        "distill.assert_ranks_agree({'net': m})\n"
+        "distill.check_weights({'net': m}, 0)\n"
         "out.write('agree after broadcast\\n')\n"
         "rows = distill.gather([] if dist.get_rank() == 0 else [torch.arange(3.0), torch.arange(3.0, 5.0)])\n"
         "out.write(f'gathered {rows.tolist()}\\n')\n"
+        "if dist.get_rank() == 1:\n"
+        "    m[0].weight.data[0, 0] = float('nan')\n"
+        "try:\n"
+        "    distill.check_weights({'net': m}, 5)\n"
+        "    out.write('not caught\\n')\n"
+        "except FloatingPointError as e:\n"
+        "    out.write(f'caught: {e}\\n')\n"
         "dist.destroy_process_group()\n")
     torchrun(str(script), [])
     for rank in (0, 1):  # every rank stops, none is left waiting
@@ -979,6 +987,7 @@ def test_ranks_agree_check_and_broadcast(tmp_path):
         assert lines[0].startswith("caught: the ranks hold different net weights"), lines
         assert lines[1] == "agree after broadcast"
         assert lines[2] == "gathered [0.0, 1.0, 2.0, 3.0, 4.0]"
+        assert lines[3].startswith("caught: the net weights became nan or inf at or before step 5"), lines
 
 
 def test_discriminator_step_reads_every_micro_batch_and_is_clipped(tmp_path):
@@ -2374,9 +2383,10 @@ def test_no_loader_runs_code_from_a_checkpoint(stage1_run, dit_run, cache, tmp_p
         assert not marker.exists(), f"entry point {i} ran the payload"
 
 
-def test_divergence_stops_before_anything_is_saved(standin_teacher, cache, tmp_path):
+def test_divergence_stops_before_anything_is_saved(standin_teacher, cache, tmp_path, monkeypatch):
     """An absurd learning rate: the run stops with a clear message at the first check, before any
-    checkpoint, and the last good latest.pt is kept as it was."""
+    checkpoint, and the last good latest.pt is kept as it was. Weights made nan by a step whose loss was
+    finite (a nan gradient) are not saved either: they were, as the loss alone was checked."""
     for main, args, lr in ((tokenizer.main, tok_args(standin_teacher, str(tmp_path / "tok")), "--base-lr"),
                            (dit.main, dit_args(cache, str(tmp_path / "dit")), "--lr")):
         main(args + ["--stop-at", "1"])
@@ -2386,6 +2396,34 @@ def test_divergence_stops_before_anything_is_saved(standin_teacher, cache, tmp_p
             main(args + [lr, "1e12", "--log-every", "1000"])
         assert open(latest, "rb").read() == good
         assert not [f for f in os.listdir(os.path.dirname(latest)) if f.endswith(".pt") and f != "latest.pt"]
+        with monkeypatch.context() as m:  # the step's update leaves a nan in the model after its loss
+            m.setattr(distill, "update_ema", lambda ema, model, decay: next(model.parameters()).data.fill_(math.nan))
+            with pytest.raises(FloatingPointError, match="weights became nan or inf at or before step 2"):
+                main(args + ["--stop-at", "2"])
+        assert open(latest, "rb").read() == good
+
+
+def test_tokenizer_logs_and_watches_the_mean_over_micro_batches(standin_teacher, tmp_path, monkeypatch, capsys):
+    """With --grad-accum the logged and watched loss is the step's mean over its micro-batches. It was the
+    last micro-batch's alone: a nan in an earlier one went unseen, and its weights were saved."""
+    totals, real = [], tokenizer.TokenizerLoss.generator_loss
+
+    def recorded(self, *a):
+        total, terms = real(self, *a)
+        totals.append(total.item())
+        return (total * math.nan if poison and len(totals) == 1 else total), terms
+
+    monkeypatch.setattr(tokenizer.TokenizerLoss, "generator_loss", recorded)
+    args = tok_args(standin_teacher, str(tmp_path / "run"), "--grad-accum", "2", "--stop-at", "1", "--log-every", "1")
+    poison = False
+    tokenizer.main(args)
+    logged = float(re.search(r" total (\S+)", capsys.readouterr().out).group(1))
+    assert len(totals) == 2 and abs(totals[0] - totals[1]) > 1e-3
+    assert logged == pytest.approx(sum(totals) / 2, abs=1e-4)
+    poison, totals[:] = True, []
+    with pytest.raises(FloatingPointError, match="the loss became nan or inf at or before step 1"):
+        tokenizer.main(tok_args(standin_teacher, str(tmp_path / "nan"), "--grad-accum", "2", "--stop-at", "1"))
+    assert not os.path.exists(tmp_path / "nan" / "latest.pt")
 
 
 def test_wrong_or_damaged_checkpoints_say_what_they_are(stage1_run, dit_run, standin_teacher, tmp_path):

@@ -782,7 +782,7 @@ def train(args):
             batches = [distill.random_flip(x.to(device, non_blocking=True), flip_gen) for x in batches]
             for g in opt.param_groups + d_opt.param_groups:
                 g["lr"] = lr * distill.warmup_cosine(run.step / run.total, args.warmup)
-            decoded = []
+            decoded, losses = [], {}  # losses: each term's mean over the micro-batches (logged, and watched)
             for i, x in enumerate(batches):  # --grad-accum micro-batches, one gradient all-reduce at the last
                 last = i == len(batches) - 1
                 with ddp.no_sync() if not last and distill.is_distributed() else contextlib.nullcontext():
@@ -793,17 +793,18 @@ def train(args):
                     total, terms = loss_fn.generator_loss(x, out, target, epoch)
                     (total / len(batches)).backward()
                 decoded.append(out["decoded"].detach())
+                for k, v in dict(terms, total=total.detach()).items():
+                    losses[k] = losses.get(k, 0) + v / len(batches)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             distill.update_ema(ema, model, args.ema)
             if loss_fn.gan_on(epoch):
-                terms["disc"] = discriminator_step(loss_fn, d_opt, batches, decoded, epoch, args.clip)
-            run.tick(sum(len(x) for x in batches) * world, total)
+                losses["disc"] = discriminator_step(loss_fn, d_opt, batches, decoded, epoch, args.clip)
+            run.tick(sum(len(x) for x in batches) * world, losses["total"])
             if run.log_due():
-                terms.update(total=total, grad_norm=grad_norm)
                 distill.log(f"step {run.step}/{run.total} epoch {run.epoch:.2f} "
-                            + " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
+                            + " ".join(f"{k} {v.item():.4f}" for k, v in dict(losses, grad_norm=grad_norm).items())
                             + f" lr {opt.param_groups[0]['lr']:.2e} {run.meter.report()}")
             if images is not None and run.every(args.grid_every):
                 save_reconstructions(ema, images, device, os.path.join(args.out, f"recon_{run.step:07d}.png"))
