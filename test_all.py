@@ -1062,8 +1062,8 @@ def test_presets_are_the_parser_defaults(module, presets, extra, capsys):
             if k != "latents" or not extra:
                 assert getattr(args, k) == v, (module.__name__, name, k)
         k, v = next((k, v) for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool))
-        flag = ["--" + k.replace("_", "-"), str(v + 1)]
-        assert getattr(module.parse_args(["--preset", name, *extra, *flag]), k) == v + 1
+        flag = ["--" + k.replace("_", "-"), str(2 * v)]  # twice: an image size stays a multiple of the patch
+        assert getattr(module.parse_args(["--preset", name, *extra, *flag]), k) == 2 * v
         with pytest.raises(SystemExit):
             module.parse_args(["--preset", name, *extra, "--help"])
         assert f"(default: {v})" in capsys.readouterr().out
@@ -1372,8 +1372,13 @@ def test_unwritable_out_and_full_disk(standin_teacher, tmp_path):
     assert "latest.pt.tmp12345" not in os.listdir(out) and "latest.pt" in os.listdir(out)
 
 
-def test_tokenizer_bad_inputs(standin_teacher, tmp_path):
+def test_tokenizer_bad_inputs(standin_teacher, tmp_path, capsys):
     out = str(tmp_path / "run")
+    for argv, message in ((["--image-size", "30", "--patch-size", "8"], "multiple of the patch size"),
+                          (["--mask-ratio", "1"], "need mask_ratio_min <= mask_ratio < 1")):
+        with pytest.raises(SystemExit):  # at the command line: it failed after the stand-in teacher's training
+            tokenizer.parse_args(argv)
+        assert message in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="data folder not found"):
         tokenizer.main(tok_args(standin_teacher, out, "--data", str(tmp_path / "nope")))
     with pytest.raises(FileNotFoundError, match="python distill.py"):

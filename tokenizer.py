@@ -273,6 +273,18 @@ class MLPSemanticDecoder(nn.Module):
         return self.mlp(x)
 
 
+def check_config(img_size, patch_size, noise_schedule, mask_ratio, mask_ratio_min):
+    """The settings RecTok cannot be built with fail with what to change (tokenizer.py checks its flags
+    with it before any work: a stand-in teacher to train, a teacher to load)."""
+    if img_size % patch_size:
+        raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
+    if noise_schedule not in ("shift", "uniform", "lognorm"):
+        raise ValueError(f"noise schedule {noise_schedule!r}: choose shift, uniform or lognorm")
+    if not (0 <= mask_ratio < 1 and mask_ratio_min <= mask_ratio):
+        raise ValueError(f"mask ratios {mask_ratio_min}..{mask_ratio}: need mask_ratio_min <= mask_ratio < 1 "
+                         f"(a ratio of 1 keeps no token for the encoder; 0 turns masking off)")
+
+
 class RecTok(nn.Module):
     """The RecTok tokenizer (`models/rectok.py`). forward() is the stage-1 training pass; encode()/decode() are the
     evaluation paths (posterior mean, no masking, no noise)."""
@@ -281,13 +293,7 @@ class RecTok(nn.Module):
                  decoder_size="base", sem_size="tiny", sem_decoder="transformer", teacher_dim=1024,
                  mask_ratio=0.4, mask_ratio_min=-0.1, noise_schedule="shift", gamma=1.0):
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
-        if noise_schedule not in ("shift", "uniform", "lognorm"):
-            raise ValueError(f"noise schedule {noise_schedule!r}: choose shift, uniform or lognorm")
-        if not (0 <= mask_ratio < 1 and mask_ratio_min <= mask_ratio):
-            raise ValueError(f"mask ratios {mask_ratio_min}..{mask_ratio}: need mask_ratio_min <= mask_ratio < 1 "
-                             f"(a ratio of 1 keeps no token for the encoder; 0 turns masking off)")
+        check_config(img_size, patch_size, noise_schedule, mask_ratio, mask_ratio_min)
         self.grid, self.channels = img_size // patch_size, channels
         self.mask_ratio, self.mask_ratio_min = mask_ratio, mask_ratio_min
         self.noise_schedule, self.gamma = noise_schedule, gamma
@@ -1260,6 +1266,11 @@ def parse_args(argv=None):
     if getattr(args, "random_weights", False) and not args.bench:
         p.error("--random-weights is for --bench only: training needs the real teacher")
     distill.refuse_ignored(p, args, SWITCHES[mode])
+    if mode == "train":
+        try:
+            check_config(args.image_size, args.patch_size, args.noise_schedule, args.mask_ratio, args.mask_ratio_min)
+        except ValueError as e:
+            p.error(str(e))
     if mode == "train" and args.teacher_weights is None and args.teacher == "standin":
         args.teacher_weights = distill.STANDIN_TEACHER
     return args
