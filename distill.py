@@ -1601,6 +1601,12 @@ def parse_args(argv=None):
         p.error("--weights goes with --check ARCH (official weights to load and run); without it distill.py "
                 "trains the stand-in teacher from scratch")
     training = flags_moved(p, args, all_but=CHECK_READS)
+    if not args.check and args.patch_size & (args.patch_size - 1):
+        p.error(f"--patch-size {args.patch_size}: the stand-in teacher's convolutional stem halves the image "
+                f"log2(patch) times, so the patch must be a power of 2")
+    if not args.check and (args.width % args.heads or args.width // args.heads % 4):
+        p.error(f"--width {args.width} --heads {args.heads}: each head's width (width / heads) must be a whole "
+                f"multiple of 4, which DINOv3's 2D RoPE splits into row and column halves of pairs")
     if args.check and training:
         p.error(f"{' '.join(training)}: flags of the stand-in teacher's training; --check runs {args.check} on a "
                 f"few built-in images and reads only --image-size and --weights")

@@ -626,6 +626,17 @@ def test_standin_accuracy_is_rank_0s_weights_on_every_image(tmp_path):
     assert [float((tmp_path / f"rank{r}.txt").read_text()) for r in (0, 1)] == [alone, alone]
 
 
+def test_standin_shape_errors(capsys):
+    """A stand-in teacher shape the ViT cannot take fails at the command line: each stopped at the first
+    step with a tensor-size mismatch."""
+    for argv, message in ((["--patch-size", "6"], "must be a power of 2"), (["--heads", "3"], "multiple of 4"),
+                          (["--heads", "64"], "multiple of 4")):
+        with pytest.raises(SystemExit):
+            distill.parse_args(argv)
+        assert message in capsys.readouterr().err, argv
+    assert distill.parse_args(["--patch-size", "8", "--heads", "8"]).heads == 8
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         distill.ImageFolder(str(tmp_path / "nope"), 32)
