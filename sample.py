@@ -355,6 +355,11 @@ def parse_args(argv=None):
     if (lo, hi) != (0.0, 1.0) and (args.guide or args.cfg == 1.0):
         p.error("--cfg-interval is where classifier-free guidance acts: it needs a --cfg other than 1, and "
                 "autoguidance (--guide) acts at every step")
+    if args.num_images < 2 and (args.ref_stats or args.judge):
+        p.error(f"--num-images {args.num_images}: a Frechet distance (FID with --ref-stats, the judge's) needs at "
+                f"least 2 samples; ask for more, or sample without them (no --ref-stats, --judge '')")
+    if args.judge and args.judge_real < 2:
+        p.error(f"--judge-real {args.judge_real}: the judge's Frechet distance needs at least 2 real images")
     distill.refuse_ignored(p, args, [
         ("--ref-stats (the reference statistics .npz of FID)", lambda a: not a.ref_stats,
          ("inception_weights", "fid_mode", "fid_batch_size")),

@@ -1386,8 +1386,9 @@ def test_unwritable_out_and_full_disk(standin_teacher, tmp_path):
 def test_tokenizer_bad_inputs(standin_teacher, tmp_path, capsys):
     out = str(tmp_path / "run")
     for argv, message in ((["--image-size", "30", "--patch-size", "8"], "multiple of the patch size"),
-                          (["--mask-ratio", "1"], "need mask_ratio_min <= mask_ratio < 1")):
-        with pytest.raises(SystemExit):  # at the command line: it failed after the stand-in teacher's training
+                          (["--mask-ratio", "1"], "need mask_ratio_min <= mask_ratio < 1"),
+                          (["evaluate", "--rfid", "--num-eval", "1"], "rFID needs at least 2 images")):
+        with pytest.raises(SystemExit):  # at the command line: they failed after a teacher's training, a pass
             tokenizer.parse_args(argv)
         assert message in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="data folder not found"):
@@ -2199,11 +2200,15 @@ def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="statistics file not found: .*none.npz"):  # before any sampling
         sample.main(sample_args(dit_run, str(tmp_path / "e"), "--ref-stats", str(tmp_path / "none.npz")))
     assert os.listdir(tmp_path / "e" / "images") == []
+    sample.parse_args(["--dit", dit_run, "--num-images", "1", "--judge", ""])  # no distance asked for: it samples
     for flags, says in ((["--steps", "1"], "at least 2 points"), (["--num-images", "0"], "at least 1"),
                         (["--batch-size", "0"], "at least 1"), (["--cfg-interval", "0.7", "0.2"], "LOW <= HIGH"),
                         (["--cfg-interval", "0", "1.5"], "LOW <= HIGH"), (["--guide", dit_run], "main model alone"),
                         (["--guide", dit_run, "--cfg", "1.3", "--cfg-interval", "0", "0.7"], "every step"),
-                        (["--cfg-interval", "0", "0.7"], "needs a --cfg other than 1")):
+                        (["--cfg-interval", "0", "0.7"], "needs a --cfg other than 1"),
+                        (["--num-images", "1"], "needs at least 2 samples"),  # these failed once sampled
+                        (["--num-images", "1", "--judge", "", "--ref-stats", "r.npz"], "needs at least 2 samples"),
+                        (["--judge-real", "1"], "at least 2 real images")):
         with pytest.raises(SystemExit):  # one grid point made no step: the samples were the initial noise
             sample.parse_args(["--dit", dit_run, *flags])
         assert says in capsys.readouterr().err

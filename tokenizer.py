@@ -1266,6 +1266,8 @@ def parse_args(argv=None):
     if getattr(args, "random_weights", False) and not args.bench:
         p.error("--random-weights is for --bench only: training needs the real teacher")
     distill.refuse_ignored(p, args, SWITCHES[mode])
+    if mode == "evaluate" and args.rfid and args.num_eval < 2:
+        p.error(f"--num-eval {args.num_eval}: rFID needs at least 2 images (the standard is 50,000)")
     if mode == "train":
         try:
             check_config(args.image_size, args.patch_size, args.noise_schedule, args.mask_ratio, args.mask_ratio_min)
