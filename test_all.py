@@ -2334,8 +2334,8 @@ def test_probe_two_processes_equal_one(stage1_run, tmp_path, monkeypatch):
 
 def test_probe_bad_inputs(capsys):
     """A flag the run would ignore (--tau without the flow feature, --sweep-tau with SL, --augment or a
-    LARS setting in the research protocol, the Adam lr in MAE's, a probe's flag with --plot), or a tau off
-    the flow, fails at the command line."""
+    LARS setting in the research protocol, the Adam lr in MAE's, a probe's flag with --plot), a tau off
+    the flow, or batches of one feature for MAE's BatchNorm, fails at the command line."""
     for flags, says in ((["--tau", "0.5"], "--feature flow, not of --feature L"),
                         (["--feature", "SL", "--sweep-tau", "0", "0.5"], "SL has no tau"),
                         (["--feature", "flow", "--tau", "1.5"], "from tau = 0"),
@@ -2344,12 +2344,15 @@ def test_probe_bad_inputs(capsys):
                         (["--protocol", "research", "--base-lr", "1"], "--base-lr: only with --protocol mae"),
                         (["--protocol", "research", "--warmup-epochs", "2"], "only with --protocol mae"),
                         (["--adam-base-lr", "0.3"], "--adam-base-lr: only with --protocol research"),
-                        (["--plot", "a/probe.json", "--feature", "SL"], "--feature: --plot probes nothing")):
+                        (["--plot", "a/probe.json", "--feature", "SL"], "--feature: --plot probes nothing"),
+                        (["--num-train", "1"], "BatchNorm needs batches of at least 2"),  # it failed after extraction
+                        (["--probe-batch-size", "1"], "BatchNorm needs batches of at least 2")):
         with pytest.raises(SystemExit):
             probe.parse_args(flags)
         assert says in capsys.readouterr().err, flags
     assert probe.parse_args(["--feature", "flow", "--tau", "0.5"]).tau == 0.5
     assert probe.parse_args(["--protocol", "research", "--adam-base-lr", "0.3"]).adam_base_lr == 0.3
+    assert probe.parse_args(["--protocol", "research", "--num-train", "1"]).num_train == 1  # no BatchNorm there
     assert (probe.parse_args([]).workers, probe.parse_args(["--preset", "paper"]).workers) == (0, distill.IMAGE_WORKERS)
 
 
