@@ -1819,7 +1819,8 @@ def test_evaluate_two_processes_equal_one(stage1_run, inception_files, tmp_path)
     common = ["evaluate", "--ckpt", stage1_run, "--num-eval", "13", "--batch-size", "4", "--workers", "0",
               "--rfid", "--inception-weights", str(inception_files / "inception.pth")]
     one = tokenizer.main([*common, "--out", str(tmp_path / "one"), "--ref-stats", str(tmp_path / "one.npz")])
-    torchrun("tokenizer.py", [*common, "--out", str(tmp_path / "two"), "--ref-stats", str(tmp_path / "two.npz")])
+    run = torchrun("tokenizer.py", [*common, "--out", str(tmp_path / "two"), "--ref-stats", str(tmp_path / "two.npz")])
+    assert re.search(r"ema: psnr \d+\.\d{4}, num_images 13, rfid", run.stdout), run.stdout  # a count, not 13.0000
     with open(tmp_path / "two" / "metrics_synthetic.json") as f:
         two = json.load(f)
     for weights in ("model", "ema"):

@@ -909,7 +909,8 @@ def evaluate(args):
         results[weights] = {"psnr": psnr_sum.item() / len(data), "num_images": len(data)}
         if inception is not None:
             results[weights]["rfid"] = fid.frechet_distance(*fid.statistics(feats), *ref)
-        distill.log(f"{weights}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[weights].items()))
+        distill.log(f"{weights}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in results[weights].items()))
         if rank == 0:
             x = torch.stack([data[i][0] for i in distill.one_per_class(data)])
             save_reconstructions(model, x, device, os.path.join(out_dir, f"eval_{tag}_{weights}.png"))
