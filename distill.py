@@ -649,6 +649,15 @@ def positive_int(text):
     return value
 
 
+def fraction(text):
+    """The argparse type of a fraction (EMA decays, warm-up and dropout fractions): a number in [0, 1]; an
+    EMA decay of 1.5 extrapolated away from the model instead of averaging it."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be in [0, 1]")
+    return value
+
+
 def add_run_flags(p, ckpt_every=None, save_every=None, save_unit=None, train=True):
     """The run-control flags every stage shares; the checkpoint cadence flags only for the stages that
     checkpoint by step (the stand-in teacher writes one per epoch); --stop-at and --bench for trainers."""

@@ -501,9 +501,9 @@ def build_parser(add_help=True):
     p.add_argument("--hold-epochs", type=float)
     p.add_argument("--final-lr", type=float, help="reached at --decay-end-epoch")
     p.add_argument("--decay-end-epoch", type=float, help="where the linear decay ends (not --epochs)")
-    p.add_argument("--ema", type=float)
+    p.add_argument("--ema", type=distill.fraction)
     p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--label-dropout", type=distill.fraction, default=0.1)
     distill.add_run_flags(p, ckpt_every=1000, save_every=50000, save_unit="steps")
     p.add_argument("--preview-every", type=int, default=5000, help="preview PNG every N steps (0: off)")
     p.add_argument("--random-latents", action="store_true",

@@ -1118,7 +1118,8 @@ def test_each_stage_reads_the_default_output_of_the_stage_before(monkeypatch):
 def test_counts_and_sizes_must_be_at_least_one(capsys):
     """A 0 where a count or size is meant is refused at the command line in every stage: --grad-accum 0
     divided by zero in the run skeleton, --log-every 0 in encode and sample.py too, a --batch-size 0 stopped
-    in the data loader, and --epochs 0 wrote an untrained stand-in teacher.pt."""
+    in the data loader, and --epochs 0 wrote an untrained stand-in teacher.pt. So is a fraction (an EMA
+    decay, the warm-up, the label dropout) outside [0, 1]."""
     cases = [(distill, ["--batch-size", "0"]), (distill, ["--epochs", "0"]), (tokenizer, ["--grad-accum", "0"]),
              (tokenizer, ["encode", "--log-every", "0"]), (tokenizer, ["evaluate", "--num-eval", "0"]),
              (dit, ["--latents", "x", "--batch-size", "0"]), (probe, ["--probe-batch-size", "0"]),
@@ -1127,6 +1128,12 @@ def test_counts_and_sizes_must_be_at_least_one(capsys):
         with pytest.raises(SystemExit):
             module.parse_args(argv)
         assert "must be at least 1" in capsys.readouterr().err, (module.__name__, argv)
+    fractions = [(tokenizer, ["--ema", "1.5"]), (tokenizer, ["finetune", "--warmup", "-0.1"]),
+                 (dit, ["--latents", "x", "--ema", "1.01"]), (dit, ["--latents", "x", "--label-dropout", "2"])]
+    for module, argv in fractions:  # an EMA decay of 1.5 trained, its EMA running away from the model
+        with pytest.raises(SystemExit):
+            module.parse_args(argv)
+        assert "must be in [0, 1]" in capsys.readouterr().err, (module.__name__, argv)
 
 
 def test_flags_that_act_only_with_another_are_refused_without_it(capsys):

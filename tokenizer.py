@@ -1199,10 +1199,10 @@ def add_training_flags(p):
     g.add_argument("--epochs", type=distill.positive_int)
     g.add_argument("--grad-accum", type=distill.positive_int, default=1)
     g.add_argument("--base-lr", type=float, help="lr = base_lr * global_batch / 256")
-    g.add_argument("--warmup", type=float, default=0.25, help="fraction of training")
+    g.add_argument("--warmup", type=distill.fraction, default=0.25, help="fraction of training")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--clip", type=float, default=3.0, help="gradient-norm clip, tokenizer and discriminator")
-    g.add_argument("--ema", type=float, help="EMA decay (paper 0.999)")
+    g.add_argument("--ema", type=distill.fraction, help="EMA decay (paper 0.999)")
     distill.add_run_flags(p, ckpt_every=500, save_every=50, save_unit="epochs")
     p.add_argument("--grid-every", type=int, default=500, help="reconstruction grid PNG every N steps (0: off)")
     p.add_argument("--random-weights", action="store_true",
