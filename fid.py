@@ -20,7 +20,9 @@ Run:
 Each argument is a folder of images, an image .npz (`arr_0`, N x H x W x 3 uint8) or a statistics .npz
 (`mu`, `sigma`, as the ADM reference batches and pytorch-fid; two of them need no Inception). Prints the
 metrics and writes them to --json (default: fid_metrics.json beside the first argument; checked, like
---save-stats, before the Inception runs). Imports nothing from the rest of the project.
+--save-stats, before the Inception runs). A folder's images may differ in size: each is resized to 299 as
+it is, uncropped (center-crop them first for statistics comparable with the ADM reference batches).
+Imports nothing from the rest of the project.
 """
 import argparse
 import json
@@ -240,6 +242,8 @@ def resize_tf1(x, size):
 
 def preprocess(images, mode="tf"):
     """uint8 (B, 3, H, W) -> the network's 299 x 299 input."""
+    if images.dtype != torch.uint8:
+        raise TypeError("FID inputs must be uint8 images (B, 3, H, W); round and cast them first")
     x = images.float()
     if mode == "tf":
         return (resize_tf1(x, (299, 299)) - 128) / 128
@@ -277,13 +281,20 @@ def read_image(path):
         raise RuntimeError(f"cannot read image {path}: {e}") from None
 
 
+def read_batch(files):
+    """uint8 (B, 3, H, W), or a list of (3, H, W) images when their sizes differ (a folder such as ImageNet's
+    val): each is then resized to 299 on its own, which is what a batch does to each of its images."""
+    images = [read_image(f) for f in files]
+    return torch.stack(images) if len({im.shape for im in images}) == 1 else images
+
+
 def image_batches(source, batch_size):
     """This rank's contiguous shard of a folder or an image .npz, as uint8 (B, 3, H, W) batches; also
     returns the total count. Any other iterable of uint8 batches passes through (the caller shards it)."""
     rank, world = world_info()
     if isinstance(source, str) and os.path.isdir(source):
         files = list_images(source)
-        n, get = len(files), (lambda lo, hi: torch.stack([read_image(f) for f in files[lo:hi]]))
+        n, get = len(files), (lambda lo, hi: read_batch(files[lo:hi]))
     elif isinstance(source, str) and source.endswith(".npz"):
         images = npz_images(source)  # read-only memory map: each batch is a copy
         n, get = len(images), (lambda lo, hi: torch.from_numpy(np.array(images[lo:hi])).permute(0, 3, 1, 2))
@@ -324,9 +335,11 @@ def features(model, source, batch_size=100, mode="tf", device="cpu"):
     batches, n = image_batches(source, batch_size)
     pools, logits = [], []
     for images in batches:
-        if images.dtype != torch.uint8:
-            raise TypeError("FID inputs must be uint8 images (B, 3, H, W); round and cast them first")
-        pool3, logit = model(preprocess(images.to(device), mode))
+        if isinstance(images, list):  # a folder's images of several sizes, each resized on its own
+            x = torch.cat([preprocess(im[None].to(device), mode) for im in images])
+        else:
+            x = preprocess(images.to(device), mode)
+        pool3, logit = model(x)
         pools.append(pool3.double().cpu())
         logits.append(logit.double().cpu())
     pool = torch.cat(pools) if pools else torch.zeros(0, 2048, dtype=torch.float64)

@@ -1711,6 +1711,15 @@ def test_fid_cli_and_sources_agree(inception_files):
     assert folder["fid"] == pytest.approx(m["fid"], rel=1e-9) and stats["fid"] == pytest.approx(m["fid"], rel=1e-9)
     with open(r / "m.json") as f:
         assert json.load(f)["fid"] == pytest.approx(m["fid"])
+    mixed = r / "mixed_sizes"  # a folder like ImageNet's val: torch.stack stopped on the second size
+    shutil.copytree(r / "a_png", mixed)
+    b_images = np.load(r / "b.npz")["arr_0"]
+    for i in range(2):
+        Image.fromarray(b_images[i]).save(mixed / f"b{i}.png")
+    model = fid.FIDInception().load(str(r / "inception.pth"))
+    feats = fid.features(model, str(mixed), batch_size=5)[0]
+    alone = [fid.features(model, str(folder), batch_size=5)[0] for folder in (r / "a_png", r / "b.npz")]
+    np.testing.assert_allclose(feats, np.concatenate([alone[0], alone[1][:2]]), rtol=1e-5, atol=1e-6)
     np.savez(r / "bad.npz", mean=np.zeros(3))
     with pytest.raises(ValueError, match="mu"):
         fid.load_statistics(str(r / "bad.npz"))
