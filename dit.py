@@ -474,6 +474,10 @@ def official_config(sd, heads=None):
     are not in the weights: the official widths imply them, other widths need `heads`."""
     dh, dt = sd["s_projector.weight"].shape
     widths = [sd[k].shape[1] for k in sd if k.startswith("blocks.") and k.endswith("adaLN_modulation.1.weight")]
+    if heads is None and not {dt, dh} <= HEADS.keys():
+        raise ValueError(f"a DiT^DH {dt} wide in its trunk and {dh} in its head is none of the sizes "
+                         f"{sorted(SIZES)}: its head counts are not in the weights; load it with "
+                         f"dit.load_dit(path, heads=(TRUNK, HEAD))")
     ht, hh = heads or (HEADS[dt], HEADS[dh])
     nt = widths.count(dt)
     if dt == dh:  # the weights do not say where a trunk ends and a head as wide begins: the size table does

@@ -79,8 +79,22 @@ def load_models(args, device):
     if (config["channels"], config["img_size"] // config["patch_size"]) != (model.channels, model.grid):
         raise ValueError(f"tokenizer latents ({config['channels']} x grid {config['img_size'] // config['patch_size']})"
                          f" do not match the generator ({model.channels} x grid {model.grid})")
-    guide = load_generator(args.guide, device, args.latent_stats)[0] if args.guide else None
+    guide = load_guide(args, model, latents, device) if args.guide else None
     return model, guide, tok, mu.to(device), sigma.to(device)
+
+
+def load_guide(args, model, latents, device):
+    """The autoguidance model: a weaker generator of the same latents, so the same shape and classes and,
+    where both record it, the cache of the same tokenizer (a guide of other latents steers toward noise)."""
+    guide, guide_latents = load_generator(args.guide, device, args.latent_stats)[:2]
+    made = [(m.channels, m.grid, m.num_classes) for m in (guide, model)]
+    if made[0] != made[1]:
+        raise ValueError(f"guide {args.guide} makes {made[0]} (channels, grid, classes), the generator {made[1]}: "
+                         f"pass a guide trained on the generator's latents")
+    if latents and guide_latents and guide_latents["fingerprint"] != latents["fingerprint"]:
+        raise ValueError(f"guide {args.guide} trained on the latents of another tokenizer than {args.dit}: pass a "
+                         f"guide trained on the same latent cache")
+    return guide
 
 
 @torch.no_grad()

@@ -2217,6 +2217,14 @@ def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="statistics file not found: .*none.npz"):  # before any sampling
         sample.main(sample_args(dit_run, str(tmp_path / "e"), "--ref-stats", str(tmp_path / "none.npz")))
     assert os.listdir(tmp_path / "e" / "images") == []
+    ckpt = torch.load(dit_run, weights_only=True)  # a guide of another tokenizer's latents, then of other shape
+    torch.save(dict(ckpt, latents=dict(ckpt["latents"], fingerprint="0" * 40)), tmp_path / "other_latents.pt")
+    three = dict(ckpt["config"], num_classes=3)
+    torch.save(dict(ckpt, config=three, ema=dit.DiTDH(**three).state_dict()), tmp_path / "three_classes.pt")
+    for guide, says in (("other_latents.pt", "latents of another tokenizer"),
+                        ("three_classes.pt", "(channels, grid, classes)")):
+        with pytest.raises(ValueError, match=re.escape(says)):  # it sampled, steered by the wrong model
+            sample.main(sample_args(dit_run, str(tmp_path / "g"), "--guide", str(tmp_path / guide), "--cfg", "1.29"))
     sample.parse_args(["--dit", dit_run, "--num-images", "1", "--judge", ""])  # no distance asked for: it samples
     for flags, says in ((["--steps", "1"], "at least 2 points"), (["--num-images", "0"], "at least 1"),
                         (["--batch-size", "0"], "at least 1"), (["--cfg-interval", "0.7", "0.2"], "LOW <= HIGH"),
@@ -2515,6 +2523,9 @@ def test_sampling_from_released_layout(dit_run, cache, tmp_path):
         sample.main(sample_args(str(tmp_path / "DiTDDT.pth"), theirs, "--latent-stats",
                                 os.path.join(cache, "stats.npz")))
     last = max(int(k.split(".")[1]) for k in ema if k.startswith("blocks."))
+    _, w = parity("ditdh_forward")  # widths of no size: it was a KeyError
+    with pytest.raises(ValueError, match="head counts are not in the weights; load it with .*heads="):
+        dit.official_config(w)
     with pytest.raises(ValueError, match="trunk depth is not in the weights"):  # equal widths, no known size
         dit.official_config({k: v for k, v in ema.items() if not k.startswith(f"blocks.{last}.")})
 
