@@ -366,6 +366,9 @@ def parse_args(argv=None):
     distill.refuse_ignored(p, args, [  # each protocol's optimiser reads its own lr flags
         ("--protocol mae", lambda a: a.protocol != "mae", ("base_lr", "warmup_epochs")),
         ("--protocol research", lambda a: a.protocol != "research", ("adam_base_lr",))])
+    if args.protocol == "mae" and not 0 <= args.warmup_epochs <= args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs} --epochs {args.epochs}: the warm-up is a part of the run: "
+                f"give --warmup-epochs from 0 to --epochs")
     if args.protocol == "mae" and min(args.probe_batch_size, args.num_train or 2) < 2:
         p.error(f"--probe-batch-size {args.probe_batch_size} --num-train {args.num_train}: the mae protocol's "
                 f"BatchNorm needs batches of at least 2 features")

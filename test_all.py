@@ -2360,7 +2360,8 @@ def test_probe_two_processes_equal_one(stage1_run, tmp_path, monkeypatch):
 def test_probe_bad_inputs(capsys):
     """A flag the run would ignore (--tau without the flow feature, --sweep-tau with SL, --augment or a
     LARS setting in the research protocol, the Adam lr in MAE's, a probe's flag with --plot), a tau off
-    the flow, or batches of one feature for MAE's BatchNorm, fails at the command line."""
+    the flow, a warm-up longer than the run, or batches of one feature for MAE's BatchNorm, fails at the
+    command line."""
     for flags, says in ((["--tau", "0.5"], "--feature flow, not of --feature L"),
                         (["--feature", "SL", "--sweep-tau", "0", "0.5"], "SL has no tau"),
                         (["--feature", "flow", "--tau", "1.5"], "from tau = 0"),
@@ -2370,6 +2371,8 @@ def test_probe_bad_inputs(capsys):
                         (["--protocol", "research", "--warmup-epochs", "2"], "only with --protocol mae"),
                         (["--adam-base-lr", "0.3"], "--adam-base-lr: only with --protocol research"),
                         (["--plot", "a/probe.json", "--feature", "SL"], "--feature: --plot probes nothing"),
+                        (["--warmup-epochs", "5", "--epochs", "3"], "the warm-up is a part of the run"),
+                        (["--warmup-epochs", "-1"], "the warm-up is a part of the run"),
                         (["--num-train", "1"], "BatchNorm needs batches of at least 2"),  # it failed after extraction
                         (["--probe-batch-size", "1"], "BatchNorm needs batches of at least 2")):
         with pytest.raises(SystemExit):
