@@ -6,6 +6,9 @@ see its README), map them to our names, feed the stored inputs and compare with 
 Map, from the paper's ideas and the project's guarantees to the tests (`pytest -k NAME` runs one):
 
   The method
+    the images (built-in shapes, ADM's center crop, 16-bit files):
+      test_synthetic_data_is_deterministic_and_balanced, test_adm_center_crop,
+      test_sixteen_bit_greyscale_is_scaled
     FSD + RAD (semantic decoder on z_tau, masked):
       test_semantic_decoder_parity, test_stage1_forward_and_losses_parity
     the flow z_tau, the shift, tau schedules:
@@ -13,33 +16,48 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_transport_parity
     MAE masking (RAD's input):
       test_mask_ratio_distribution, test_encoder_parity
+    the tokenizer's other nets (pixel decoder, the whole reconstruction):
+      test_pixel_decoder_parity, test_full_reconstruct_parity
     the teacher (DINOv2/v3, stand-in):
       test_teacher_parity, test_teacher_preprocess_parity, test_teacher_targets_in_stage1_forward,
-      test_teacher_rope_jitter_is_drawn_in_train_mode_only
+      test_teacher_rope_jitter_is_drawn_in_train_mode_only, test_dinov2_teacher_sees_the_tokenizer_grid
     losses (LPIPS, ConvNeXt, PatchGAN):
-      test_lpips_parity, test_convnext_perceptual_parity, test_patchgan_parity
+      test_lpips_parity, test_convnext_perceptual_parity, test_patchgan_parity,
+      test_perceptual_gradient_matches_one_batched_pass,
+      test_discriminator_step_reads_every_micro_batch_and_is_clipped
     stage 2 (decoder fine-tuning):
       test_finetune_changes_only_the_decoder, test_finetune_preset_is_the_released_stage2_recipe
+    reconstruction evaluation (PSNR, rFID):
+      test_evaluate_writes_metrics, test_evaluate_rfid, test_evaluate_on_another_data_set_keeps_the_first
+    the latent cache:
+      test_cache_is_complete_and_matches_the_model, test_cache_reader
     DiT^DH and its sampler:
       test_ditdh_forward_parity, test_sampler_parity, test_dit_loss_falls,
-      test_sampler_reads_nothing_back_from_the_device
+      test_sampler_reads_nothing_back_from_the_device, test_sampling_fid_and_autoguidance
     FID / IS / P&R, the offline judge:
-      test_fid_inception_parity, test_frechet_parity, test_inception_score_parity, test_judge_scores,
-      test_judge_must_know_the_generated_classes
+      test_fid_inception_parity, test_tf1_resize_parity, test_frechet_parity, test_inception_score_parity,
+      test_fid_inception_loaded_channels_last, test_frechet_closed_forms,
+      test_too_few_samples_for_a_covariance_warn, test_precision_recall_on_shifted_sets,
+      test_fid_cli_and_sources_agree, test_reference_batch_statistics_are_used_as_stored,
+      test_judge_scores, test_judge_must_know_the_generated_classes
     linear probing:
       test_probe_finds_planted_linear_structure, test_research_probe_is_adam_at_a_constant_lr,
-      test_probe_training_views, test_probe_heads_train_on_the_run_device
+      test_probe_training_views, test_probe_heads_train_on_the_run_device,
+      test_probe_random_labels_stay_near_chance
   Guarantees
     released weights load (strict keys):
       test_official_*_keys_load_strictly, test_load_released_tokenizer_layout,
       test_load_dit_official_ema_without_buffers, test_sampling_from_released_layout,
-      test_finetune_from_the_released_stage1_layout
+      test_finetune_from_the_released_stage1_layout, test_official_dinov2_layouts_have_meta_shapes,
+      test_safetensors_reader, test_build_teacher_from_hf_safetensors
     exact resume (stop + resume = uninterrupted):
       test_*_resume_is_exact, test_*_two_processes_resume_exactly,
       test_interrupted_encode_resumes_to_the_same_files, test_interrupted_sampling_resumes_to_the_same_set,
-      test_checkpoints_at_every_epoch_end, test_dit_is_the_same_with_loader_workers
+      test_checkpoints_at_every_epoch_end, test_dit_is_the_same_with_loader_workers,
+      test_same_tokenizer_whether_or_not_the_teacher_existed
     rank independence (2 gloo processes):
-      test_standin_two_process_gloo, test_cache_same_with_two_processes,
+      test_standin_two_process_gloo, test_tokenizer_without_masking_on_two_processes,
+      test_cache_same_with_two_processes,
       test_sampling_is_the_same_on_two_processes, test_fid_features_two_processes_equal_one,
       test_fid_ranks_use_their_own_gpu,
       test_evaluate_two_processes_equal_one, test_probe_two_processes_equal_one,
@@ -48,7 +66,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_image_folder_check_is_shared_by_the_ranks
     speed (no host read in a step, --bench):
       test_a_training_step_reads_nothing_back_from_the_device, test_sampler_reads_nothing_back_from_the_device,
-      test_bench_is_one_rule_in_every_trainer
+      test_bench_is_one_rule_in_every_trainer, test_image_npz_is_read_by_shard_not_whole
     recipe defaults and the command line:
       test_presets_are_the_parser_defaults,
       test_tokenizer_bench_needs_no_earlier_stage, test_dit_bench_needs_no_cache,
@@ -61,12 +79,16 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_*_bad_inputs, test_*_errors, test_image_folder_errors, test_dit_mismatch_errors,
       test_unwritable_out_and_full_disk, test_encode_refuses_to_resume_into_a_cache_of_other_images,
       test_evaluate_reference_statistics_are_named_by_their_images,
-      test_sampling_refuses_a_folder_made_otherwise
+      test_sampling_refuses_a_folder_made_otherwise, test_build_teacher_rejects_wrong_architecture,
+      test_dit_resume_refuses_other_latents_or_global_batch
     checkpoint safety (and the checkout is left alone: the_checkout_is_left_alone, around every test):
       test_no_loader_runs_code_from_a_checkpoint, test_wrong_or_damaged_checkpoints_say_what_they_are,
-      test_divergence_stops_before_anything_is_saved, test_tokenizer_logs_and_watches_the_mean_over_micro_batches
+      test_divergence_stops_before_anything_is_saved, test_tokenizer_logs_and_watches_the_mean_over_micro_batches,
+      test_fid_files_are_written_atomically
     the whole pipeline:
       test_pipeline_end_to_end
+    this map names every test:
+      test_the_map_names_every_test
 
 Layout: parity machinery, the fixtures (one run chain shared by all), then one section per file, each
 ordered parity, numerics, runs, errors.
@@ -75,6 +97,7 @@ import json
 import math
 import os
 import errno
+import fnmatch
 import http.server
 import random
 import re
@@ -2557,3 +2580,12 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch):
     assert np.load(runs / "samples" / "samples.npz")["arr_0"].shape == (20, 32, 32, 3)
     assert all(np.isfinite(m["psnr"]) for m in metrics.values())
     assert [r["tau"] for r in results] == [0, 0.3, 0.7] and all(0 <= r["top1"] <= 100 for r in results)
+
+
+def test_the_map_names_every_test():
+    """The map at the top of this file stays true: it names every test (directly or by a pattern), and each
+    name or pattern in it is a test of this file."""
+    names = re.findall(r"\btest_[\w*]+", __doc__.split("Map,")[1].split("Layout:")[0])
+    tests = [name for name in globals() if name.startswith("test_")]
+    assert [n for n in names if not fnmatch.filter(tests, n)] == [], "names in the map that are no test"
+    assert [t for t in tests if not any(fnmatch.fnmatch(t, n) for n in names)] == [], "tests the map leaves out"
