@@ -262,6 +262,7 @@ def write_json(path, obj):
 def save_grid(rows, path):
     """Rows of images in [0, 1] (each (N, 3, H, W)) -> one PNG."""
     grid = torch.cat([torch.cat(list(r.float().cpu()), dim=2) for r in rows], dim=1)
+    # 3 x (rows H) x (N W) -> (rows H) x (N W) x 3
     arr = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
 
@@ -973,6 +974,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
         mask = _shape_mask(SHAPES[label], u, v, radius)
         image = np.where(mask[..., None], colour, image)
+        # 2s x 2s x 3 -> s x 2 x s x 2 x 3, each 2 x 2 averaged
         image = image.reshape(self.size, 2, self.size, 2, 3).mean(axis=(1, 3))
         return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), label
 
@@ -1030,10 +1032,12 @@ def dinov3_rope(grid_h, grid_w, head_dim, theta, rescale=None, device=None):
     kept on (`utils/foundation_models.py`)."""
     ys = (torch.arange(grid_h, dtype=torch.float32, device=device) + 0.5) / grid_h
     xs = (torch.arange(grid_w, dtype=torch.float32, device=device) + 0.5) / grid_w
+    # gh x gw x 2 -> (gh gw) x 2
     coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0
     if rescale is not None:
         coords = coords * float(rescale)
     inv_freq = 1.0 / theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32, device=device)
+    # (gh gw) x 2 x d/4 -> (gh gw) x d/2, tiled to (gh gw) x d
     angles = (2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]).flatten(1, 2).tile(2)
     return angles.cos(), angles.sin()
 
@@ -1180,19 +1184,20 @@ class DinoViT(nn.Module):
         m = int(math.sqrt(n))
         if gh * gw == n and gh == gw:
             return pos
+        # 1 x (m m) x D -> 1 x m x m x D -> 1 x D x m x m
         grid = pos[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
         if self.pos_interp == "meta":
             kw = {"scale_factor": ((gh + 0.1) / m, (gw + 0.1) / m), "antialias": False}
         else:  # transformers: Dinov2Model without antialias, Dinov2WithRegistersModel with it
             kw = {"size": (gh, gw), "antialias": self.pos_interp == "hf_antialias"}
         grid = F.interpolate(grid, mode="bicubic", align_corners=False, **kw)
-        grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(pos.dtype)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(pos.dtype)  # 1 x D x gh x gw -> 1 x (gh gw) x D
         return torch.cat((pos[:, :1], grid), dim=1)
 
     def forward(self, x, rope_rescale=None):
         B, _, H, W = x.shape
         gh, gw = H // self.patch_size, W // self.patch_size
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # B x D x gh x gw -> B x (gh gw) x D
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
         rotate = None
         if self.pos == "abs":
@@ -1553,7 +1558,7 @@ def train_standin(args):
 def token_statistics(vit, dataset, batch_size, device, num=2000):
     """Per-channel mean and std of the patch tokens over (up to) `num` training images."""
     subset = torch.utils.data.Subset(dataset, range(min(num, len(dataset))))
-    tokens = torch.cat([vit.patch_tokens(x.to(device)).flatten(0, 1).double().cpu()
+    tokens = torch.cat([vit.patch_tokens(x.to(device)).flatten(0, 1).double().cpu()  # B x L x D -> (B L) x D
                         for x, _ in torch.utils.data.DataLoader(subset, batch_size=batch_size)])
     return tokens.mean(0).float(), tokens.std(0).clamp(min=1e-6).float()
 

@@ -74,7 +74,7 @@ def sincos_pos_embed(width, grid):
                                 indexing="ij")
 
     def code(pos):
-        out = pos.reshape(-1, 1) * omega
+        out = pos.reshape(-1, 1) * omega  # grid x grid -> (grid grid) x 1, times omega: L x width/4
         return torch.cat([out.sin(), out.cos()], dim=1)
 
     return torch.cat([code(cols), code(rows)], dim=1).float()
@@ -89,7 +89,7 @@ def eva_rope(grid, head_dim, theta=10000.0):
     axis = torch.arange(grid, dtype=torch.float32)[:, None] * freqs
     axis = axis.repeat_interleave(2, dim=-1)  # (grid, dim), pairs share an angle
     angles = torch.cat([axis[:, None, :].expand(grid, grid, dim), axis[None, :, :].expand(grid, grid, dim)],
-                       dim=-1).reshape(grid * grid, head_dim)
+                       dim=-1).reshape(grid * grid, head_dim)  # grid x grid x head_dim -> (grid grid) x head_dim
     return angles.cos(), angles.sin()
 
 

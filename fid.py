@@ -276,7 +276,7 @@ def list_images(folder):
 def read_image(path):
     try:
         with Image.open(path) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)  # H x W x 3 -> 3 x H x W
     except Exception as e:
         raise RuntimeError(f"cannot read image {path}: {e}") from None
 
@@ -297,6 +297,7 @@ def image_batches(source, batch_size):
         n, get = len(files), (lambda lo, hi: read_batch(files[lo:hi]))
     elif isinstance(source, str) and source.endswith(".npz"):
         images = npz_images(source)  # read-only memory map: each batch is a copy
+        # B x H x W x 3 -> B x 3 x H x W
         n, get = len(images), (lambda lo, hi: torch.from_numpy(np.array(images[lo:hi])).permute(0, 3, 1, 2))
     elif isinstance(source, str):
         raise FileNotFoundError(f"{source}: not a folder of images or an .npz file")

@@ -109,6 +109,7 @@ def generate(args, model, guide, tok, mu, sigma, batch, device):
             raise FloatingPointError(f"{args.dit} generated nan or inf latents: the generator is broken "
                                      f"(diverged?); sample from a checkpoint that trained with finite losses")
         images = tok.detokenize(latents.float(), mu, sigma)
+    # B x 3 x H x W -> B x H x W x 3
     return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy(), labels.cpu()
 
 
@@ -239,6 +240,7 @@ def judge_outputs(judge, images, device, batch_size=250):
     max-pooled patch tokens its head classifies. Images are resized to the judge's size if they differ."""
     logits, feats = [], []
     for s in range(0, len(images), batch_size):
+        # B x H x W x 3 -> B x 3 x H x W
         x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).permute(0, 3, 1, 2).float()
         x = (x / 127.5 - 1).to(device)
         if x.shape[-1] != judge.image_size:

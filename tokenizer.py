@@ -73,6 +73,7 @@ def rope_table(grid, head_dim):
     freqs = torch.cat([f, f])
     coords = torch.linspace(0, 1, grid, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    # rows, cols: grid x grid -> (grid grid) x 1; angles: (grid grid) x d, [row angles | column angles]
     angles = 2 * math.pi * torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=-1)
     return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
 
@@ -1079,7 +1080,7 @@ def cache_statistics(shards, channels, device, chunk=4096):
     for moments in shards:
         for s in range(0, len(moments), chunk):
             mean = torch.from_numpy(np.asarray(moments[s:s + chunk, :, :channels])).double()
-            mean = mean.reshape(-1, channels).to(device)
+            mean = mean.reshape(-1, channels).to(device)  # n x L x C -> (n L) x C
             sums += torch.stack([torch.full_like(mean[0], mean.shape[0]), mean.sum(0), (mean ** 2).sum(0)])
     if distill.is_distributed():
         dist.all_reduce(sums)
