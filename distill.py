@@ -1355,14 +1355,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def dino_preprocess(x, size, mean=torch.tensor(IMAGENET_MEAN), std=torch.tensor(IMAGENET_STD)):
+def dino_preprocess(x, size, mean=torch.tensor(IMAGENET_MEAN), std=torch.tensor(IMAGENET_STD), processor_size=224):
     """The released preprocessing (`utils/foundation_models.py`): x in [-1, 1] -> uint8 by TRUNCATION ->
-    *1/255 -> bilinear antialiased resize to 224 -> ImageNet normalisation -> bilinear resize (no
-    antialias) to `size`, the teacher input that yields the tokenizer's grid. The Teacher passes `mean`
-    and `std` from its own buffers, already on the device: copying them there at each step would wait
-    for the GPU."""
+    *1/255 -> bilinear antialiased resize to 224 (the DINOv3 image processor's size) -> ImageNet
+    normalisation -> bilinear resize (no antialias) to `size`, the teacher input that yields the tokenizer's
+    grid. The Teacher passes `mean` and `std` from its own buffers, already on the device: copying them
+    there at each step would wait for the GPU."""
     x = ((x.float() + 1) * 0.5 * 255).to(torch.uint8).float() * (1 / 255)
-    x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+    x = F.interpolate(x, size=(processor_size, processor_size), mode="bilinear", align_corners=False,
+                      antialias=True)
     x = (x - mean.to(x.device).view(1, 3, 1, 1)) / std.to(x.device).view(1, 3, 1, 1)
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 

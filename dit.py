@@ -256,15 +256,16 @@ def euler_grid(num_points, s):
 
 
 def guided_velocity(model, x, t, y, cfg=1.0, interval=(0.0, 1.0), guide=None):
-    """Classifier-free guidance v_u + w (v_c - v_u) on ALL channels inside the (inclusive) interval, or
-    autoguidance v_g + w (v_main - v_g) with a weaker model on the same labels (`models/DDT.py`). `t` is a
+    """Inside the (inclusive) interval: classifier-free guidance v_u + w (v_c - v_u) on ALL channels, or
+    autoguidance v_g + w (v_main - v_g) with a weaker model on the same labels (`models/DDT.py`
+    forward_with_cfg, forward_with_autoguidance); outside it, and at w = 1, the model alone. `t` is a
     number, so that the interval test reads nothing back from the device."""
     tb = torch.full((x.shape[0],), t, device=x.device)
+    if cfg == 1.0 or not (interval[0] <= t <= interval[1]):
+        return model(x, tb, y)
     if guide is not None:
         v, v_g = model(x, tb, y), guide(x, tb, y)
         return v_g + cfg * (v - v_g)
-    if cfg == 1.0 or not (interval[0] <= t <= interval[1]):
-        return model(x, tb, y)
     null = torch.full_like(y, model.num_classes)
     v_c, v_u = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null])).chunk(2)
     return v_u + cfg * (v_c - v_u)

@@ -12,9 +12,11 @@ Protocols:
     By default on FIXED features (centre crop, no flip, extracted once): MAE itself trains on
     RandomResizedCrop + flip views, which --augment gives (an extraction per epoch, about epochs times
     the cost; the README gives the difference measured on the tiny preset);
-  * "research": the authors' linear probe (`linear_probing/linear_prob_detok.py`): a linear layer on the
-    token-averaged latent, Adam at a constant lr = adam_base_lr * batch / 256 (0.1 x batch/256), training
-    images flipped at random (both orientations are extracted once and each epoch picks one per image).
+  * "research": the authors' linear probe (`linear_probing/detok.py` with `detok.sh`): a linear layer on
+    the token-averaged latent, Adam with weight decay 0 at a constant lr = adam_base_lr * batch / 256
+    (0.1 x 4096 / 256 = 1.6), ONE epoch at a global batch of 4096, centre crops flipped at random (both
+    orientations are extracted once and each epoch picks one per image). These are its defaults whatever
+    the preset (`--protocol research -h` prints them).
 
 Run:
     python probe.py                                         # tiny: runs/tokenizer_ft on the built-in data
@@ -320,6 +322,16 @@ PRESETS = {
 }
 
 
+# The authors' probe (`linear_probing/detok.sh`, 512 per GPU on 8): its defaults under --protocol research,
+# whatever the preset, so that a paper-preset run does not train it for MAE's 90 epochs at batch 16,384.
+RESEARCH = dict(epochs=1, probe_batch_size=4096, adam_base_lr=0.1, weight_decay=0.0)
+
+
+def protocol_defaults(first):
+    """The preset's values, then the research protocol's own (preset_defaults of distill.parse_with_preset)."""
+    return dict(PRESETS[first.preset], **(RESEARCH if first.protocol == "research" else {}))
+
+
 def build_parser(add_help=True):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=distill.HelpFormatter, add_help=add_help)
     p.add_argument("--tokenizer", default=os.path.join(distill.RUNS["tokenizer_ft"], "latest.pt"))
@@ -338,13 +350,17 @@ def build_parser(add_help=True):
     p.add_argument("--augment", action="store_true",
                    help="mae: fresh RandomResizedCrop + flip views each epoch (MAE's protocol; an extraction "
                         "per epoch) instead of fixed centre-crop features")
-    p.add_argument("--epochs", type=distill.positive_int, default=90)
+    research = "; --protocol research: {}"
+    p.add_argument("--epochs", type=distill.positive_int, default=90,
+                   help="mae: MAE's 90" + research.format(RESEARCH["epochs"]))
     p.add_argument("--warmup-epochs", type=float, default=10, help="mae only")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
     p.add_argument("--base-lr", type=float, help="mae: lr = base_lr * batch / 256")
-    p.add_argument("--adam-base-lr", type=float, default=0.1, help="research: Adam lr = adam_base_lr * batch / 256")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--probe-batch-size", type=distill.positive_int, help="linear-probe batch")
+    p.add_argument("--adam-base-lr", type=float, default=RESEARCH["adam_base_lr"],
+                   help="research: Adam lr = adam_base_lr * batch / 256")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="mae: MAE's 0" + research.format(RESEARCH["weight_decay"]))
+    p.add_argument("--probe-batch-size", type=distill.positive_int,
+                   help="linear-probe batch, the global one (the preset's)" + research.format(RESEARCH["probe_batch_size"]))
     p.add_argument("--batch-size", type=distill.positive_int, default=64, help="feature extraction batch per process")
     distill.add_run_flags(p, train=False)
     p.add_argument("--out", default=distill.RUNS["probe"])
@@ -354,7 +370,7 @@ def build_parser(add_help=True):
 
 
 def parse_args(argv=None):
-    p, args = distill.parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)
+    p, args = distill.parse_with_preset(build_parser, protocol_defaults, argv)
     taus = args.sweep_tau or [args.tau]
     if not all(0 <= tau <= 1 for tau in taus):
         p.error(f"tau {taus}: the flow runs from tau = 0 (the clean latent) to 1 (noise)")

@@ -339,7 +339,7 @@ def build_parser(add_help=True):
     p.add_argument("--steps", type=int, help="Euler grid points (steps + 1)")
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (CFG, or autoguidance with --guide)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LOW", "HIGH"),
-                   help="CFG acts for LOW <= t <= HIGH (generator time, 1 = data)")
+                   help="guidance (CFG or autoguidance) acts for LOW <= t <= HIGH (generator time, 1 = data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=distill.positive_int, default=50, help="per process: each rank generates "
                    "whole batches of this many, the same batches (so the same images) on any number of processes")
@@ -368,9 +368,8 @@ def parse_args(argv=None):
     if args.guide and args.cfg == 1.0:
         p.error("--guide at --cfg 1 is the main model alone (v_g + 1 (v - v_g) = v) at twice the cost: pass "
                 "--cfg (the paper's autoguidance: 1.29)")
-    if (lo, hi) != (0.0, 1.0) and (args.guide or args.cfg == 1.0):
-        p.error("--cfg-interval is where classifier-free guidance acts: it needs a --cfg other than 1, and "
-                "autoguidance (--guide) acts at every step")
+    if (lo, hi) != (0.0, 1.0) and args.cfg == 1.0:
+        p.error("--cfg-interval is where guidance acts: it needs a --cfg other than 1")
     if args.num_images < 2 and (args.ref_stats or args.judge):
         p.error(f"--num-images {args.num_images}: a Frechet distance (FID with --ref-stats, the judge's) needs at "
                 f"least 2 samples; ask for more, or sample without them (no --ref-stats, --judge '')")

@@ -10,7 +10,8 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_synthetic_data_is_deterministic_and_balanced, test_adm_center_crop,
       test_sixteen_bit_greyscale_is_scaled
     FSD + RAD (semantic decoder on z_tau, masked):
-      test_semantic_decoder_parity, test_stage1_forward_and_losses_parity
+      test_semantic_decoder_parity, test_stage1_forward_and_losses_parity,
+      test_mlp_semantic_decoder_is_the_authors
     the flow z_tau, the shift, tau schedules:
       test_posterior_and_flow_parity, test_draw_tau_schedules, test_gamma_zero_turns_the_flow_off,
       test_transport_parity
@@ -32,7 +33,8 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     the latent cache:
       test_cache_is_complete_and_matches_the_model, test_cache_reader
     DiT^DH and its sampler:
-      test_ditdh_forward_parity, test_sampler_parity, test_dit_loss_falls,
+      test_ditdh_forward_parity, test_sampler_parity, test_guidance_acts_only_inside_its_interval,
+      test_dit_loss_falls,
       test_sampler_reads_nothing_back_from_the_device, test_sampling_fid_and_autoguidance
     FID / IS / P&R, the offline judge:
       test_fid_inception_parity, test_tf1_resize_parity, test_frechet_parity, test_inception_score_parity,
@@ -42,6 +44,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_judge_scores, test_judge_must_know_the_generated_classes
     linear probing:
       test_probe_finds_planted_linear_structure, test_research_probe_is_adam_at_a_constant_lr,
+      test_research_probe_defaults_are_the_authors_whatever_the_preset,
       test_probe_training_views, test_probe_heads_train_on_the_run_device,
       test_probe_random_labels_stay_near_chance
   Guarantees
@@ -124,7 +127,7 @@ import sample
 import tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARITY = os.path.join(HERE, "tests", "parity")
+PARITY = os.environ.get("RECTOK_PARITY", os.path.join(HERE, "tests", "parity"))  # another vector set: its folder
 
 
 #################################################################################
@@ -151,13 +154,26 @@ def fill_tensor(key, shape, prefix=""):
     return 0.02 * torch.randn(shape, generator=g)
 
 
+def reference_weights(spec):
+    """The weights of a vector file's model, or of one of its extra_models: the rule under its own
+    weight_prefix, then its fixed tensors."""
+    w = {k: fill_tensor(k, s, spec["weight_prefix"]) for k, s in spec["state_dict_shapes"].items()
+         if k not in spec["fixed_keys"]}
+    w.update(spec["fixed_tensors"])
+    return w
+
+
 def parity(name):
     """(vector file, reference weights) for tests/parity/<name>.pt."""
     d = torch.load(os.path.join(PARITY, name + ".pt"), weights_only=True)
-    w = {k: fill_tensor(k, s, d["weight_prefix"]) for k, s in d["state_dict_shapes"].items()
-         if k not in d["fixed_keys"]}
-    w.update(d["fixed_tensors"])
-    return d, w
+    return d, reference_weights(d)
+
+
+def assert_supported(where, config, **ours):
+    """Reference settings this implementation has one value for: a vector set made with another value fails
+    here, naming the setting, rather than being compared with a model built otherwise."""
+    other = {k: config[k] for k, v in ours.items() if k in config and config[k] != v}
+    assert not other, f"{where}: {other} is not implemented here (ours: { {k: ours[k] for k in other} })"
 
 
 def assert_close(actual, expected):
@@ -349,11 +365,17 @@ def test_teacher_preprocess_parity():
     """Every case x_S of the file. Its uint8_S and processor_S outputs are intermediate steps that
     dino_preprocess does not return (it is one function), so only the teacher input is compared."""
     d = torch.load(os.path.join(PARITY, "teacher_preprocess.pt"), weights_only=True)
+    pc = d["config"]["processor_config"]
+    assert_supported("DINOv3 image processor", pc, do_resize=True, do_rescale=True, do_normalize=True,
+                     rescale_factor=1 / 255, resample=2, do_center_crop=None)  # resample 2: bilinear
+    assert pc["size"]["height"] == pc["size"]["width"]
+    mean, std = torch.tensor(pc["image_mean"]), torch.tensor(pc["image_std"])
     cases = [k for k in d["inputs"] if k.startswith("x_")]
     assert cases
     for key in cases:
         x = d["inputs"][key]
-        assert_close(distill.dino_preprocess(x, x.shape[-1]), d["outputs"]["teacher_input_" + key[2:]])
+        assert_close(distill.dino_preprocess(x, x.shape[-1], mean, std, pc["size"]["height"]),
+                     d["outputs"]["teacher_input_" + key[2:]])
 
 
 def stage1_teacher():
@@ -366,7 +388,8 @@ def stage1_teacher():
     vit = distill.DinoViT(**vit_config(tc))
     distill.load_strict(vit, distill.convert_teacher_state(sd, vit), "stage-1 teacher")
     grid = d["config"]["img_size"] // d["config"]["patch_size"]  # the tokenizer's grid, which the teacher must give
-    return d, distill.Teacher(vit, "dino", grid=grid, rope_jitter=True)
+    # HF DINOv3 rescales its RoPE coordinates in training mode when its config sets pos_embed_rescale
+    return d, distill.Teacher(vit, "dino", grid=grid, rope_jitter=tc.get("pos_embed_rescale") is not None)
 
 
 def test_teacher_targets_in_stage1_forward():
@@ -747,14 +770,17 @@ def test_posterior_and_flow_parity():
     assert_close(post.kl(), o["kl_per_sample"])
     assert post.kl().sum().item() / len(z) == pytest.approx(float(o["kl_loss"]), rel=1e-5)
     c = d["config"]
+    assert c["kl_weight"] * post.kl().sum().item() / len(z) == pytest.approx(float(o["kl_loss_weighted"]), rel=1e-5)
     s = tokenizer.latent_shift(c["img_size"] // c["patch_size"], c["token_channels"])
     assert s == pytest.approx(c["timestep_shift"])
-    tau = tokenizer.shift(i["u"], s)
+    tau = tokenizer.flow_tau(i["u"] if "u" in i else i["n"], c["noise_schedule"], s)
     assert_close(tau, o["tau"])
-    assert_close(tokenizer.forward_flow(z, tau, i["eps_flow"], i["gamma"]), o["z_tau"])
+    assert_close(tokenizer.forward_flow(z, tau, i["eps_flow"], i.get("gamma", c["gamma"])), o["z_tau"])
     # The named schedules store their shift but not their grid, so the shift is checked, not derived.
     for name, sched in o["schedules"].items():
-        assert_close(tokenizer.shift(i["u_vector"], sched["shift"]), sched["tau_shift"])
+        for schedule in ("shift", "uniform"):
+            assert_close(tokenizer.flow_tau(i["u_vector"], schedule, sched["shift"]), sched["tau_" + schedule])
+    assert_close(tokenizer.flow_tau(i["n_vector"], "lognorm", s), o["tau_lognorm"])
     clamp = tokenizer.Posterior(i["moments_clamp"])
     assert_close(clamp.logvar, o["clamp_logvar"])
     assert_close(clamp.std, o["clamp_std"])
@@ -780,7 +806,9 @@ def test_semantic_decoder_parity(parity_sizes):
         masked = sem(i["z_tau"], i["ids_restore"])
         assert_close(sem(i["z_full"]), o["features_full"])
     assert_close(masked, o["features_masked"])
-    for kind in ("cosine", "l2", "l1"):  # over ALL tokens, masked ones included
+    kinds = [k.removeprefix("sem_loss_") for k in o if k.startswith("sem_loss_")]
+    assert kinds
+    for kind in kinds:  # over ALL tokens, masked ones included
         assert tokenizer.semantic_loss(masked, i["target"], kind).item() == pytest.approx(
             float(o[f"sem_loss_{kind}"]), rel=1e-5)
 
@@ -788,14 +816,21 @@ def test_semantic_decoder_parity(parity_sizes):
 def test_full_reconstruct_parity(parity_sizes):
     d, w = parity("tokenizer_full_reconstruct")
     c, i, o = d["config"], d["inputs"], d["outputs"]
+    assert_supported("tokenizer_full_reconstruct", c, foundation_model_type="", cls_token_type="none", disable_kl=False,
+                     use_qknorm=False)  # the stage-2 / generator layout: encoder and pixel decoder
     model = tokenizer.RecTok(c["img_size"], c["patch_size"], c["token_channels"], c["vit_enc_model_size"],
-                             c["vit_dec_model_size"], sem_decoder="none", mask_ratio=0).eval()
+                             c["vit_dec_model_size"], sem_decoder="none", mask_ratio=c["mask_ratio"],
+                             mask_ratio_min=min(c["mask_ratio_min"], c["mask_ratio"]), gamma=c["gamma"],
+                             noise_schedule=c["noise_schedule"]).eval()
     model.load_state_dict(tokenizer.from_official(w))
+    # theirs: (z - mean) * scale_factor / std, so our sigma is std / scale_factor
+    mu, sigma = i["norm_mean"], i["norm_std"] / c["scale_factor"]
     with torch.no_grad():
         assert_close(model.encode(i["x"]), o["moments"])
-        latent = model.tokenize(i["x"], i["norm_mean"], i["norm_std"])
+        latent = model.tokenize(i["x"], mu, sigma)
         assert_close(latent, o["latent_normalized"])
-        assert_close(model.detokenize(latent, i["norm_mean"], i["norm_std"]), o["reconstruction"])
+        assert_close(model.decode(latent.flatten(2).transpose(1, 2) * sigma + mu), o["decoded_raw"])
+        assert_close(model.detokenize(latent, mu, sigma), o["reconstruction"])
 
 
 def lpips_names(sd, prefix=""):
@@ -812,8 +847,15 @@ def lpips_names(sd, prefix=""):
     return out
 
 
-def perceptual_from_reference(w, prefix=""):
-    pl = tokenizer.PerceptualLoss()
+def perceptual_weights(model_name):
+    """(LPIPS weight, ConvNeXt weight) of the authors' PerceptualLoss name 'lpips-convnext_s-A-B'."""
+    parts = model_name.split("-")
+    assert parts[:2] == ["lpips", "convnext_s"], f"perceptual loss {model_name!r} is not implemented here"
+    return float(parts[2]), float(parts[3])
+
+
+def perceptual_from_reference(w, prefix="", model_name="lpips-convnext_s-1.0-0.1"):
+    pl = tokenizer.PerceptualLoss(*perceptual_weights(model_name))
     sd = {"lpips." + k: v for k, v in lpips_names(w, prefix + "lpips.").items()}
     sd.update({k[len(prefix):]: v for k, v in w.items() if k.startswith(prefix + "convnext.")})
     sd = {("convnext." + k if k.startswith("convnext.") else k): v for k, v in sd.items()}
@@ -834,12 +876,13 @@ def test_lpips_parity():
 
 def test_convnext_perceptual_parity():
     d, w = parity("convnext_perceptual")
-    pl = perceptual_from_reference(w)
+    pl = perceptual_from_reference(w, model_name=d["config"]["model_name"])
     a, b = d["inputs"]["inputs"], d["inputs"]["pred"]
     with torch.no_grad():
         logits = pl.convnext(torch.cat([a, b]))
         assert_close(logits[:2], d["outputs"]["logits_img0"])
         assert_close(logits[2:], d["outputs"]["logits_img1"])
+        assert_close(pl.lpips(a * 2 - 1, b * 2 - 1), d["outputs"]["lpips"])
         p = pl(a, b)
     assert_close(p, d["outputs"]["perceptual"])
     assert p.mean().item() == pytest.approx(float(d["outputs"]["perceptual_mean"]), rel=1e-4)
@@ -847,7 +890,7 @@ def test_convnext_perceptual_parity():
 
 def test_patchgan_parity():
     d, w = parity("patchgan")
-    disc = tokenizer.PatchGAN()
+    disc = tokenizer.PatchGAN(**d["config"])
     disc.load_state_dict(w)
     i, o = d["inputs"], d["outputs"]
     with torch.no_grad():
@@ -855,6 +898,7 @@ def test_patchgan_parity():
         real, fake = disc(i["real"]), disc(i["fake"])
         assert_close(real, o["eval_logits_real"])
         assert tokenizer.hinge_d_loss(real, fake).item() == pytest.approx(float(o["eval_d_loss"]), rel=1e-5)
+        assert -fake.mean().item() == pytest.approx(float(o["eval_g_loss"]), rel=1e-5)
         disc.train()  # the released loss module runs BN on batch statistics
         real, fake = disc(i["real"]), disc(i["fake"])
     assert_close(real, o["train_logits_real"])
@@ -865,44 +909,64 @@ def test_patchgan_parity():
 
 def test_stage1_forward_and_losses_parity(parity_sizes):
     """The whole released stage-1 training pass: masking, posterior, flow, both decoders, the DINOv3
-    teacher with its RoPE jitter, and every loss term with the GAN on (epoch 150) and off (epoch 50)."""
+    teacher with its RoPE jitter, and every loss term, weighted as the file's loss module weighs them,
+    at each epoch the file holds (the GAN on at 150 and off at 50 in the shipped set)."""
     d, w = parity("tokenizer_stage1_forward")
     c, i, o = d["config"], d["inputs"], d["outputs"]
+    assert_supported("tokenizer_stage1_forward", c, encoder_type="default", cls_token_type="none",
+                     diff_cls_token=False, sem_input_type="noisy", sem_target="rec+align", disable_kl=False,
+                     use_qknorm=False)
+    fix = c["mask_ratio_type"] == "fix"  # the ratio itself, not max(0, U(min, ratio))
     model = tokenizer.RecTok(c["img_size"], c["patch_size"], c["token_channels"], c["vit_enc_model_size"],
-                             c["vit_dec_model_size"], c["vit_sem_model_size"],
+                             c["vit_dec_model_size"], c["vit_sem_model_size"], sem_decoder=c["sem_dec_type"],
                              teacher_dim=d["extra_models"]["teacher_config"]["hidden_size"],
-                             mask_ratio=c["mask_ratio"], mask_ratio_min=c["mask_ratio_min"], gamma=c["gamma"],
-                             noise_schedule=c["noise_schedule"])
+                             mask_ratio=c["mask_ratio"], mask_ratio_min=c["mask_ratio"] if fix else c["mask_ratio_min"],
+                             gamma=c["gamma"], noise_schedule=c["noise_schedule"])
     model.load_state_dict(tokenizer.from_official(w))
     _, teacher = stage1_teacher()
-    out = model(i["x"], ratio=max(0.0, i["mask_ratio_draw"]), mask_noise=i["mask_noise"],
-                eps_post=i["eps_post"], tau=tokenizer.shift(i["u"], model.s), eps_flow=i["eps_flow"])
-    assert torch.equal(out["ids_restore"], o["ids_restore"])
-    assert out["z"].shape[1] == o["len_keep"] == tokenizer.keep_count(model.grid ** 2, max(0.0, i["mask_ratio_draw"]))
+    ratio = c["mask_ratio"] if fix else max(0.0, i["mask_ratio_draw"])
+    draw = i["u"] if "u" in i else i.get("n")
+    out = model(i["x"], ratio=ratio, mask_noise=i["mask_noise"], eps_post=i["eps_post"], eps_flow=i.get("eps_flow"),
+                tau=None if draw is None else tokenizer.flow_tau(draw, c["noise_schedule"], model.s))
+    if c["mask_ratio"] != 0:
+        assert torch.equal(out["ids_restore"], o["ids_restore"])
+        assert out["z"].shape[1] == o["len_keep"] == tokenizer.keep_count(model.grid ** 2, ratio)
     assert_close(out["decoded"], o["decoded"])
     assert_close(out["posterior"].kl(), o["kl_per_sample"])
-    target = teacher(i["x"], rope_rescale=i["teacher_rope_rescale_log"].exp())
+    rescale = i.get("teacher_rope_rescale_log")
+    target = teacher(i["x"], rope_rescale=rescale.exp()) if rescale is not None else teacher.eval()(i["x"])
+    assert_close(target, o["sem_target"])
     assert_close(out["sem_pred"], o["sem_pred"])
     lm = d["extra_models"]["loss_module"]
-    lw = {k: fill_tensor(k, s) for k, s in lm["state_dict_shapes"].items() if k not in lm["fixed_keys"]}
-    lw.update(lm["fixed_tensors"])
-    loss = tokenizer.TokenizerLoss(perceptual_from_reference(lw, "perceptual_loss."))
+    lc = lm["config"]
+    assert_supported("loss_module", lc, reconstruction_loss="l2", logvar_init=0.0)
+    lw = reference_weights(lm)
+    loss = tokenizer.TokenizerLoss(perceptual_from_reference(lw, "perceptual_loss.", lc["perceptual_loss"]),
+                                   recon_weight=lc["reconstruction_weight"], perceptual_weight=lc["perceptual_weight"],
+                                   kl_weight=lc["kl_weight"], sem_weight=lc["sem_weight"], sem_loss=lc["sem_loss_type"],
+                                   gan_weight=lc["discriminator_weight"], gan_start_epoch=lc["discriminator_start_epoch"])
     loss.discriminator.load_state_dict({k[len("discriminator."):]: v for k, v in lw.items()
                                         if k.startswith("discriminator.")})
-    for epoch in (150, 50):
-        ref = o["loss"][f"generator_epoch{epoch}"]
+    # their logged terms are weighted; ours are not
+    names = {"rec": ("reconstruction_loss", lc["reconstruction_weight"]),
+             "perceptual": ("perceptual_loss", lc["perceptual_weight"]), "kl": ("kl_loss", lc["kl_weight"]),
+             "sem": ("sem_loss", lc["sem_weight"]), "gan": ("gan_loss", 1.0)}
+    epochs = {key: int(key.rpartition("epoch")[2]) for key in o["loss"]}
+    assert any(key.startswith("generator") for key in epochs)
+    for key, epoch in epochs.items():
+        ref = o["loss"][key]
+        if key.startswith("discriminator"):
+            on = epoch >= loss.gan_start_epoch  # their discriminator loss is gated by the epoch alone
+            d_loss = loss.discriminator_loss(i["x"], out["decoded"], epoch).item() if on else 0.0
+            assert d_loss == pytest.approx(ref["discriminator_loss"].item(), rel=1e-5, abs=1e-8), key
+            continue
         total, terms = loss.generator_loss(i["x"], out, target, epoch)
-        assert total.item() == pytest.approx(ref["total_loss"].item(), rel=1e-5)
-        assert terms["rec"].item() == pytest.approx(ref["reconstruction_loss"].item(), rel=1e-5)
-        assert terms["perceptual"].item() == pytest.approx(ref["perceptual_loss"].item(), rel=1e-4)
-        assert 1e-6 * terms["kl"].item() == pytest.approx(ref["kl_loss"].item(), rel=1e-5)
-        assert terms["sem"].item() == pytest.approx(ref["sem_loss"].item(), rel=1e-5)
-        assert ("gan" in terms) == (epoch >= 100)
-    assert terms is not None and o["loss"]["generator_epoch150"]["gan_loss"].item() == pytest.approx(
-        loss.generator_loss(i["x"], out, target, 150)[1]["gan"].item(), rel=1e-5)
-    d_loss = loss.discriminator_loss(i["x"], out["decoded"], 150)
-    assert d_loss.item() == pytest.approx(o["loss"]["discriminator_epoch150"]["discriminator_loss"].item(),
-                                          rel=1e-5)
+        assert total.item() == pytest.approx(ref["total_loss"].item(), rel=1e-5), key
+        assert ("gan" in terms) == loss.gan_on(epoch) == bool(ref["discriminator_factor"] * ref["d_weight"]), key
+        for term, (name, weight) in names.items():
+            ours = weight * terms[term].item() if term in terms else 0.0
+            assert ours == pytest.approx(ref[name].item(), rel=1e-4, abs=1e-8), (key, term)
+        assert -10 * math.log10(names["rec"][1] * terms["rec"].item()) == pytest.approx(ref["psnr"].item(), rel=1e-5)
 
 
 def test_official_tokenizer_keys_load_strictly():
@@ -949,7 +1013,7 @@ def test_perceptual_gradient_matches_one_batched_pass():
     """The perceptual loss runs the target and the reconstruction as separate passes (so autograd never
     differentiates the target); its gradient must equal that of one pass over the concatenated batch."""
     d, w = parity("convnext_perceptual")
-    pl = perceptual_from_reference(w)
+    pl = perceptual_from_reference(w, model_name=d["config"]["model_name"])
     target = d["inputs"]["inputs"]
     pred = d["inputs"]["pred"].clone().requires_grad_(True)
     pl(target, pred).mean().backward()
@@ -958,7 +1022,8 @@ def test_perceptual_gradient_matches_one_batched_pass():
     lp = sum(lin((f[:2] - f[2:]) ** 2).mean(dim=(2, 3), keepdim=True)
              for lin, f in zip(pl.lpips.lins, pl.lpips.taps(both * 2 - 1)))
     logits = pl.convnext(both)
-    ((lp + 0.1 * torch.nn.functional.mse_loss(logits[:2], logits[2:])) / 1.1).mean().backward()
+    a, b = pl.lpips_weight, pl.convnext_weight
+    ((a * lp + b * torch.nn.functional.mse_loss(logits[:2], logits[2:])) / (a + b)).mean().backward()
     scale = ref_pred.grad.abs().max()
     assert scale > 0
     torch.testing.assert_close(pred.grad, ref_pred.grad, rtol=1e-4, atol=1e-5 * scale)
@@ -1083,6 +1148,30 @@ def test_gamma_zero_turns_the_flow_off():
     assert not torch.equal(noisy["z_tau"], noisy["z"])
 
 
+def test_mlp_semantic_decoder_is_the_authors():
+    """--sem-decoder mlp is `models/rectok.py` MLPDecoder: Linear(C, 4C) -> GELU -> Linear(4C, D) on each
+    token, under their key names (a released checkpoint's sem_decoders.<teacher>.mlp.* loads), default init,
+    no mask embedding; with masking on it is refused, since it predicts no masked token."""
+    C, D = 8, 48
+    model = tokenizer.RecTok(32, 8, C, "micro", "micro", sem_decoder="mlp", teacher_dim=D, mask_ratio=0)
+    sem = {k: tuple(v.shape) for k, v in model.sem_decoder.state_dict().items()}
+    assert sem == {"mlp.0.weight": (4 * C, C), "mlp.0.bias": (4 * C,), "mlp.2.weight": (D, 4 * C), "mlp.2.bias": (D,)}
+    assert [type(m) for m in model.sem_decoder.mlp] == [torch.nn.Linear, torch.nn.GELU, torch.nn.Linear]
+    released = {(k.replace("sem_decoder.", "sem_decoders.dinov3.", 1)): v for k, v in model.state_dict().items()}
+    config = tokenizer.official_config(tokenizer.from_official(released))
+    assert (config["sem_decoder"], config["teacher_dim"], config["mask_ratio"]) == ("mlp", D, 0.0)
+    z = torch.randn(2, 16, C)
+    with torch.no_grad():
+        moved = z.clone()
+        moved[:, 3] += 1
+        a, b = model.sem_decoder(z), model.sem_decoder(moved)
+    assert torch.equal(a[:, :3], b[:, :3]) and torch.equal(a[:, 4:], b[:, 4:]) and not torch.equal(a[:, 3], b[:, 3])
+    with pytest.raises(ValueError, match="--mask-ratio 0"):
+        tokenizer.RecTok(32, 8, C, "micro", "micro", sem_decoder="mlp", teacher_dim=D)
+    out = model(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert out["sem_pred"].shape == (2, 16, D)
+
+
 PRESET_STAGES = [(distill, distill.PRESETS, []), (tokenizer, tokenizer.PRESETS, []),
                  (dit, dit.PRESETS, ["--latents", "x"]), (probe, probe.PRESETS, []), (sample, sample.PRESETS, [])]
 
@@ -1175,7 +1264,9 @@ def test_flags_that_act_only_with_another_are_refused_without_it(capsys):
              (tokenizer, ["--vgg16-weights", "v.pth"], perceptual),
              (tokenizer, ["finetune", "--perceptual-weight", "0", "--lpips-weights", "l.pth"], perceptual),
              (tokenizer, ["--gan-weight", "0", "--gan-start-epoch", "0"], ["--gan-weight", "0.1"]),
-             (tokenizer, ["--sem-decoder", "none", "--teacher", "dinov3_vitl16"], ["--sem-decoder", "mlp"]),
+             (tokenizer, ["--sem-decoder", "none", "--teacher", "dinov3_vitl16"], ["--sem-decoder", "transformer"]),
+             (tokenizer, ["--sem-decoder", "mlp", "--mask-ratio", "0", "--sem-size", "tiny"],
+              ["--sem-decoder", "transformer"]),
              (tokenizer, ["--gamma", "0", "--noise-schedule", "lognorm"], ["--gamma", "1"]),
              (tokenizer, ["--mask-ratio", "0", "--mask-ratio-min", "-0.2"], ["--mask-ratio", "0.4"]),
              (dit, ["--latents", "c", "--preview-every", "0", "--tokenizer", "t.pt"], ["--preview-every", "5"])]
@@ -1631,6 +1722,8 @@ def image_cases(d):
                                        ("fid_inception_torch_fidelity", "tf")])
 def test_fid_inception_parity(name, mode):
     d, w = parity(name)
+    assert_supported(name, d["config"], output_blocks=[3], resize_input=True, normalize_input=True,
+                     use_fid_inception=True, name="inception-v3-compat")
     model = fid.FIDInception()
     model.load_state_dict(w)
     model.eval()
@@ -1666,6 +1759,7 @@ def test_frechet_parity():
 def test_inception_score_parity():
     d, _ = parity("inception_score")
     c = d["config"]
+    assert_supported("inception_score", c, shuffle=True)
     n = len(d["outputs"]["permutation"])
     assert np.array_equal(np.random.RandomState(c["rng_seed"]).permutation(n), d["outputs"]["permutation"].numpy())
     for key in d["inputs"]:
@@ -1902,20 +1996,21 @@ def test_fid_ranks_use_their_own_gpu(monkeypatch):
 #################################################################################
 
 
-def dit_from_reference(c, w):
+def dit_from_reference(c, w=None):
+    """Our DiTDH from a reference config, with the reference's weights `w` (none: our own init)."""
+    assert_supported("DiTwDDTHead", c, patch_size=1, force_one_d_seq=0, mlp_ratio=4.0, use_qknorm=False,
+                     use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False, use_pos_embed=True)
     model = dit.DiTDH(channels=c["token_channels"], grid=c["img_size"] // c["tokenizer_patch_size"],
                       trunk=(c["hidden_size"][0], c["depth"][0], c["num_heads"][0]),
                       head=(c["hidden_size"][1], c["depth"][1], c["num_heads"][1]), num_classes=c["num_classes"])
-    model.load_state_dict(w)
+    if w is not None:
+        model.load_state_dict(w)
     return model.eval()
 
 
 def test_ditdh_forward_parity():
     d, w = parity("ditdh_forward")
-    c = d["config"]
-    fresh = dit.DiTDH(channels=c["token_channels"], grid=c["img_size"] // c["tokenizer_patch_size"],
-                      trunk=(c["hidden_size"][0], c["depth"][0], c["num_heads"][0]),
-                      head=(c["hidden_size"][1], c["depth"][1], c["num_heads"][1]), num_classes=c["num_classes"])
+    fresh = dit_from_reference(d["config"])
     for k in d["fixed_keys"]:  # sin-cos table and RoPE buffers computed as the reference does
         torch.testing.assert_close(fresh.state_dict()[k], d["fixed_tensors"][k], rtol=0, atol=1e-6)
     model = dit_from_reference(d["config"], w)
@@ -1927,13 +2022,19 @@ def test_ditdh_forward_parity():
 def test_transport_parity():
     d, w = parity("transport")
     model, i, o = dit_from_reference(d["config"], w), d["inputs"], d["outputs"]
-    for name in ("own_shift", "shift_C128"):
-        ref = o["losses"][name]
+    cases = {k: v for k, v in o["losses"].items() if isinstance(v, dict)}
+    assert cases
+    for ref in cases.values():
         s = ref["time_dist_shift"]
         assert_close(dit.train_time(i["u"], s), ref["t"])
         with torch.no_grad():
             loss = dit.flow_matching_loss(model, i["x1"], i["y"], s, i["x0"], i["u"])
         assert_close(loss, ref["loss_per_sample"])
+    if "model_forward_loss" in o["losses"]:  # the model's own transport: its shift from its latent shape
+        own = tokenizer.latent_shift(model.grid, model.channels)
+        with torch.no_grad():
+            loss = dit.flow_matching_loss(model, i["x1"], i["y"], own, i["x0"], i["u"]).mean()
+        assert loss.item() == pytest.approx(o["losses"]["model_forward_loss"].item(), rel=1e-5)
     for ref in o["time_sampling"].values():
         assert_close(dit.train_time(i["u_vector"], ref["shift"]), ref["t"])
     for ref in o["euler_grids"].values():
@@ -1943,20 +2044,31 @@ def test_transport_parity():
 def test_sampler_parity():
     d, w = parity("sampler")
     model, i, o = dit_from_reference(d["config"], w), d["inputs"], d["outputs"]
-    g = d["extra_models"]["guide"]
-    gw = {k: fill_tensor(k, s, "guide.") for k, s in g["state_dict_shapes"].items() if k not in g["fixed_keys"]}
-    gw.update(g["fixed_tensors"])
-    guide = dit_from_reference(g["config"], gw)
+    guide = dit_from_reference(d["extra_models"]["guide"]["config"], reference_weights(d["extra_models"]["guide"]))
     s, n = d["config"]["timestep_shift"], d["config"]["num_grid_points"]
     assert_close(dit.euler_grid(n, s), o["grid"])
     cases = [k for k in o if isinstance(o[k], dict) and "samples" in o[k]]
     assert cases
     for name in cases:
-        kw = {"cfg": o[name]["cfg"], "guide": guide if name.startswith("autoguidance") else None}
+        kw = {"cfg": o[name]["cfg"], "guide": guide if name.startswith("autoguidance") else None,
+              "interval": tuple(o[name].get("cfg_interval", (0.0, 1.0)))}  # the released generate's (0, 1)
         traj = dit.sample(model, i["z0"], i["y"], n, s, trajectory=True, **kw)
         # CFG stores the [cond | uncond] halves of its doubled batch; ours is the conditional half
         assert_close(traj, o[name]["trajectory"][:, :len(i["y"])])
         assert_close(traj[-1], o[name]["samples"])
+
+
+def test_guidance_acts_only_inside_its_interval():
+    """Both guidances keep to the interval, as the authors' forward_with_cfg and forward_with_autoguidance
+    do: outside it the step is the model's alone (autoguidance ignored it)."""
+    d, w = parity("sampler")
+    model, i = dit_from_reference(d["config"], w), d["inputs"]
+    guide = dit_from_reference(d["extra_models"]["guide"]["config"], reference_weights(d["extra_models"]["guide"]))
+    s, n = d["config"]["timestep_shift"], d["config"]["num_grid_points"]
+    plain = dit.sample(model, i["z0"], i["y"], n, s)
+    for kw in ({"cfg": 1.5}, {"cfg": 1.29, "guide": guide}):
+        assert torch.equal(dit.sample(model, i["z0"], i["y"], n, s, interval=(1.0, 1.0), **kw), plain)  # no step starts at t = 1
+        assert not torch.equal(dit.sample(model, i["z0"], i["y"], n, s, **kw), plain)
 
 
 def test_sampler_reads_nothing_back_from_the_device(monkeypatch):
@@ -2252,7 +2364,6 @@ def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path, capsys):
     for flags, says in ((["--steps", "1"], "at least 2 points"), (["--num-images", "0"], "at least 1"),
                         (["--batch-size", "0"], "at least 1"), (["--cfg-interval", "0.7", "0.2"], "LOW <= HIGH"),
                         (["--cfg-interval", "0", "1.5"], "LOW <= HIGH"), (["--guide", dit_run], "main model alone"),
-                        (["--guide", dit_run, "--cfg", "1.3", "--cfg-interval", "0", "0.7"], "every step"),
                         (["--cfg-interval", "0", "0.7"], "needs a --cfg other than 1"),
                         (["--num-images", "1"], "needs at least 2 samples"),  # these failed once sampled
                         (["--num-images", "1", "--judge", "", "--ref-stats", "r.npz"], "needs at least 2 samples"),
@@ -2300,6 +2411,21 @@ def test_research_probe_is_adam_at_a_constant_lr(monkeypatch):
     x, y = torch.randn(400, 8), torch.arange(400) % 4
     train_linear(x, y, x, y, 4, probe_args(protocol="research", epochs=3, probe_batch_size=128))
     assert len(seen) == 9 and all(lr == pytest.approx(0.05) for lr in seen)
+
+
+def test_research_probe_defaults_are_the_authors_whatever_the_preset(capsys):
+    """--protocol research is the authors' probe (`linear_probing/detok.sh`): 1 epoch at a global batch of
+    4,096, Adam at 0.1 x batch / 256 without weight decay, under every preset (the paper preset gave it MAE's
+    90 epochs at 16,384), an explicit flag still overrides it, and --help shows the values."""
+    for preset in sorted(probe.PRESETS):
+        args = probe.parse_args(["--preset", preset, "--protocol", "research"])
+        assert (args.epochs, args.probe_batch_size, args.adam_base_lr, args.weight_decay) == (1, 4096, 0.1, 0.0)
+    assert probe.parse_args(["--protocol", "research", "--epochs", "3"]).epochs == 3
+    assert probe.parse_args(["--preset", "paper"]).epochs == 90
+    with pytest.raises(SystemExit):
+        probe.parse_args(["-h"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--protocol research: 1 " in shown and "--protocol research: 4096 " in shown
 
 
 def test_probe_heads_train_on_the_run_device(monkeypatch):

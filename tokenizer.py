@@ -212,6 +212,14 @@ def latent_shift(grid, channels):
     return math.sqrt(grid * grid * channels / 4096)
 
 
+def flow_tau(draw, schedule, s):
+    """Per-sample noise level from its draw (`models/rectok.py` RecTok.encode): shift(u, s) ("shift") or u
+    ("uniform") for u ~ U(0, 1), sigmoid(n) for n ~ N(0, 1) ("lognorm")."""
+    if schedule == "lognorm":
+        return torch.sigmoid(draw)
+    return shift(draw, s) if schedule == "shift" else draw
+
+
 def forward_flow(z, tau, eps, gamma):
     """The forward flow the tokenizer trains along (FSD): z_tau = (1 - tau) * z + tau * gamma * eps. Tokenizer
     time: tau = 0 is the clean latent, tau = 1 noise (the generator's t runs the other way, see dit.py)."""
@@ -259,24 +267,26 @@ class SemanticDecoder(Transformer):
 
 
 class MLPSemanticDecoder(nn.Module):
-    """Ablation: a per-token MLP instead of the transformer (no context, so masked positions only see the
-    mask embedding)."""
+    """Ablation (`models/rectok.py` MLPDecoder): Linear(C, 4C) -> GELU -> Linear(4C, D) on each token of
+    z_tau, PyTorch's default init. It has no context and no mask embedding, so it predicts no masked token:
+    no RAD, and it trains with masking off (check_config), as the authors' MLP run did."""
 
-    def __init__(self, size, img_size, patch_size, channels, teacher_dim):
+    def __init__(self, channels, teacher_dim):
         super().__init__()
-        width = SIZES[size][0]
-        self.mask_embedding = nn.Parameter(torch.zeros(1, 1, width))
-        self.token_embedding = nn.Linear(channels, width)
-        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, teacher_dim))
+        self.mlp = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, teacher_dim))
 
     def forward(self, z_tau, ids_restore=None):
-        x = unmask(self.token_embedding(z_tau), self.mask_embedding, ids_restore)
-        return self.mlp(x)
+        return self.mlp(z_tau)
 
 
-def check_config(img_size, patch_size, noise_schedule, mask_ratio, mask_ratio_min):
+def check_config(img_size, patch_size, noise_schedule, mask_ratio, mask_ratio_min, sem_decoder="transformer"):
     """The settings RecTok cannot be built with fail with what to change (tokenizer.py checks its flags
     with it before any work: a stand-in teacher to train, a teacher to load)."""
+    if sem_decoder == "mlp" and mask_ratio != 0:
+        # The authors' MLPDecoder ignores ids_restore: under masking it returns the visible tokens only,
+        # and their loss against all L targets fails; their MLP ablation ran with masking off.
+        raise ValueError(f"--sem-decoder mlp with mask ratio {mask_ratio}: the MLP decoder has no mask "
+                         f"embedding and predicts no masked token (no RAD); add --mask-ratio 0")
     if img_size % patch_size:
         raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
     if noise_schedule not in ("shift", "uniform", "lognorm"):
@@ -294,7 +304,7 @@ class RecTok(nn.Module):
                  decoder_size="base", sem_size="tiny", sem_decoder="transformer", teacher_dim=1024,
                  mask_ratio=0.4, mask_ratio_min=-0.1, noise_schedule="shift", gamma=1.0):
         super().__init__()
-        check_config(img_size, patch_size, noise_schedule, mask_ratio, mask_ratio_min)
+        check_config(img_size, patch_size, noise_schedule, mask_ratio, mask_ratio_min, sem_decoder)
         self.grid, self.channels = img_size // patch_size, channels
         self.mask_ratio, self.mask_ratio_min = mask_ratio, mask_ratio_min
         self.noise_schedule, self.gamma = noise_schedule, gamma
@@ -302,9 +312,10 @@ class RecTok(nn.Module):
         self.encoder = Encoder(encoder_size, img_size, patch_size, channels)
         self.decoder = PixelDecoder(decoder_size, img_size, patch_size, channels)
         self.sem_decoder = None
-        if sem_decoder != "none":
-            cls = SemanticDecoder if sem_decoder == "transformer" else MLPSemanticDecoder
-            self.sem_decoder = cls(sem_size, img_size, patch_size, channels, teacher_dim)
+        if sem_decoder == "transformer":
+            self.sem_decoder = SemanticDecoder(sem_size, img_size, patch_size, channels, teacher_dim)
+        elif sem_decoder == "mlp":
+            self.sem_decoder = MLPSemanticDecoder(channels, teacher_dim)
         if mask_ratio == 0:
             # Masking off (stage 2, or the no-RAD ablation): the mask tokens are never read, so they are not
             # trained, and DDP needs no find_unused_parameters traversal for them.
@@ -319,11 +330,9 @@ class RecTok(nn.Module):
         return max(0.0, random.uniform(self.mask_ratio_min, self.mask_ratio))
 
     def draw_tau(self, batch, device):
-        """Per-sample noise level (`models/rectok.py`): shift(U(0,1), s), or U(0,1), or sigmoid(N(0,1))."""
-        if self.noise_schedule == "lognorm":
-            return torch.sigmoid(torch.randn(batch, 1, 1, device=device))
-        u = torch.rand(batch, 1, 1, device=device)
-        return shift(u, self.s) if self.noise_schedule == "shift" else u
+        """Per-sample noise level, one draw of shape (B, 1, 1) shared by all tokens and channels."""
+        draw = (torch.randn if self.noise_schedule == "lognorm" else torch.rand)(batch, 1, 1, device=device)
+        return flow_tau(draw, self.noise_schedule, self.s)
 
     def forward(self, x, ratio=None, mask_noise=None, eps_post=None, tau=None, eps_flow=None):
         """Stage-1 pass. Random draws default to the released order (ratio, mask noise, posterior eps,
@@ -419,6 +428,8 @@ def official_config(sd):
     if "sem_decoder.out.weight" in sd:
         cfg.update(sem_decoder="transformer", sem_size=_size_name(sd, "sem_decoder."),
                    teacher_dim=sd["sem_decoder.out.weight"].shape[0])
+    elif "sem_decoder.mlp.2.weight" in sd:  # the MLP ablation, trained without masking
+        cfg.update(sem_decoder="mlp", teacher_dim=sd["sem_decoder.mlp.2.weight"].shape[0], mask_ratio=0.0)
     return cfg
 
 
@@ -546,16 +557,17 @@ class PerceptualLoss(nn.Module):
 
 
 class PatchGAN(nn.Module):
-    """taming's NLayerDiscriminator (n_layers 3, ndf 64), PyTorch default init, BatchNorm in train mode
-    (the released loss module is never put in eval). Inputs in [0, 1]."""
+    """taming's NLayerDiscriminator (released: n_layers 3, ndf 64), PyTorch default init, BatchNorm in train
+    mode (the released loss module is never put in eval). Inputs in [0, 1]."""
 
-    def __init__(self, ndf=64):
+    def __init__(self, input_nc=3, ndf=64, n_layers=3):
         super().__init__()
-        layers = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2)]
-        for c_in, c_out, stride in ((ndf, 2 * ndf, 2), (2 * ndf, 4 * ndf, 2), (4 * ndf, 8 * ndf, 1)):
-            layers += [nn.Conv2d(c_in, c_out, 4, stride, 1, bias=False), nn.BatchNorm2d(c_out),
+        widths = [ndf * min(2 ** n, 8) for n in range(n_layers + 1)]  # the last conv block keeps stride 1
+        layers = [nn.Conv2d(input_nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2)]
+        for n, (c_in, c_out) in enumerate(zip(widths, widths[1:]), start=1):
+            layers += [nn.Conv2d(c_in, c_out, 4, 2 if n < n_layers else 1, 1, bias=False), nn.BatchNorm2d(c_out),
                        nn.LeakyReLU(0.2)]
-        layers += [nn.Conv2d(8 * ndf, 1, 4, 1, 1)]
+        layers += [nn.Conv2d(widths[-1], 1, 4, 1, 1)]
         self.main = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -1173,7 +1185,8 @@ def add_model_flags(p):
     g.add_argument("--decoder-size", choices=sorted(SIZES))
     g.add_argument("--sem-size", choices=sorted(SIZES))
     g.add_argument("--sem-decoder", default="transformer", choices=["transformer", "mlp", "none"],
-                   help="'none' trains without the semantic loss (no FSD, no RAD)")
+                   help="'none' trains without the semantic loss (no FSD, no RAD); 'mlp' is the authors' "
+                        "per-token MLP ablation (no RAD: needs --mask-ratio 0)")
     g.add_argument("--mask-ratio", type=float, default=0.4, help="0 turns MAE masking (RAD) off")
     g.add_argument("--mask-ratio-min", type=float, default=-0.1)
     g.add_argument("--noise-schedule", default="shift", choices=["shift", "uniform", "lognorm"])
@@ -1250,7 +1263,9 @@ SWITCHES = {
         ("--mask-ratio above 0 (RAD's masking)", lambda a: a.mask_ratio <= 0, ("mask_ratio_min",)),
         ("--sem-decoder transformer or mlp (none trains the pixels alone, with no teacher)",
          lambda a: a.sem_decoder == "none",
-         ("teacher", "teacher_weights", "no_teacher_jitter", "sem_size", "sem_weight", "sem_loss"))],
+         ("teacher", "teacher_weights", "no_teacher_jitter", "sem_weight", "sem_loss")),
+        ("--sem-decoder transformer (the MLP's width is 4 C)", lambda a: a.sem_decoder != "transformer",
+         ("sem_size",))],
     "finetune": LOSSES,
     "evaluate": [("--rfid", lambda a: not a.rfid, ("inception_weights", "ref_stats"))],
     "encode": [],
@@ -1272,7 +1287,8 @@ def parse_args(argv=None):
         p.error(f"--num-eval {args.num_eval}: rFID needs at least 2 images (the standard is 50,000)")
     if mode == "train":
         try:
-            check_config(args.image_size, args.patch_size, args.noise_schedule, args.mask_ratio, args.mask_ratio_min)
+            check_config(args.image_size, args.patch_size, args.noise_schedule, args.mask_ratio, args.mask_ratio_min,
+                         args.sem_decoder)
         except ValueError as e:
             p.error(str(e))
     if mode == "train" and args.teacher_weights is None and args.teacher == "standin":
