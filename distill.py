@@ -43,6 +43,7 @@ Writes (stand-in): OUT/latest.pt (resumable) and OUT/teacher.pt, a self-describi
 
 import argparse
 import concurrent.futures
+import contextlib
 import copy
 import errno
 import hashlib
@@ -61,6 +62,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import Image
 
 
@@ -435,13 +437,19 @@ def random_flip(x, generator):
 
 
 def micro_batches(loader, accum):
-    """Group the loader's batches into optimizer steps of `accum` micro-batches."""
+    """Group the loader's batches into optimizer steps of `accum` micro-batches: a list of (inputs, labels)."""
     group = []
-    for x, _ in loader:
-        group.append(x)
+    for batch in loader:
+        group.append(batch)
         if len(group) == accum:
             yield group
             group = []
+
+
+def sync_at_last(ddp, last):
+    """Gradient accumulation under DDP: no all-reduce on the micro-batches before the last (their gradients
+    add up locally), one on the last, so a step costs one all-reduce whatever --grad-accum."""
+    return ddp.no_sync() if not last and is_distributed() else contextlib.nullcontext()
 
 
 class Run:
@@ -553,9 +561,16 @@ class Run:
         log(f"resumed from {self.latest} at step {ckpt['step']}" + (": the run stops there, no step to take" * done))
         return ckpt["step"]
 
-    def done(self, name):
-        """The bench line (and its numbers) in bench mode, else None."""
-        return self.bench.report(name) if self.bench else None
+    def done(self, name, forward=None, frozen=()):
+        """The bench line (and its numbers) in bench mode, else None. `forward(n)`: the training loss on n
+        samples of the last batch (for the activation memory); `frozen`: the nets outside `states` that the
+        run holds (teacher, perceptual networks)."""
+        if not self.bench:
+            return None
+        objs = [*self.states.values(), *frozen]
+        modules = [m for m in objs if isinstance(m, nn.Module)]
+        optimizers = [o for o in objs if isinstance(o, torch.optim.Optimizer)]
+        return self.bench.report(name, (modules, optimizers, forward, self.args.batch_size))
 
 
 #: the authors' rule (`utils/builders.py create_optimizer_and_scaler`): no decay for a name that contains
@@ -587,10 +602,61 @@ def significant(x, digits=3):
     return np.format_float_positional(float(f"{x:.{digits}g}"), trim="-")
 
 
+def saved_bytes(forward, n, device):
+    """Bytes of activations autograd keeps for backward after `forward(n)` (a loss on n samples), under the
+    bf16 autocast of a CUDA run. On CUDA: what the allocator holds once the forward is done, less what it
+    held before. On the CPU: the unique storages of the tensors autograd saves, leaving out trainable
+    parameters (saved as they are, not copied)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        with autocast(device):
+            loss = forward(n)
+        torch.cuda.synchronize(device)
+        held = torch.cuda.memory_allocated(device) - before
+        del loss
+        return held
+    storages = {}
+
+    def pack(t):
+        if not (t.is_leaf and t.requires_grad):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+        loss = forward(n)
+    del loss
+    return sum(storages.values())
+
+
+def activation_mib_per_sample(forward, device):
+    """MiB of activations a training step keeps per sample: saved_bytes at batch 2 less at batch 1, so that
+    what does not grow with the batch (autocast's bf16 copies of the weights) cancels."""
+    return (saved_bytes(forward, 2, device) - saved_bytes(forward, 1, device)) / 2**20
+
+
+def state_gib(modules, optimizers):
+    """GiB a run holds whatever its batch: the parameters and buffers of `modules` (unique storages, so a
+    module passed twice counts once), a gradient per trainable parameter, the optimizers' states."""
+    storages, grads = {}, {}
+    for m in modules:
+        for t in (*m.parameters(), *m.buffers()):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        grads.update({p.data_ptr(): p.numel() * p.element_size() for p in m.parameters() if p.requires_grad})
+    for opt in optimizers:
+        for t in (v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return (sum(storages.values()) + sum(grads.values())) / 2**30
+
+
 class Bench:
     """--bench N, the one benchmark rule of every trainer: N steps, nothing written; the first step is
-    warm-up (allocation, autotuning) and not timed. Reports the median step time, images/s to three
-    significant figures and peak memory. Only this mode synchronises CUDA after each step."""
+    warm-up (allocation, autotuning) and not timed. Its last line gives, as key=value pairs, the median step
+    time, images/s (three significant figures), peak memory, the memory that does not depend on the batch
+    (state_gib: weights, gradients, optimizer states, EMA, frozen nets), the activations kept per sample
+    (act_mib_per_sample, see activation_mib_per_sample) and their sum for one micro-batch of this run
+    (est_gib_per_gpu = state + micro-batch x activations): what a user needs to choose --batch-size,
+    --grad-accum and --grad-checkpoint for a card. Only this mode synchronises CUDA after each step."""
 
     def __init__(self, device):
         self.device, self.times, self.last, self.images = device, [], None, 0
@@ -604,14 +670,22 @@ class Bench:
             self.times.append(now - self.last)
         self.last, self.images = now, images
 
-    def report(self, name):
+    def report(self, name, memory):
+        """`memory`: (modules, optimizers, forward, micro-batch) of the run, forward(n) a training loss on n
+        of the last batch's samples (None where the batch has fewer than 2)."""
         if not self.times:
             log(f"{name} bench: nothing timed; use --bench 2 or more (the first step is warm-up)")
             return None
         step = statistics.median(self.times)
-        log(f"{name} bench: median step {significant(step)} s over {len(self.times)} steps after 1 warm-up, "
-            f"{significant(self.images / step)} img/s, peak mem {significant(peak_memory_gb(self.device))} GB")
-        return {"step_s": step, "images_per_s": self.images / step}
+        modules, optimizers, forward, batch = memory
+        result = {"step_s": step, "images_per_s": self.images / step, "peak_mem_gb": peak_memory_gb(self.device),
+                  "state_gib": state_gib(modules, optimizers)}
+        if forward is not None:
+            result["act_mib_per_sample"] = activation_mib_per_sample(forward, self.device)
+            result["est_gib_per_gpu"] = result["state_gib"] + batch * result["act_mib_per_sample"] / 1024
+        log(f"{name} bench: {len(self.times)} steps timed after 1 warm-up, micro-batch {batch}: "
+            + " ".join(f"{k}={significant(v)}" for k, v in result.items()))
+        return result
 
 
 class Throughput:
@@ -1020,6 +1094,24 @@ def build_dataset(data, size, split="train", num_images=None, seed=0, skip_bad=F
 #################################################################################
 #          Transformer parts every net shares; the ViT of DINOv2/DINOv3         #
 #################################################################################
+
+
+def run_blocks(blocks, x, *args, checkpoint=False):
+    """x through each block in turn. With `checkpoint` (--grad-checkpoint, training only) a block keeps
+    just its input for backward and recomputes its activations there: a block's attention and MLP
+    intermediates are most of a step's memory, so this trades about a third more compute for a batch
+    that fits. The blocks draw no random numbers, so the recomputation is exact."""
+    for block in blocks:
+        x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False) if checkpoint else block(x, *args)
+    return x
+
+
+def enable_grad_checkpoint(model, on=True):
+    """--grad-checkpoint: every transformer of `model` (those with a `grad_checkpoint` switch) recomputes its
+    blocks' activations in backward (run_blocks)."""
+    for m in model.modules():
+        if hasattr(m, "grad_checkpoint"):
+            m.grad_checkpoint = on
 
 
 def dinov3_rope(grid_h, grid_w, head_dim, theta, rescale=None, device=None):
@@ -1541,7 +1633,7 @@ def train_standin(args):
         log(f"epoch {epoch + 1} step {run.step}: held-out accuracy (EMA) {acc * 100:.2f}%")
         run.save(accuracy=acc)  # once per epoch (and at --stop-at)
     if run.bench:
-        result = run.done("stand-in teacher")
+        result = run.done("stand-in teacher", (lambda n: F.cross_entropy(model(x[:n]), y[:n])) if len(x) > 1 else None)
         cleanup_distributed()
         return result
     if run.step >= run.total:

@@ -52,16 +52,17 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
     """A table of num_classes + 1 rows: the last is the null class, which classifier-free guidance needs;
-    in training a label becomes null with probability `dropout` (`models/DDT.py`)."""
+    in training a label becomes null with probability `dropout` (`models/DDT.py`), or where `drop` says
+    (DiT's force_drop_ids: the trainer draws it with the step's other random numbers)."""
 
     def __init__(self, num_classes, width, dropout):
         super().__init__()
         self.num_classes, self.dropout = num_classes, dropout
         self.embedding_table = nn.Embedding(num_classes + 1, width)
 
-    def forward(self, y):
+    def forward(self, y, drop=None):
         if self.training and self.dropout > 0:
-            drop = torch.rand(y.shape[0], device=y.device) < self.dropout
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout if drop is None else drop
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         return self.embedding_table(y)
 
@@ -188,6 +189,7 @@ class DiTDH(nn.Module):
         self.s_projector = nn.Linear(dt, dh)
         self.blocks = nn.ModuleList([Block(dt, ht) for _ in range(nt)] + [Block(dh, hh) for _ in range(nh)])
         self.final_layer = FinalLayer(dh, channels)
+        self.grad_checkpoint = False  # distill.enable_grad_checkpoint
         for name, (h, width) in (("enc_feat_rope", (ht, dt)), ("dec_feat_rope", (hh, dh))):
             cos, sin = eva_rope(grid, width // h)
             self.register_module(name, nn.Module())
@@ -209,19 +211,18 @@ class DiTDH(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x, t, y):
-        B = x.shape[0]
+    def forward(self, x, t, y, drop=None):
+        """`drop`: which labels to drop in training (LabelEmbedder), None to draw them here."""
+        B, ckpt = x.shape[0], self.grad_checkpoint and self.training
         t_emb = self.t_embedder(t)
-        c = F.silu(t_emb + self.y_embedder(y))
+        c = F.silu(t_emb + self.y_embedder(y, drop))
         trunk = self.s_embedder(x) + self.pos_embed
         rope_t = (self.enc_feat_rope.freqs_cos, self.enc_feat_rope.freqs_sin)
-        for block in self.blocks[:self.num_trunk]:
-            trunk = block(trunk, c, *rope_t)
+        trunk = distill.run_blocks(self.blocks[:self.num_trunk], trunk, c, *rope_t, checkpoint=ckpt)
         cond = self.s_projector(F.silu(t_emb[:, None] + trunk))  # the hand-off: a per-token condition
         h = self.x_embedder(x)  # the head re-reads x, with no position embedding
         rope_h = (self.dec_feat_rope.freqs_cos, self.dec_feat_rope.freqs_sin)
-        for block in self.blocks[self.num_trunk:]:
-            h = block(h, cond, *rope_h)
+        h = distill.run_blocks(self.blocks[self.num_trunk:], h, cond, *rope_h, checkpoint=ckpt)
         out = self.final_layer(h, cond)
         # unpatchify (patch 1): B x L x C -> B x C x h x w
         return out.transpose(1, 2).reshape(B, self.channels, self.grid, self.grid)
@@ -238,13 +239,14 @@ def train_time(u, s):
     return 1 - tokenizer.shift(u, s) if s > 1 else u
 
 
-def flow_matching_loss(model, x1, y, s, x0=None, u=None):
-    """Linear path x_t = t*x1 + (1-t)*x0, velocity target x1 - x0, plain MSE per sample (`models/DDT.py`)."""
+def flow_matching_loss(model, x1, y, s, x0=None, u=None, drop=None):
+    """Linear path x_t = t*x1 + (1-t)*x0, velocity target x1 - x0, plain MSE per sample (`models/DDT.py`).
+    Random draws (noise x0, time u, label drop) are made here unless given."""
     x0 = torch.randn_like(x1) if x0 is None else x0
     u = torch.rand(x1.shape[0], device=x1.device) if u is None else u
     t = train_time(u, s)
     tt = t.view(-1, 1, 1, 1)
-    pred = model(tt * x1 + (1 - tt) * x0, t, y)
+    pred = model(tt * x1 + (1 - tt) * x0, t, y, drop)
     return ((pred.float() - (x1 - x0)) ** 2).mean(dim=(1, 2, 3))
 
 
@@ -292,15 +294,17 @@ def sample(model, z0, y, num_points=150, s=None, cfg=1.0, interval=(0.0, 1.0), g
 #################################################################################
 
 PRESETS = {
-    # The released recipe: DiT^DH-XL, global batch 1024 (8 x 128), lr 2e-4 held 40 epochs then linear to
-    # 2e-5 at epoch 800, EMA 0.9995. The schedule's end is fixed: the released 80-epoch model is the first
-    # 80 epochs of it (--epochs 80). (The guide model for autoguidance: --model S --epochs 30.)
-    "paper": dict(model="XL", epochs=800, batch_size=128, lr=2e-4, hold_epochs=40, final_lr=2e-5,
+    # The released recipe: DiT^DH-XL, global batch 1024, lr 2e-4 held 40 epochs then linear to 2e-5 at
+    # epoch 800, EMA 0.9995. The schedule's end is fixed: the released 80-epoch model is the first 80 epochs
+    # of it (--epochs 80). (The guide model for autoguidance: --model S --epochs 30.) 1024 = 8 GPUs x 64 x
+    # 2 micro-batches: 128 per GPU at once keeps about 76 GiB of activations, past an 80 GB card (the
+    # authors ran 64 per GPU on 16 GPUs; the README's memory table).
+    "paper": dict(model="XL", epochs=800, batch_size=64, grad_accum=2, lr=2e-4, hold_epochs=40, final_lr=2e-5,
                   decay_end_epoch=800, ema=0.9995, latents=None),
     # Minutes on a 2-core CPU on the built-in data's cache: at this size the step is arithmetic, so a
     # head as narrow as the trunk and batch 32 buy many more steps in the same time, which the samples
     # need more than width (the README's "generation half" has the measurements).
-    "tiny": dict(model="tiny", epochs=20, batch_size=32, lr=1e-3, hold_epochs=5, final_lr=1e-4,
+    "tiny": dict(model="tiny", epochs=20, batch_size=32, grad_accum=1, lr=1e-3, hold_epochs=5, final_lr=1e-4,
                  decay_end_epoch=20, ema=0.99, latents=distill.RUNS["latents"]),
 }
 
@@ -341,7 +345,7 @@ def open_latents(args):
     fingerprint): --tokenizer, else the cache's own if its file still exists. None where no preview is
     made (--bench, --preview-every 0): loading and hashing the weights would buy nothing."""
     if args.random_latents:
-        return RandomLatents(args.preset, args.bench * args.batch_size * distill.world_info()[1]), None
+        return RandomLatents(args.preset, args.bench * args.batch_size * args.grad_accum * distill.world_info()[1]), None
     cache = tokenizer.LatentCache(args.latents, seed=args.seed)
     if args.bench or args.preview_every <= 0:
         return cache, None
@@ -372,6 +376,19 @@ def save_preview(ema, tok, cache, path, device, num=8, seed=0):
     distill.save_grid([images], path)
 
 
+def step_draws(moments, mu, sigma, grid, label_dropout):
+    """Every random number of one rank's optimizer step, drawn for its whole batch (all --grad-accum
+    micro-batches) at once: the latent sample, the noise x0, the time u, the dropped labels. The update
+    then does not depend on how the batch is split (batch B x accum 2 = batch 2B x accum 1), and at accum
+    1 the draws are those of flow_matching_loss, in its order."""
+    x1 = tokenizer.sample_latent(moments, mu, sigma, grid)
+    x0 = torch.randn_like(x1)
+    u = torch.rand(len(x1), device=x1.device)
+    drop = (torch.rand(len(x1), device=x1.device) < label_dropout if label_dropout > 0
+            else torch.zeros(len(x1), dtype=torch.bool, device=x1.device))
+    return x1, x0, u, drop
+
+
 def train(args):
     rank, world, device = distill.setup_distributed()
     if rank == 0 and not args.bench:
@@ -381,36 +398,44 @@ def train(args):
     model, config = build_model(args, cache)
     model.to(device)
     ema = distill.make_ema(model)
+    distill.enable_grad_checkpoint(model, args.grad_checkpoint)
     ddp = nn.parallel.DistributedDataParallel(model) if distill.is_distributed() else model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=0.0, fused=True)  # CPU too
     loader, sampler = distill.make_loader(cache, args.batch_size, args.seed, rank, world, args.workers, device)
     # a resumed run must read the same latents (the same cache of the same tokenizer)
     source = {"latents": args.latents and os.path.abspath(args.latents), "fingerprint": cache.meta["fingerprint"]}
-    run = distill.Run(args, "generator", device, len(cache), args.batch_size * world,
+    global_batch = args.batch_size * args.grad_accum * world
+    run = distill.Run(args, "generator", device, len(cache), global_batch,
                       {"model": model, "ema": ema, "optimizer": opt},
                       match={"config": config, "source": source})
     s = tokenizer.latent_shift(cache.meta["grid"], cache.meta["channels"])
     mu, sigma = cache.mu.to(device), cache.sigma.to(device)
     distill.log(f"DiT^DH-{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                 f"{len(cache)} latents ({cache.meta['channels']} x {cache.meta['grid']}^2), shift {s:.3f}, "
-                f"{world} process(es) x batch {args.batch_size}, {run.total} steps")
+                f"{world} process(es) x batch {args.batch_size} x accum {args.grad_accum}, {run.total} steps")
     model.train()
     while run.step < run.stop:
         epoch, in_epoch = divmod(run.step, run.steps_per_epoch)
         cache.set_epoch(epoch)
-        sampler.set_position(epoch, in_epoch)
-        for moments, y in loader:
-            moments, y = moments.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        sampler.set_position(epoch, in_epoch * args.grad_accum)
+        for group in distill.micro_batches(loader, args.grad_accum):
+            moments = torch.cat([m for m, _ in group]).to(device, non_blocking=True)
+            y = torch.cat([labels for _, labels in group]).to(device, non_blocking=True)
             for g in opt.param_groups:
                 g["lr"] = hold_then_linear(run.epoch, args)
-            x1 = tokenizer.sample_latent(moments, mu, sigma, cache.meta["grid"])
-            with distill.autocast(device):
-                loss = flow_matching_loss(ddp, x1, y, s).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            draws = step_draws(moments, mu, sigma, cache.meta["grid"], args.label_dropout)
+            losses = []  # the logged and watched loss: the mean over the micro-batches
+            for i, (y_i, x1, x0, u, drop) in enumerate(zip(*(d.split(args.batch_size) for d in (y, *draws)))):
+                with distill.sync_at_last(ddp, i == args.grad_accum - 1):
+                    with distill.autocast(device):
+                        loss = flow_matching_loss(ddp, x1, y_i, s, x0, u, drop).mean()
+                    (loss / args.grad_accum).backward()
+                losses.append(loss.detach())
+            loss = torch.stack(losses).mean()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
+            opt.zero_grad(set_to_none=True)
             distill.update_ema(ema, model, args.ema)
             run.tick(len(y) * world, loss)
             if run.log_due():
@@ -420,7 +445,8 @@ def train(args):
             checkpoint(run, ema, cache, tok, device)
             if run.step >= run.stop or run.epoch_end():
                 break
-    result = run.done(f"DiT^DH-{args.model}")
+    forward = (lambda n: flow_matching_loss(model, x1[:n], y_i[:n], s, x0[:n], u[:n], drop[:n]).mean()) if len(x1) > 1 else None
+    result = run.done(f"DiT^DH-{args.model}", forward)
     distill.cleanup_distributed()
     return result if args.bench else run.step
 
@@ -501,7 +527,11 @@ def build_parser(add_help=True):
     p.add_argument("--out", default=distill.RUNS["dit"])
     p.add_argument("--model", choices=sorted(SIZES))
     p.add_argument("--epochs", type=distill.positive_int, help="train this many epochs (of the schedule below)")
-    p.add_argument("--batch-size", type=distill.positive_int, help="per process")
+    p.add_argument("--batch-size", type=distill.positive_int, help="per process and micro-batch")
+    p.add_argument("--grad-accum", type=distill.positive_int, help="micro-batches per optimizer step: the global "
+                   "batch is batch_size x grad_accum x processes")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each block's activations in backward: less memory, about a third more compute")
     p.add_argument("--lr", type=float, help="held for --hold-epochs")
     p.add_argument("--hold-epochs", type=float)
     p.add_argument("--final-lr", type=float, help="reached at --decay-end-epoch")

@@ -1341,12 +1341,13 @@ def test_tokenizer_resume_is_exact(standin_teacher, tmp_path, monkeypatch, capsy
 def test_tokenizer_two_processes_resume_exactly(standin_teacher, tmp_path):
     """Stage 1 on 2 gloo processes with the GAN on from step 0 and 2 micro-batches: the ranks hold the same
     tokenizer and discriminator (every checkpoint checks it, or the run stops), and a stop at step 2 plus a
-    resume ends bit-identical to the uninterrupted 2-process run, discriminator included."""
+    resume ends bit-identical to the uninterrupted 2-process run, discriminator included; the stopped and
+    resumed run recomputes its blocks in backward (--grad-checkpoint), which changes no bit."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     extra = ["--batch-size", "4", "--grad-accum", "2", "--gan-start-epoch", "0"]
     run = torchrun("tokenizer.py", tok_args(standin_teacher, a, *extra))
-    torchrun("tokenizer.py", tok_args(standin_teacher, b, *extra, "--stop-at", "2"))
-    torchrun("tokenizer.py", tok_args(standin_teacher, b, *extra))
+    torchrun("tokenizer.py", tok_args(standin_teacher, b, *extra, "--stop-at", "2", "--grad-checkpoint"))
+    torchrun("tokenizer.py", tok_args(standin_teacher, b, *extra, "--grad-checkpoint"))
     ckpt = assert_same_runs(a, b, ("model", "ema", "discriminator"))
     assert ckpt["step"] == 8 and len(ckpt["rng"]) == 2
     assert "img/s" in run.stdout and "disc" in run.stdout
@@ -1407,8 +1408,9 @@ def test_checkpoints_at_every_epoch_end(standin_teacher, cache, tmp_path, monkey
 
 
 def test_bench_is_one_rule_in_every_trainer(standin_teacher, cache, tmp_path, capsys):
-    """--bench N in each trainer: N steps, the first untimed, nothing written, one line with the median step
-    time, images/s (three significant figures) and peak memory."""
+    """--bench N in each trainer: N steps, the first untimed, nothing written, a last line of key=value pairs
+    (three significant figures): median step time, images/s, peak memory, the batch-independent state, the
+    activations kept per sample and the estimate for one micro-batch (state + batch x activations)."""
     out = str(tmp_path / "bench")
     distill.main(STANDIN_TINY + ["--out", out, "--bench", "3"])
     tokenizer.main(tok_args(standin_teacher, out, "--bench", "3"))
@@ -1418,10 +1420,14 @@ def test_bench_is_one_rule_in_every_trainer(standin_teacher, cache, tmp_path, ca
     lines = [l for l in capsys.readouterr().out.splitlines() if " bench: " in l]
     assert [l.split(" bench: ")[0] for l in lines] == ["stand-in teacher", "RecTok stage 1", "RecTok stage 1",
                                                        "DiT^DH-tiny"]
+    keys = ["step_s", "images_per_s", "peak_mem_gb", "state_gib", "act_mib_per_sample", "est_gib_per_gpu"]
     for line in lines:
-        m = re.search(r"median step (\S+) s over 2 steps after 1 warm-up, (\S+) img/s, peak mem (\S+) GB", line)
-        assert m, line
-        assert all("e" not in v and float(v) == float(f"{float(v):.3g}") for v in m.groups()), line
+        batch = int(re.search(r"2 steps timed after 1 warm-up, micro-batch (\d+): ", line).group(1))
+        pairs = dict(re.findall(r"(\w+)=(\S+)", line))
+        assert list(pairs) == keys, line
+        assert all("e" not in v and float(v) == float(f"{float(v):.3g}") > 0 for v in pairs.values()), line
+        state, act, est = (float(pairs[k]) for k in keys[3:])
+        assert est == pytest.approx(state + batch * act / 1024, rel=0.01), line
 
 
 def host_reads(monkeypatch, run):
@@ -2171,13 +2177,77 @@ def test_dit_is_the_same_with_loader_workers(cache, tmp_path):
 
 def test_dit_two_processes_resume_exactly(cache, tmp_path):
     """2 gloo processes: ranks agree (checked at every checkpoint), and a stop at step 3 plus a resume ends
-    bit-identical to the uninterrupted 2-process run."""
+    bit-identical to the uninterrupted 2-process run, also when the stopped and resumed run recomputes its
+    blocks in backward (--grad-checkpoint)."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     run = torchrun("dit.py", dit_args(cache, a, "--batch-size", "4"))
-    torchrun("dit.py", dit_args(cache, b, "--batch-size", "4", "--stop-at", "3"))
-    torchrun("dit.py", dit_args(cache, b, "--batch-size", "4"))
+    torchrun("dit.py", dit_args(cache, b, "--batch-size", "4", "--stop-at", "3", "--grad-checkpoint"))
+    torchrun("dit.py", dit_args(cache, b, "--batch-size", "4", "--grad-checkpoint"))
     ckpt = assert_same_runs(a, b, ("model", "ema"))
     assert ckpt["step"] == 10 and len(ckpt["rng"]) == 2 and "img/s" in run.stdout
+
+
+def test_grad_checkpoint_keeps_loss_and_gradients_with_fewer_activations():
+    """--grad-checkpoint (each transformer block recomputed in backward: the tokenizer's encoder, pixel and
+    semantic decoders, DiT^DH's trunk and head) gives the loss and gradients of the plain pass to float
+    tolerance, with at least 2x fewer activations kept per sample (the --bench measure)."""
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    tok = tokenizer.RecTok(32, 4, 8, "mini", "mini", "mini", teacher_dim=16).train()
+    gen = dit.DiTDH(channels=8, grid=4, trunk=(64, 2, 4), head=(96, 2, 4), num_classes=10).train()
+    x, x1, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 8, 4, 4), torch.arange(4)
+
+    def tok_loss(n=4):
+        torch.manual_seed(1), random.seed(1)  # the same masking, posterior and flow draws in both passes
+        out = tok(x[:n])
+        return out["decoded"].float().square().mean() + out["sem_pred"].float().square().mean()
+
+    def dit_loss(n=4):
+        torch.manual_seed(2)
+        return dit.flow_matching_loss(gen, x1[:n], y[:n], 2.0).mean()
+
+    for model, loss in ((tok, tok_loss), (gen, dit_loss)):
+        plain = loss()
+        plain.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        act = distill.activation_mib_per_sample(loss, cpu)
+        distill.enable_grad_checkpoint(model)
+        ckpt = loss()
+        ckpt.backward()
+        torch.testing.assert_close(ckpt, plain, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close({k: p.grad for k, p in model.named_parameters() if p.grad is not None}, grads,
+                                   rtol=1e-4, atol=1e-6)
+        assert 2 * distill.activation_mib_per_sample(loss, cpu) <= act, type(model).__name__
+
+
+def assert_close_runs(a, b, parts):
+    """Two run folders whose latest.pt hold `parts` equal to float tolerance, at the same step."""
+    ca, cb = (torch.load(os.path.join(x, "latest.pt"), weights_only=True) for x in (a, b))
+    assert ca["step"] == cb["step"]
+    for part in parts:
+        torch.testing.assert_close(ca[part], cb[part], rtol=1e-4, atol=1e-5)
+    return ca
+
+
+def logged_losses(text):
+    return [float(v) for v in re.findall(r"^step \d+/\d+ .*?\bloss (\S+)", text, flags=re.M)]
+
+
+def test_dit_grad_accum_is_one_larger_batch(cache, tmp_path, capsys):
+    """--grad-accum 2 at batch 4 takes the optimizer steps of batch 8 in one piece, to float tolerance, on
+    1 process and on 2: the step's random numbers are drawn for its whole batch, its gradients averaged
+    over the micro-batches with one all-reduce, and the logged loss is their mean."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    dit.main(dit_args(cache, a, "--stop-at", "3"))
+    whole = logged_losses(capsys.readouterr().out)
+    dit.main(dit_args(cache, b, "--batch-size", "4", "--grad-accum", "2", "--stop-at", "3"))
+    assert logged_losses(capsys.readouterr().out) == pytest.approx(whole, rel=1e-4) and len(whole) == 3
+    assert assert_close_runs(a, b, ("model", "ema", "optimizer"))["step"] == 3
+    c, d = str(tmp_path / "c"), str(tmp_path / "d")
+    torchrun("dit.py", dit_args(cache, c, "--batch-size", "4", "--stop-at", "2"))
+    torchrun("dit.py", dit_args(cache, d, "--batch-size", "2", "--grad-accum", "2", "--stop-at", "2"))
+    assert_close_runs(c, d, ("model", "ema"))
 
 
 def test_dit_resume_refuses_other_latents_or_global_batch(cache, tmp_path):

@@ -126,11 +126,11 @@ class Transformer(nn.Module):
         self.transformer = nn.ModuleList(Block(width, heads) for _ in range(layers))
         self.ln_post = nn.RMSNorm(width, eps=1e-6)
         self.register_buffer("rope", rope_table(grid, width // heads), persistent=False)
+        self.grad_checkpoint = False  # distill.enable_grad_checkpoint
 
     def blocks(self, x, rope):
         x = self.ln_pre(x)
-        for block in self.transformer:
-            x = block(x, rope)
+        x = distill.run_blocks(self.transformer, x, rope, checkpoint=self.grad_checkpoint and self.training)
         return self.ln_post(x)
 
 
@@ -630,9 +630,10 @@ class TokenizerLoss(nn.Module):
 #################################################################################
 
 PRESETS = {
-    # The released recipe: 256 px, base/base, C = 128, DINOv3-L/16, 200 epochs at global batch 1024.
+    # The released recipe: 256 px, base/base, C = 128, DINOv3-L/16, 200 epochs at global batch 1024 =
+    # 8 GPUs x 64 x 2 micro-batches (128 at once keeps about 65 GiB of activations: at an 80 GB card's limit).
     "paper": dict(image_size=256, patch_size=16, channels=128, encoder_size="base", decoder_size="base",
-                  sem_size="tiny", teacher="dinov3_vitl16", epochs=200, batch_size=128, base_lr=1e-4,
+                  sem_size="tiny", teacher="dinov3_vitl16", epochs=200, batch_size=64, grad_accum=2, base_lr=1e-4,
                   gan_start_epoch=100, num_train=None, perceptual_weight=1.0, ema=0.999,
                   workers=distill.IMAGE_WORKERS),
     # Minutes on a 2-core CPU: 32 px built-in shapes, patch 4 (an 8 x 8 grid), C = 16, the stand-in
@@ -645,15 +646,16 @@ PRESETS = {
     # a thousand steps need a large rate. 24 epochs: the reconstructions must keep the shapes for the
     # generator's samples to be recognisable (the README's "generation half" has the measurements).
     "tiny": dict(image_size=32, patch_size=4, channels=16, encoder_size="mini", decoder_size="mini",
-                 sem_size="micro", teacher="standin", epochs=24, batch_size=64, base_lr=1.6e-2,
+                 sem_size="micro", teacher="standin", epochs=24, batch_size=64, grad_accum=1, base_lr=1.6e-2,
                  gan_start_epoch=100, num_train=3000, perceptual_weight=0.0, ema=0.99),
 }
 
 
 # Stage 2 (`finetune`, the paper's decoder fine-tuning) overrides: lr 5e-5 x batch/256, 5% warm-up, a
-# fresh discriminator from step 0, 100 epochs. The tiny preset keeps the GAN off, as in its stage 1.
+# fresh discriminator from step 0, 100 epochs. The tiny preset keeps the GAN off, as in its stage 1. The
+# frozen encoder keeps no activations, so 128 per GPU fit 80 GB in one micro-batch.
 FINETUNE = {
-    "paper": dict(base_lr=5e-5, warmup=0.05, epochs=100, gan_start_epoch=0),
+    "paper": dict(base_lr=5e-5, warmup=0.05, epochs=100, gan_start_epoch=0, batch_size=128, grad_accum=1),
     "tiny": dict(base_lr=1e-3, warmup=0.05, epochs=2, gan_start_epoch=100),
 }
 
@@ -750,6 +752,17 @@ def save_reconstructions(model, images, device, path):
     distill.save_grid([x * 0.5 + 0.5, recon], path)
 
 
+def generator_pass(net, teacher, loss_fn, x, stage, epoch, autocast=contextlib.nullcontext()):
+    """One micro-batch's forward and generator loss: (total, detached terms, the net's outputs). Stage 1
+    distils the teacher's patch features; stage 2 has no flow noise (tau 0: the decoder reads the clean
+    posterior sample) and no teacher."""
+    with torch.no_grad(), autocast:
+        target = teacher(x) if teacher is not None else None
+    with autocast:
+        out = net(x) if stage == 1 else net(x, tau=x.new_zeros(len(x), 1, 1))
+    return (*loss_fn.generator_loss(x, out, target, epoch), out)
+
+
 def train(args):
     """Stage 1 (`train`: the whole tokenizer, with the teacher) or stage 2 (`finetune`: the pixel decoder
     alone, on the clean posterior sample, see stage2_model): one loop, the stage changes the lines that say so."""
@@ -768,6 +781,7 @@ def train(args):
     else:
         teacher, (model, config) = None, stage2_model(args, device)
     ema = distill.make_ema(model)
+    distill.enable_grad_checkpoint(model, args.grad_checkpoint)
     ddp = nn.parallel.DistributedDataParallel(model) if distill.is_distributed() else model
     loss_fn = build_loss(args, stage, device)
     global_batch = args.batch_size * args.grad_accum * world
@@ -797,19 +811,14 @@ def train(args):
     while run.step < run.stop:
         epoch, in_epoch = divmod(run.step, run.steps_per_epoch)
         sampler.set_position(epoch, in_epoch * args.grad_accum)
-        for batches in distill.micro_batches(loader, args.grad_accum):
-            batches = [distill.random_flip(x.to(device, non_blocking=True), flip_gen) for x in batches]
+        for group in distill.micro_batches(loader, args.grad_accum):
+            batches = [distill.random_flip(x.to(device, non_blocking=True), flip_gen) for x, _ in group]
             for g in opt.param_groups + d_opt.param_groups:
                 g["lr"] = lr * distill.warmup_cosine(run.step / run.total, args.warmup)
             decoded, losses = [], {}  # losses: each term's mean over the micro-batches (logged, and watched)
             for i, x in enumerate(batches):  # --grad-accum micro-batches, one gradient all-reduce at the last
-                last = i == len(batches) - 1
-                with ddp.no_sync() if not last and distill.is_distributed() else contextlib.nullcontext():
-                    with torch.no_grad(), autocast:
-                        target = teacher(x) if teacher is not None else None  # its patch features
-                    with autocast:  # stage 2: no flow noise, the decoder reads the clean sample
-                        out = ddp(x) if stage == 1 else ddp(x, tau=x.new_zeros(len(x), 1, 1))
-                    total, terms = loss_fn.generator_loss(x, out, target, epoch)
+                with distill.sync_at_last(ddp, i == len(batches) - 1):
+                    total, terms, out = generator_pass(ddp, teacher, loss_fn, x, stage, epoch, autocast)
                     (total / len(batches)).backward()
                 decoded.append(out["decoded"].detach())
                 for k, v in dict(terms, total=total.detach()).items():
@@ -833,7 +842,8 @@ def train(args):
                 run.save(f"epoch_{run.step // run.steps_per_epoch:04d}.pt")
             if run.step >= run.stop or run.epoch_end():
                 break
-    result = run.done(f"RecTok stage {stage}")
+    forward = (lambda n: generator_pass(model, teacher, loss_fn, x[:n], stage, epoch)[0]) if len(x) > 1 else None
+    result = run.done(f"RecTok stage {stage}", forward, frozen=[net for net in (teacher, loss_fn) if net is not None])
     if run.step > run.start and not run.bench:
         distill.log(f"wrote {run.latest}" + (f" and reconstruction grids in {args.out}" if images is not None else ""))
     distill.cleanup_distributed()
@@ -1211,7 +1221,10 @@ def add_training_flags(p):
     g.add_argument("--lpips-weights", default=LPIPS_URL)
     g.add_argument("--convnext-weights", default=CONVNEXT_S_URL)
     g.add_argument("--epochs", type=distill.positive_int)
-    g.add_argument("--grad-accum", type=distill.positive_int, default=1)
+    g.add_argument("--grad-accum", type=distill.positive_int, help="micro-batches per optimizer step: the "
+                   "global batch is batch_size x grad_accum x processes")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each block's activations in backward: less memory, about a third more compute")
     g.add_argument("--base-lr", type=float, help="lr = base_lr * global_batch / 256")
     g.add_argument("--warmup", type=distill.fraction, default=0.25, help="fraction of training")
     g.add_argument("--weight-decay", type=float, default=1e-4)
