@@ -42,10 +42,12 @@ Writes (stand-in): OUT/latest.pt (resumable) and OUT/teacher.pt, a self-describi
 
 
 import argparse
+import atexit
 import concurrent.futures
 import contextlib
 import copy
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -53,9 +55,11 @@ import os
 import pickle
 import random
 import re
+import socket
 import statistics
 import struct
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -124,9 +128,31 @@ def log(*args):
         print(*args, flush=True)
 
 
+def enable_tf32(device):
+    """The trainers' fp32 matmuls and convolutions in TF32 on CUDA, as the authors run them (what autocast
+    leaves in fp32: the ConvNeXt-S perceptual term, the losses). fid.py's Inception keeps full fp32."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+def compile_blocks(model, *types):
+    """--compile: each block of `types` in `model` through torch.compile (inductor builds its kernels at the
+    first steps, a minute or so). Blocks only: they hold nearly all the arithmetic and draw no random
+    number, so a compiled step draws what an eager one does. A sequence length that changes (MAE masking
+    keeps another number of tokens each batch) recompiles once with the length symbolic, then reuses it."""
+    for m in model.modules():
+        if isinstance(m, types):
+            m.compile()
+
+
+#: True runs the CUDA path's bf16 autocast on the CPU as well (the tests do, so that the mixed-precision path
+#: runs without a GPU; off by default: bf16 is slow on most CPUs)
+BF16_ON_CPU = False
+
+
 def autocast(device):
-    """The one mixed-precision rule: bf16 autocast on CUDA, full precision on the CPU."""
-    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    """The one mixed-precision rule: bf16 autocast on CUDA, full precision on the CPU (see BF16_ON_CPU)."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" or BF16_ON_CPU)
 
 
 def peak_memory_gb(device):
@@ -228,11 +254,95 @@ def atomic_write(path, write):
 
 
 STALE_TEMPORARY = re.compile(r".+\.tmp\d+")
+LOCK = ".lock"
+_HELD = []  # the folders whose lock this process holds
+
+
+def process_start(pid):
+    """When process `pid` started (clock ticks since boot, from /proc), None if there is no such process:
+    with the pid it tells the run that wrote a lock from a later process that got its pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, counted from the state (field 3)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def hold_out_dir(folder):
+    """One run per folder: OUT/.lock names its holder (host, pid, start time). A second run there is refused
+    with the holder's name: two runs in one folder overwrite each other's checkpoints, and each takes the
+    other's live temporary file for one a crash left. A lock whose process is gone (on this host) is taken
+    over, with a line that says so. Released when the stage's main() returns or raises (`stage`), or at
+    exit."""
+    path = os.path.join(folder, LOCK)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = read_lock(path)
+            if holder != me and holder.get("host") == me["host"] and process_start(holder.get("pid")) == holder.get(
+                    "start") is not None:
+                raise RuntimeError(f"{folder} is in use by another run (process {holder['pid']} on this host, "
+                                   f"its {LOCK}): wait for it to finish, stop it, or pick another --out") from None
+            if holder.get("host", me["host"]) != me["host"]:
+                raise RuntimeError(f"{folder} is in use by a run on host {holder['host']} (process "
+                                   f"{holder['pid']}, its {LOCK}): pick another --out, or, if that run is gone, "
+                                   f"delete {path}") from None
+            if holder != me:
+                log(f"{folder}: taking over the lock of process {holder.get('pid')}, which is gone")
+            os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    _HELD.append(folder)
+
+
+def read_lock(path):
+    """A lock's holder; {} for a lock being written this instant or left empty by a crash."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        time.sleep(0.5)  # its writer may be between creating it and writing it
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+
+def release_out_dirs(keep=0):
+    """Remove the locks this process holds but the first `keep` (a stage's end: those it took; at exit:
+    all)."""
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
+    while len(_HELD) > keep:
+        path = os.path.join(_HELD.pop(), LOCK)
+        if os.path.exists(path) and read_lock(path) == me:
+            os.remove(path)
+
+
+atexit.register(release_out_dirs)
+
+
+def stage(main):
+    """The decorator of every stage's main(): the folders it locked are released however it ends, so that
+    a stage that failed inside a notebook or a test leaves no lock for another process to trip on."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        keep = len(_HELD)
+        try:
+            return main(*args, **kwargs)
+        finally:
+            release_out_dirs(keep)
+    return run
 
 
 def prepare_out_dir(folder):
     """Before a run spends any time (rank 0): the output folder exists and takes a write, so a read-only
-    or full disk fails now, not after training; temporaries that a killed write left are removed."""
+    or full disk fails now, not after training; the run holds the folder (hold_out_dir); temporaries that a
+    killed write left are removed (never a live run's: a live run holds its folder)."""
     probe = os.path.join(folder, f".write_test{os.getpid()}")
     try:
         os.makedirs(folder, exist_ok=True)
@@ -246,6 +356,7 @@ def prepare_out_dir(folder):
     finally:
         if os.path.exists(probe):
             os.remove(probe)
+    hold_out_dir(folder)
     stale = [f for f in os.listdir(folder) if STALE_TEMPORARY.fullmatch(f)]
     for name in stale:
         os.remove(os.path.join(folder, name))
@@ -328,11 +439,13 @@ def load_checkpoint(path, kinds, what):
     pickle can call any function; these files are downloaded and shared). Every error names the file and
     what was expected: missing, damaged (empty, truncated, not a torch file), holding objects other than
     tensors, numbers, strings, lists and dicts, or a `kind` other than `kinds` (our checkpoints record one;
-    the authors' files have none and are told apart by their keys)."""
+    the authors' files have none and are told apart by their keys). The file is memory-mapped: a tensor
+    is read from disk when it is used, so eight ranks that load a 13 GB generator checkpoint to take its
+    EMA do not each hold all of it in host memory (files in PyTorch's pre-1.6 format are read whole)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[-1][:200]
         raise ValueError(f"{path}: refused: it holds objects other than tensors, numbers, strings, lists and "
@@ -748,6 +861,8 @@ def add_run_flags(p, ckpt_every=None, save_every=None, save_unit=None, train=Tru
                        help=f"keep a milestone copy every N {save_unit}")
     p.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit at this step (job limits)")
     p.add_argument("--bench", type=int, default=0, help="time this many steps, write nothing")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (the first "
+                   "steps build kernels: a minute or so)")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -1590,6 +1705,9 @@ def train_standin(args):
     config = {"vit": standin_vit(vars(args)), "num_classes": train_set.num_classes}
     model = StandinClassifier(**config).to(device)
     ema = make_ema(model)
+    enable_tf32(device)
+    if args.compile:
+        compile_blocks(model, Block)
     ddp = nn.parallel.DistributedDataParallel(model) if is_distributed() else model
     opt = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=args.lr, betas=(0.9, 0.95), fused=True)
     loader, sampler = make_loader(train_set, args.batch_size, args.seed, rank, world, args.workers, device)
@@ -1633,7 +1751,8 @@ def train_standin(args):
         log(f"epoch {epoch + 1} step {run.step}: held-out accuracy (EMA) {acc * 100:.2f}%")
         run.save(accuracy=acc)  # once per epoch (and at --stop-at)
     if run.bench:
-        result = run.done("stand-in teacher", (lambda n: F.cross_entropy(model(x[:n]), y[:n])) if len(x) > 1 else None)
+        forward = (lambda n: F.cross_entropy(model(x[:n]), y[:n])) if len(x) > 1 else None  # the activation count
+        result = run.done("stand-in teacher", forward)
         cleanup_distributed()
         return result
     if run.step >= run.total:
@@ -1720,6 +1839,7 @@ def parse_args(argv=None):
     return args
 
 
+@stage
 def main(argv=None):
     args = parse_args(argv)
     if args.check:

@@ -25,6 +25,7 @@ it is, uncropped (center-crop them first for statistics comparable with the ADM 
 Imports nothing from the rest of the project.
 """
 import argparse
+import contextlib
 import json
 import os
 import warnings
@@ -156,6 +157,19 @@ class InceptionE(nn.Module):
                           self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(pool)], dim=1)
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """Full fp32 matmuls and convolutions, whatever the process chose (a trainer's TF32, or PyTorch's
+    default TF32 for cuDNN convolutions): the features must be the reference implementations' fp32 ones."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
 class FIDInception(nn.Module):
     """InceptionV3 as the FID graph: 299 x 299 inputs in [-1, 1] -> (pool3 (B, 2048), logits (B, 1008)
     without the bias, as torch-fidelity's 'logits_unbiased' that the Inception Score uses)."""
@@ -181,6 +195,10 @@ class FIDInception(nn.Module):
         self.fc = nn.Linear(2048, 1008)
 
     def forward(self, x):
+        with exact_fp32():
+            return self.features(x)
+
+    def features(self, x):
         x = x.contiguous(memory_format=torch.channels_last)  # NHWC: ~1.7x faster convolutions on CPU
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))

@@ -276,6 +276,7 @@ def plot_runs(paths, out):
     print(f"wrote {os.path.join(out, 'probe_tau.png')}")
 
 
+@distill.stage
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
@@ -358,9 +359,11 @@ def build_parser(add_help=True):
     p.add_argument("--base-lr", type=float, help="mae: lr = base_lr * batch / 256")
     p.add_argument("--adam-base-lr", type=float, default=RESEARCH["adam_base_lr"],
                    help="research: Adam lr = adam_base_lr * batch / 256")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="mae: MAE's 0" + research.format(RESEARCH["weight_decay"]))
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="mae: MAE's 0" + research.format(RESEARCH["weight_decay"]))
     p.add_argument("--probe-batch-size", type=distill.positive_int,
-                   help="linear-probe batch, the global one (the preset's)" + research.format(RESEARCH["probe_batch_size"]))
+                   help="linear-probe batch, the global one (the preset's)"
+                        + research.format(RESEARCH["probe_batch_size"]))
     p.add_argument("--batch-size", type=distill.positive_int, default=64, help="feature extraction batch per process")
     distill.add_run_flags(p, train=False)
     p.add_argument("--out", default=distill.RUNS["probe"])

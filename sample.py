@@ -168,13 +168,19 @@ def check_provenance(args, made):
         distill.write_json(path, made)
 
 
+@distill.stage
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = distill.setup_distributed()
     folder = os.path.join(args.out, "images")
-    if rank == 0:
-        distill.prepare_out_dir(folder)
+    if rank == 0:  # the run holds --out, where it packs and scores, and its images folder
+        for path in (args.out, folder):
+            distill.prepare_out_dir(path)
     model, guide, tok, mu, sigma = load_models(args, device)
+    if args.compile:
+        for net in (model, guide, tok):
+            if net is not None:
+                distill.compile_blocks(net, dit.Block, tokenizer.Block)
     # before sampling (hours for 50,000 images): a wrong --ref-stats, Inception or judge fails now
     ref = fid.load_statistics(args.ref_stats) if args.ref_stats else None
     inception = fid.FIDInception().load(args.inception_weights).to(device) if ref is not None else None
@@ -344,6 +350,8 @@ def build_parser(add_help=True):
     p.add_argument("--batch-size", type=distill.positive_int, default=50, help="per process: each rank generates "
                    "whole batches of this many, the same batches (so the same images) on any number of processes")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the generator's and the decoder's "
+                   "blocks (the first batches build kernels)")
     p.add_argument("--out", default=distill.RUNS["samples"])
     p.add_argument("--ref-stats", default=None, help="reference statistics .npz for FID (mu, sigma)")
     p.add_argument("--inception-weights", default=None)

@@ -70,6 +70,15 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     speed (no host read in a step, --bench):
       test_a_training_step_reads_nothing_back_from_the_device, test_sampler_reads_nothing_back_from_the_device,
       test_bench_is_one_rule_in_every_trainer, test_image_npz_is_read_by_shard_not_whole
+    the paper's recipe on 80 GB cards (micro-batches, checkpointing, bf16, TF32, compile, mapped files):
+      test_dit_grad_accum_is_one_larger_batch, test_grad_checkpoint_keeps_loss_and_gradients_with_fewer_activations,
+      test_the_bf16_path_runs_on_the_cpu, test_tf32_in_the_trainers_never_in_the_fid_inception,
+      test_compiled_steps_equal_eager_ones, test_checkpoints_are_memory_mapped_not_read_whole
+    long runs on a shared cluster (one run per folder):
+      test_one_run_per_folder
+    on a GPU only (test_cuda_*, skipped elsewhere; .ci/gpu runs them):
+      test_cuda_trainers_take_bf16_steps, test_cuda_compile_equals_eager, test_cuda_sampler_and_one_process_nccl,
+      test_cuda_memory_report_at_ditdh_s_size
     recipe defaults and the command line:
       test_presets_are_the_parser_defaults,
       test_tokenizer_bench_needs_no_earlier_stage, test_dit_bench_needs_no_cache,
@@ -96,6 +105,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
 Layout: parity machinery, the fixtures (one run chain shared by all), then one section per file, each
 ordered parity, numerics, runs, errors.
 """
+import copy
 import json
 import math
 import os
@@ -105,6 +115,7 @@ import http.server
 import random
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -944,7 +955,8 @@ def test_stage1_forward_and_losses_parity(parity_sizes):
     loss = tokenizer.TokenizerLoss(perceptual_from_reference(lw, "perceptual_loss.", lc["perceptual_loss"]),
                                    recon_weight=lc["reconstruction_weight"], perceptual_weight=lc["perceptual_weight"],
                                    kl_weight=lc["kl_weight"], sem_weight=lc["sem_weight"], sem_loss=lc["sem_loss_type"],
-                                   gan_weight=lc["discriminator_weight"], gan_start_epoch=lc["discriminator_start_epoch"])
+                                   gan_weight=lc["discriminator_weight"],
+                                   gan_start_epoch=lc["discriminator_start_epoch"])
     loss.discriminator.load_state_dict({k[len("discriminator."):]: v for k, v in lw.items()
                                         if k.startswith("discriminator.")})
     # their logged terms are weighted; ours are not
@@ -2073,7 +2085,8 @@ def test_guidance_acts_only_inside_its_interval():
     s, n = d["config"]["timestep_shift"], d["config"]["num_grid_points"]
     plain = dit.sample(model, i["z0"], i["y"], n, s)
     for kw in ({"cfg": 1.5}, {"cfg": 1.29, "guide": guide}):
-        assert torch.equal(dit.sample(model, i["z0"], i["y"], n, s, interval=(1.0, 1.0), **kw), plain)  # no step starts at t = 1
+        # no Euler step starts at t = 1
+        assert torch.equal(dit.sample(model, i["z0"], i["y"], n, s, interval=(1.0, 1.0), **kw), plain)
         assert not torch.equal(dit.sample(model, i["z0"], i["y"], n, s, **kw), plain)
 
 
@@ -2221,6 +2234,175 @@ def test_grad_checkpoint_keeps_loss_and_gradients_with_fewer_activations():
         assert 2 * distill.activation_mib_per_sample(loss, cpu) <= act, type(model).__name__
 
 
+def test_the_bf16_path_runs_on_the_cpu(standin_teacher, stage1_run, cache, dit_run, tmp_path, monkeypatch):
+    """The CUDA runs' mixed precision forced on the CPU (distill.BF16_ON_CPU): a step of stage 1 with every
+    loss and the GAN on, of stage 2, of DiT^DH with label dropout, the guided samplers and the probe's
+    feature pass run their nets in bf16 and keep fp32 where it matters: finite fp32 losses and loss terms,
+    fp32 master weights and EMA, fp32 features."""
+    monkeypatch.setattr(distill, "BF16_ON_CPU", True)
+    nets, losses, weights, terms = [], [], [], set()  # nets' output dtypes; losses; weights and EMA; term names
+
+    def spy(cls, name, record):
+        original = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda *a, **k: record(original(*a, **k)))
+
+    spy(tokenizer.PixelDecoder, "forward", lambda out: nets.append(out.dtype) or out)
+    spy(dit.DiTDH, "forward", lambda out: nets.append(out.dtype) or out)
+    spy(tokenizer.Encoder, "forward", lambda out: nets.append(out[0].dtype) or out)
+    spy(tokenizer.TokenizerLoss, "generator_loss",
+        lambda out: losses.extend([out[0], *out[1].values()]) or terms.update(out[1]) or out)
+    spy(dit, "flow_matching_loss", lambda out: losses.append(out) or out)
+    ema_update, tf32 = distill.update_ema, []
+    monkeypatch.setattr(distill, "update_ema", lambda ema, model, decay: weights.extend(
+        [*ema.parameters(), *model.parameters()]) or ema_update(ema, model, decay))
+    monkeypatch.setattr(distill, "enable_tf32", tf32.append)  # each trainer asks for TF32 (on CUDA)
+    out = str(tmp_path / "bench")
+    tokenizer.main(tok_args(standin_teacher, out, "--bench", "2", "--random-weights", "--perceptual-weight", "1",
+                            "--gan-start-epoch", "0", "--batch-size", "2"))
+    assert terms == {"rec", "perceptual", "kl", "sem", "gan"}
+    tokenizer.main(["finetune", "--random-weights", "--bench", "2", "--batch-size", "4", "--num-train", "16",
+                    "--workers", "0", "--out", out])
+    dit.main(dit_args(cache, out, "--bench", "2"))
+    model, _ = dit.load_dit(dit_run)
+    z0, y = torch.randn(2, model.channels, model.grid, model.grid), torch.arange(2)
+    for guide in (None, model):
+        with distill.autocast(torch.device("cpu")):
+            samples = dit.sample(model, z0, y, 4, cfg=1.5, guide=guide)
+        assert samples.dtype == torch.float32 and torch.isfinite(samples).all()
+    tok, _ = tokenizer.load_tokenizer(stage1_run)
+    data = distill.build_dataset("synthetic", 32, "val", 8)
+    feats, _ = probe.extract(tok, data, "flow", [0.0, 0.5], probe_args(batch_size=4, workers=0), torch.device("cpu"))
+    assert all(f.dtype == torch.float32 and torch.isfinite(f).all() for f in feats.values())
+    assert nets and set(nets) == {torch.bfloat16}
+    assert losses and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in losses)
+    assert weights and {w.dtype for w in weights} == {torch.float32}
+    assert tf32 == [torch.device("cpu")] * 3
+
+
+def test_tf32_in_the_trainers_never_in_the_fid_inception(monkeypatch):
+    """enable_tf32 turns TF32 on for fp32 matmuls and convolutions on CUDA (not on the CPU); the FID
+    Inception computes in full fp32 whatever was set (PyTorch's own default runs cuDNN convolutions in
+    TF32), and leaves the setting as it found it."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    try:
+        distill.enable_tf32(torch.device("cpu"))
+        assert (matmul.fp32_precision, conv.fp32_precision) == saved
+        distill.enable_tf32(torch.device("cuda"))
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        seen = []
+        monkeypatch.setattr(fid.FIDInception, "features",
+                            lambda self, x: seen.append((matmul.fp32_precision, conv.fp32_precision)) or (x, x))
+        fid.FIDInception()(torch.zeros(1, 3, 8, 8))
+        assert seen == [("ieee", "ieee")] and (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
+def test_checkpoints_are_memory_mapped_not_read_whole(tmp_path):
+    """Every rank of an 8-GPU node read a whole 13 GB generator checkpoint into host memory to take its EMA
+    (about 107 GB); load_checkpoint maps the file, so what is not used is not read: a 400 MB file whose
+    small EMA is used raises the process's resident memory by far less than its size (the current size:
+    the peak is inherited from the parent process through exec)."""
+    path = str(tmp_path / "big.pt")
+    torch.save({"kind": "generator", "model": {"w": torch.ones(100 * 2**20)}, "ema": {"w": torch.ones(16)}}, path)
+    code = ("import re, sys, distill; rss = lambda: int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status')"
+            ".read()).group(1)); before = rss(); c = distill.load_checkpoint(sys.argv[1], ('generator',), 'x'); "
+            "assert c['ema']['w'].sum() == 16; print((rss() - before) // 1024)")
+    run = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) < 100, f"loading took {run.stdout.strip()} MB"
+
+
+def test_compiled_steps_equal_eager_ones():
+    """--compile (torch.compile of the transformer blocks): tokenizer stage-1 steps whose MAE masking keeps
+    another number of tokens each batch, a DiT^DH step and the guided sampler give the eager losses,
+    gradients and samples to float tolerance."""
+    assert_compiled_equals_eager(torch.device("cpu"))
+
+
+def assert_compiled_equals_eager(device):
+    torch.manual_seed(0)
+    tok = tokenizer.RecTok(32, 4, 8, "micro", "micro", "micro", teacher_dim=16).to(device).train()
+    gen = dit.DiTDH(channels=8, grid=4, trunk=(64, 1, 4), head=(64, 1, 4), num_classes=10).to(device).train()
+    torch.nn.init.normal_(gen.final_layer.linear.weight, std=0.02)  # not adaLN-Zero's 0: the head's gradients flow
+    x, x1 = (torch.rand(4, 3, 32, 32) * 2 - 1).to(device), torch.randn(4, 8, 4, 4).to(device)
+    y = torch.arange(4, device=device)
+
+    def tok_loss(model, ratio):
+        torch.manual_seed(1)
+        out = model(x, ratio=ratio)
+        return out["decoded"].float().square().mean() + out["sem_pred"].float().square().mean()
+
+    def dit_loss(model, _):
+        torch.manual_seed(2)
+        return dit.flow_matching_loss(model, x1, y, 2.0).mean()
+
+    for eager, loss, cases in ((tok, tok_loss, (0.4, 0.1, 0.25)), (gen, dit_loss, (None,))):
+        compiled = copy.deepcopy(eager)
+        distill.compile_blocks(compiled, tokenizer.Block, dit.Block)
+        blocks = [m for m in compiled.modules() if isinstance(m, (tokenizer.Block, dit.Block))]
+        assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+        for case in cases:
+            losses, grads = [], []
+            for model in (eager, compiled):
+                model.zero_grad(set_to_none=True)
+                value = loss(model, case)
+                value.backward()
+                losses.append(value)
+                grads.append({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+            torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+    gen.eval(), compiled.eval()
+    z0 = torch.randn(4, 8, 4, 4).to(device)
+    torch.testing.assert_close(dit.sample(compiled, z0, y, 5, cfg=1.5), dit.sample(gen, z0, y, 5, cfg=1.5),
+                               rtol=1e-4, atol=1e-5)
+
+
+#: the tests named test_cuda_*: `python -m pytest -q test_all.py -k cuda` on a GPU machine (.ci/gpu runs them)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_trainers_take_bf16_steps(standin_teacher, cache, tmp_path):
+    """On a GPU: a bench of each trainer (the stand-in teacher, stage 1 with every loss and the GAN on,
+    stage 2, DiT^DH with label dropout) in bf16 autocast with TF32, finite, with the memory report."""
+    out = str(tmp_path / "bench")
+    runs = [distill.main(STANDIN_TINY + ["--out", out, "--bench", "3"]),
+            tokenizer.main(tok_args(standin_teacher, out, "--bench", "3", "--random-weights", "--perceptual-weight",
+                                    "1", "--gan-start-epoch", "0")),
+            tokenizer.main(["finetune", "--random-weights", "--bench", "3", "--batch-size", "4", "--num-train", "16",
+                            "--workers", "0", "--out", out]),
+            dit.main(dit_args(cache, out, "--bench", "3"))]
+    for result in runs:
+        assert result["images_per_s"] > 0 and result["act_mib_per_sample"] > 0 and result["peak_mem_gb"] > 0
+    assert not os.path.exists(out)
+
+
+@cuda
+def test_cuda_compile_equals_eager():
+    assert_compiled_equals_eager(torch.device("cuda"))
+
+
+@cuda
+def test_cuda_sampler_and_one_process_nccl(dit_run, cache, tmp_path):
+    """The guided sampler on the GPU in bf16, and a generator bench under torchrun on NCCL."""
+    out = str(tmp_path / "samples")
+    sample.main(sample_args(dit_run, out, "--cfg", "1.5", "--judge", ""))
+    assert len(os.listdir(os.path.join(out, "images"))) == 14
+    run = torchrun("dit.py", dit_args(cache, str(tmp_path / "nccl"), "--bench", "3"), nproc=1)
+    assert "act_mib_per_sample=" in run.stdout
+
+
+@cuda
+def test_cuda_memory_report_at_ditdh_s_size():
+    """DiT^DH-S at the paper's latent shape: the allocator's activation count is positive and checkpointing
+    the blocks divides it by more than 2."""
+    argv = ["--preset", "paper", "--model", "S", "--random-latents", "--bench", "3", "--batch-size", "16"]
+    plain, ckpt = dit.main(argv), dit.main(argv + ["--grad-checkpoint"])
+    assert plain["act_mib_per_sample"] > 2 * ckpt["act_mib_per_sample"] > 0
+
+
 def assert_close_runs(a, b, parts):
     """Two run folders whose latest.pt hold `parts` equal to float tolerance, at the same step."""
     ca, cb = (torch.load(os.path.join(x, "latest.pt"), weights_only=True) for x in (a, b))
@@ -2248,6 +2430,34 @@ def test_dit_grad_accum_is_one_larger_batch(cache, tmp_path, capsys):
     torchrun("dit.py", dit_args(cache, c, "--batch-size", "4", "--stop-at", "2"))
     torchrun("dit.py", dit_args(cache, d, "--batch-size", "2", "--grad-accum", "2", "--stop-at", "2"))
     assert_close_runs(c, d, ("model", "ema"))
+
+
+def test_one_run_per_folder(cache, tmp_path, capsys):
+    """A run holds its --out (OUT/.lock: host, pid, start time): a second run there is refused, naming the
+    holder, and leaves the holder's live temporary file alone (it took it for a crash's and deleted it, and
+    the first run died); a lock whose process is gone is taken over with a line saying so; a finished run
+    leaves no lock. The same for every stage that writes a folder (here the generator and the sampler)."""
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {"host": socket.gethostname(), "pid": live.pid, "start": distill.process_start(live.pid)}
+        with open(os.path.join(out, ".lock"), "w") as f:
+            json.dump(holder, f)
+        open(os.path.join(out, "latest.pt.tmp999"), "wb").close()  # the live run's checkpoint being written
+        with pytest.raises(RuntimeError, match=f"in use by another run \\(process {live.pid} on this host"):
+            dit.main(dit_args(cache, out, "--stop-at", "1"))
+        assert os.path.exists(os.path.join(out, "latest.pt.tmp999"))
+    finally:
+        live.kill()
+        live.wait()
+    dit.main(dit_args(cache, out, "--stop-at", "1"))
+    assert f"taking over the lock of process {live.pid}, which is gone" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, ".lock"))
+    with open(os.path.join(out, ".lock"), "w") as f:
+        json.dump(dict(holder, host="node-7"), f)
+    with pytest.raises(RuntimeError, match="in use by a run on host node-7"):
+        sample.main(sample_args(os.path.join(out, "latest.pt"), out))
 
 
 def test_dit_resume_refuses_other_latents_or_global_batch(cache, tmp_path):

@@ -606,13 +606,13 @@ class TokenizerLoss(nn.Module):
         target, recon = x.float() * 0.5 + 0.5, out["decoded"].float() * 0.5 + 0.5
         terms = {"rec": F.mse_loss(recon, target)}
         if self.perceptual is not None:
-            terms["perceptual"] = self.perceptual(target, recon).mean()
+            terms["perceptual"] = self.perceptual(target, recon).float().mean()
         if self.kl_weight > 0 and "posterior" in out:
             terms["kl"] = out["posterior"].kl().sum() / x.shape[0]
         if out.get("sem_pred") is not None and sem_target is not None:
             terms["sem"] = semantic_loss(out["sem_pred"].float(), sem_target, self.sem_loss)
         if self.gan_on(epoch):
-            terms["gan"] = -self.discriminator(recon).mean()
+            terms["gan"] = -self.discriminator(recon).float().mean()  # fp32 terms: D runs in bf16 on a GPU
         weights = {"rec": self.recon_weight, "perceptual": self.perceptual_weight, "kl": self.kl_weight,
                    "sem": self.sem_weight, "gan": self.gan_weight}
         total = sum(weights[k] * v for k, v in terms.items())
@@ -782,6 +782,11 @@ def train(args):
         teacher, (model, config) = None, stage2_model(args, device)
     ema = distill.make_ema(model)
     distill.enable_grad_checkpoint(model, args.grad_checkpoint)
+    distill.enable_tf32(device)
+    if args.compile:
+        distill.compile_blocks(model, Block)
+        if teacher is not None:
+            distill.compile_blocks(teacher, distill.Block)
     ddp = nn.parallel.DistributedDataParallel(model) if distill.is_distributed() else model
     loss_fn = build_loss(args, stage, device)
     global_batch = args.batch_size * args.grad_accum * world
@@ -842,8 +847,11 @@ def train(args):
                 run.save(f"epoch_{run.step // run.steps_per_epoch:04d}.pt")
             if run.step >= run.stop or run.epoch_end():
                 break
-    forward = (lambda n: generator_pass(model, teacher, loss_fn, x[:n], stage, epoch)[0]) if len(x) > 1 else None
-    result = run.done(f"RecTok stage {stage}", forward, frozen=[net for net in (teacher, loss_fn) if net is not None])
+    def forward(n):  # --bench's activation count: the loss on n of the last micro-batch's images
+        return generator_pass(model, teacher, loss_fn, x[:n], stage, epoch)[0]
+
+    result = run.done(f"RecTok stage {stage}", forward if run.bench and len(x) > 1 else None,
+                      frozen=[net for net in (teacher, loss_fn) if net is not None])
     if run.step > run.start and not run.bench:
         distill.log(f"wrote {run.latest}" + (f" and reconstruction grids in {args.out}" if images is not None else ""))
     distill.cleanup_distributed()
@@ -1309,6 +1317,7 @@ def parse_args(argv=None):
     return args
 
 
+@distill.stage
 def main(argv=None):
     args = parse_args(argv)
     return {"train": train, "finetune": train, "evaluate": evaluate, "encode": encode}[args.mode](args)
