@@ -46,6 +46,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import copy
+import datetime
 import errno
 import functools
 import hashlib
@@ -55,6 +56,7 @@ import os
 import pickle
 import random
 import re
+import signal
 import socket
 import statistics
 import struct
@@ -79,6 +81,11 @@ from PIL import Image
 
 
 _SETUPS = [0]  # nesting depth: a stage that runs another (tokenizer.py -> distill.py) shares its group
+#: how long a collective may wait before the job is ended (NCCL's watchdog, gloo's own timeout): long enough
+#: for a checkpoint of 13 GB to be written while the other ranks wait at the barrier after it. Long
+#: one-sided work (ranks sampling unequal shares, rank 0 packing 50,000 PNGs) waits in wait_for_all.
+TIMEOUT = datetime.timedelta(minutes=30)
+_LONG_WAIT = []  # the process group of wait_for_all, made at its first use
 
 
 def setup_distributed():
@@ -86,7 +93,7 @@ def setup_distributed():
     NCCL on CUDA, gloo on CPU."""
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=TIMEOUT)
     _SETUPS[0] += 1
     rank, world = world_info()
     if torch.cuda.is_available():
@@ -105,6 +112,7 @@ def cleanup_distributed():
         dist.barrier()
         if _SETUPS[0] == 0:
             dist.destroy_process_group()
+            _LONG_WAIT.clear()
 
 
 def is_distributed():
@@ -120,6 +128,16 @@ def world_info():
 def barrier():
     if is_distributed():
         dist.barrier()
+
+
+def wait_for_all():
+    """A barrier after long one-sided work, on a CPU (gloo) process group with a day's timeout: no
+    watchdog ends a job whose ranks wait there for tens of minutes (the first call, on every rank, makes
+    the group)."""
+    if is_distributed():
+        if not _LONG_WAIT:
+            _LONG_WAIT.append(dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)))
+        dist.barrier(group=_LONG_WAIT[0])
 
 
 def log(*args):
@@ -327,15 +345,18 @@ atexit.register(release_out_dirs)
 
 
 def stage(main):
-    """The decorator of every stage's main(): the folders it locked are released however it ends, so that
-    a stage that failed inside a notebook or a test leaves no lock for another process to trip on."""
+    """The decorator of every stage's main(): however it ends, the folders it locked are released and the
+    signal handlers it set (Preemption) restored, so that a stage that failed inside a notebook or a test
+    leaves no lock for another process to trip on."""
     @functools.wraps(main)
     def run(*args, **kwargs):
-        keep = len(_HELD)
+        keep, handlers = len(_HELD), {s: signal.getsignal(s) for s in Preemption.SIGNALS}
         try:
             return main(*args, **kwargs)
         finally:
             release_out_dirs(keep)
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
     return run
 
 
@@ -565,6 +586,43 @@ def sync_at_last(ddp, last):
     return ddp.no_sync() if not last and is_distributed() else contextlib.nullcontext()
 
 
+class Preemption:
+    """SIGTERM or SIGUSR1 (a cluster preempting the job, or warning that its time is nearly up) asks the run
+    to stop. The handler only notes it; a trainer learns after each step whether any rank was asked (a
+    one-byte all-reduce on a CPU process group: no GPU sync), and all ranks save that step together and
+    exit. A second signal exits at once (SystemExit: a checkpoint being written is abandoned and its
+    temporary removed, latest.pt untouched); SIGINT keeps Python's KeyboardInterrupt, which does the same.
+    Under torchrun, TORCHELASTIC_SIGNALS_TO_HANDLE must name SIGUSR1 for the launcher to pass it on."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, agree=False):
+        self.received = None
+        self.group = dist.new_group(backend="gloo") if agree and is_distributed() else None
+        for s in self.SIGNALS:  # the stage's own handlers are restored when it ends (`stage`)
+            signal.signal(s, self.note)
+
+    def note(self, signum, frame):
+        if self.received:
+            raise SystemExit(128 + signum)
+        self.received = signal.Signals(signum).name
+
+    def agreed(self):
+        """The signal if any rank received one (the same answer on every rank), else None."""
+        if self.group is None:
+            return self.received
+        flag = torch.tensor([self.received is not None], dtype=torch.uint8)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return (self.received or "a signal to another rank") if flag.numpy()[0] else None
+
+    def stopped(self, done):
+        """encode and sample.py, after a batch: whether a signal asks to stop. Every finished batch is on
+        disk, so running the same command again continues from it; each rank stops on its own."""
+        if self.received:
+            log(f"{self.received}: stopped with {done} written; run the same command to continue")
+        return self.received is not None
+
+
 class Run:
     """The run skeleton of the three trainers. A trainer builds its nets, hands Run what a checkpoint holds
     (`states`: key -> object with state_dict, e.g. model, EMA, optimizers; `generators`: key -> per-rank
@@ -592,6 +650,7 @@ class Run:
         self.meter, self.nonfinite = Throughput(device), torch.zeros((), dtype=torch.bool, device=device)
         self.bench = Bench(device) if args.bench else None
         self.step = self.start = 0 if args.bench else self.resume()
+        self.preemption, self.preempted = Preemption(agree=True), None
 
     @property
     def epoch(self):
@@ -604,6 +663,9 @@ class Run:
         self.meter.add(images)
         if self.bench:
             self.bench.tick(images)
+        elif self.step < self.stop:  # a signal: stop at this step (the trainer saves where it stops)
+            self.preempted = self.preemption.agreed()
+            self.stop = self.step if self.preempted else self.stop
 
     def every(self, n):
         """The one cadence rule (log lines, checkpoints, pictures): every n steps and where the run stops;
@@ -647,6 +709,9 @@ class Run:
         if self.rank == 0:
             atomic_save(state, os.path.join(self.args.out, name))
         barrier()
+        if self.preempted and name == "latest.pt":
+            log(f"{self.preempted}: stopped at step {self.step} of {self.total} and saved {self.latest}; run the "
+                f"same command to resume")
 
     def resume(self):
         """Restore what save() wrote to OUT/latest.pt, if it exists: weights, optimizers, this rank's random
@@ -827,40 +892,49 @@ class Throughput:
 IMAGE_WORKERS = 8
 
 
-def positive_int(text):
-    """The argparse type of every count and size (batches, images, epochs, widths, log interval): an
-    integer >= 1, so that a 0 is refused at the command line rather than deep in a run (a division by
-    zero, or a loader that takes no batch)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
-    return value
+def bounded(kind, low, high=None, above=False):
+    """The one rule for a number on the command line: an argparse type that takes a finite `kind` (int or
+    float) at least `low` (above it with `above`) and at most `high`, and refuses anything else at the
+    command line rather than deep in a run. --help prints the bound beside the flag (HelpFormatter)."""
+    rule = (f"in [{low}, {high}]" if high is not None else f"above {low}" if above else f"at least {low}")
+
+    def parse(text):
+        value = kind(text)
+        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= (high or math.inf)):
+            raise argparse.ArgumentTypeError(f"{text}: must be {rule}")
+        return value
+
+    parse.__name__, parse.rule = kind.__name__, rule
+    return parse
 
 
-def fraction(text):
-    """The argparse type of a fraction (EMA decays, warm-up and dropout fractions): a number in [0, 1]; an
-    EMA decay of 1.5 extrapolated away from the model instead of averaging it."""
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be in [0, 1]")
-    return value
+#: counts and sizes (batches, images, epochs, widths, log interval): a 0 divided by zero, or took no batch
+positive_int = bounded(int, 1)
+#: step numbers and cadences, where 0 means "not at all" (--stop-at, --bench, --ckpt-every, ...)
+non_negative_int = bounded(int, 0)
+#: learning rates and the gradient clip: at 0 nothing trains, below it the loss climbs (--clip -1)
+positive = bounded(float, 0, above=True)
+#: loss weights, weight decay, the flow's gamma: 0 turns a term off, a negative one trains the wrong way
+non_negative = bounded(float, 0)
+#: EMA decays, warm-up and dropout fractions: an EMA decay of 1.5 extrapolated away from the model
+fraction = bounded(float, 0, 1)
 
 
 def add_run_flags(p, ckpt_every=None, save_every=None, save_unit=None, train=True):
     """The run-control flags every stage shares; the checkpoint cadence flags only for the stages that
     checkpoint by step (the stand-in teacher writes one per epoch); --stop-at and --bench for trainers."""
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes per rank")
     p.add_argument("--log-every", type=positive_int, default=20)
     if not train:
         return
     if ckpt_every is not None:
-        p.add_argument("--ckpt-every", type=int, default=ckpt_every,
+        p.add_argument("--ckpt-every", type=non_negative_int, default=ckpt_every,
                        help="write latest.pt every N steps, and at the end of every epoch")
-        p.add_argument("--save-every", type=int, default=save_every,
+        p.add_argument("--save-every", type=non_negative_int, default=save_every,
                        help=f"keep a milestone copy every N {save_unit}")
-    p.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit at this step (job limits)")
-    p.add_argument("--bench", type=int, default=0, help="time this many steps, write nothing")
+    p.add_argument("--stop-at", type=non_negative_int, default=0, help="checkpoint and exit at this step (job limits)")
+    p.add_argument("--bench", type=non_negative_int, default=0, help="time this many steps, write nothing")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (the first "
                    "steps build kernels: a minute or so)")
 
@@ -869,9 +943,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """--help prints the module docstring as written and every flag's value in force (the preset's)."""
 
     def _format_action(self, action):
-        if action.option_strings and not action.help:
-            action = copy.copy(action)
-            action.help = "(default: %(default)s)"  # the defaults formatter skips flags without help
+        rule = getattr(action.type, "rule", None)
+        if action.option_strings and (rule or not action.help):
+            action = copy.copy(action)  # the defaults formatter skips flags without help
+            action.help = " ".join(filter(None, [action.help, rule and f"(must be {rule})", "(default: %(default)s)"]))
         return super()._format_action(action)
 
 
@@ -1814,7 +1889,7 @@ def build_parser(add_help=True):
     for k in ("image_size", "patch_size", "width", "depth", "heads", "epochs", "batch_size", "num_train",
               "num_val"):
         p.add_argument("--" + k.replace("_", "-"), type=positive_int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=positive)
     add_run_flags(p)
     p.add_argument("--check", default=None, help="an official teacher to load and run, e.g. dinov3_vitl16")
     p.add_argument("--weights", default=None, help="with --check: a .pth/.safetensors path or URL")

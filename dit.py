@@ -538,15 +538,16 @@ def build_parser(add_help=True):
                    "batch is batch_size x grad_accum x processes")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each block's activations in backward: less memory, about a third more compute")
-    p.add_argument("--lr", type=float, help="held for --hold-epochs")
-    p.add_argument("--hold-epochs", type=float)
-    p.add_argument("--final-lr", type=float, help="reached at --decay-end-epoch")
-    p.add_argument("--decay-end-epoch", type=float, help="where the linear decay ends (not --epochs)")
+    p.add_argument("--lr", type=distill.positive, help="held for --hold-epochs")
+    p.add_argument("--hold-epochs", type=distill.non_negative)
+    p.add_argument("--final-lr", type=distill.non_negative, help="reached at --decay-end-epoch")
+    p.add_argument("--decay-end-epoch", type=distill.non_negative, help="where the linear decay ends (not --epochs)")
     p.add_argument("--ema", type=distill.fraction)
-    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--clip", type=distill.positive, default=1.0)
     p.add_argument("--label-dropout", type=distill.fraction, default=0.1)
     distill.add_run_flags(p, ckpt_every=1000, save_every=50000, save_unit="steps")
-    p.add_argument("--preview-every", type=int, default=5000, help="preview PNG every N steps (0: off)")
+    p.add_argument("--preview-every", type=distill.non_negative_int, default=5000,
+                   help="preview PNG every N steps (0: off)")
     p.add_argument("--random-latents", action="store_true",
                    help="with --bench: random latents of the preset's shape instead of a cache")
     return p

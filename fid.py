@@ -345,6 +345,9 @@ def npz_images(path):
         read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
         shape, fortran, dtype = read_header(f)
         offset = f.tell()
+    if dtype.hasobject:  # mapping Python objects would read pointers from the file (it crashed)
+        raise ValueError(f"{path}: its arr_0 holds Python objects ({dtype}), not images: save a uint8 array "
+                         f"(N, H, W, 3)")
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
@@ -405,7 +408,28 @@ def load_statistics(path):
     stats = np.load(path)
     if "mu" not in stats.files or "sigma" not in stats.files:
         raise ValueError(f"{path} is not a statistics file: it needs 'mu' and 'sigma' (has {stats.files})")
-    return stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
+    try:
+        mu, sigma = stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
+    except ValueError as e:  # numpy refuses arrays of Python objects (allow_pickle=False)
+        raise ValueError(f"{path}: mu and sigma must be arrays of numbers ({e})") from None
+    check_statistics(path, mu, sigma)
+    return mu, sigma
+
+
+def check_statistics(path, mu, sigma):
+    """mu (D,) and sigma a covariance (D, D): finite, symmetric, positive semi-definite. Anything else made
+    a Frechet distance such as -22733.6 or nan, reported as a score."""
+    d = len(mu)
+    if mu.ndim != 1 or sigma.shape != (d, d):
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean (D,) and a covariance (D, D)")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: mu or sigma holds nan or inf")
+    scale = np.abs(sigma).max(initial=0.0)
+    if not np.allclose(sigma, sigma.T, rtol=0, atol=1e-6 * scale):
+        raise ValueError(f"{path}: sigma is not symmetric, so it is no covariance")
+    lowest = np.linalg.eigvalsh(sigma).min(initial=0.0)
+    if lowest < -1e-6 * scale:
+        raise ValueError(f"{path}: sigma has negative eigenvalues (down to {lowest:.3g}), so it is no covariance")
 
 
 def sqrt_psd(s):

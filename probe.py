@@ -354,12 +354,12 @@ def build_parser(add_help=True):
     research = "; --protocol research: {}"
     p.add_argument("--epochs", type=distill.positive_int, default=90,
                    help="mae: MAE's 90" + research.format(RESEARCH["epochs"]))
-    p.add_argument("--warmup-epochs", type=float, default=10, help="mae only")
+    p.add_argument("--warmup-epochs", type=distill.non_negative, default=10, help="mae only")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
-    p.add_argument("--base-lr", type=float, help="mae: lr = base_lr * batch / 256")
-    p.add_argument("--adam-base-lr", type=float, default=RESEARCH["adam_base_lr"],
+    p.add_argument("--base-lr", type=distill.positive, help="mae: lr = base_lr * batch / 256")
+    p.add_argument("--adam-base-lr", type=distill.positive, default=RESEARCH["adam_base_lr"],
                    help="research: Adam lr = adam_base_lr * batch / 256")
-    p.add_argument("--weight-decay", type=float, default=0.0,
+    p.add_argument("--weight-decay", type=distill.non_negative, default=0.0,
                    help="mae: MAE's 0" + research.format(RESEARCH["weight_decay"]))
     p.add_argument("--probe-batch-size", type=distill.positive_int,
                    help="linear-probe batch, the global one (the preset's)"
@@ -385,7 +385,7 @@ def parse_args(argv=None):
     distill.refuse_ignored(p, args, [  # each protocol's optimiser reads its own lr flags
         ("--protocol mae", lambda a: a.protocol != "mae", ("base_lr", "warmup_epochs")),
         ("--protocol research", lambda a: a.protocol != "research", ("adam_base_lr",))])
-    if args.protocol == "mae" and not 0 <= args.warmup_epochs <= args.epochs:
+    if args.protocol == "mae" and args.warmup_epochs > args.epochs:
         p.error(f"--warmup-epochs {args.warmup_epochs} --epochs {args.epochs}: the warm-up is a part of the run: "
                 f"give --warmup-epochs from 0 to --epochs")
     if args.protocol == "mae" and min(args.probe_batch_size, args.num_train or 2) < 2:

@@ -192,7 +192,7 @@ def main(argv=None):
     before = len([f for f in os.listdir(folder) if f.endswith(".png")])
     distill.log(f"sampling {args.num_images} images ({args.steps} grid points, cfg {args.cfg}"
                 f"{', autoguidance' if guide else ''}) on {world} process(es); {before} already in {folder}")
-    t0, made = time.time(), 0
+    t0, made, preemption = time.time(), 0, distill.Preemption()
     for k, batch in enumerate(todo):
         images, _ = generate(args, model, guide, tok, mu, sigma, batch, device)
         for i, img in zip(batch, images):  # atomically: a PNG that exists is whole
@@ -203,11 +203,13 @@ def main(argv=None):
             distill.log(f"{min(args.num_images, before + made * world)}/{args.num_images} images, "
                         f"{made * world / (time.time() - t0):.1f} img/s (all ranks), "
                         f"peak mem {distill.peak_memory_gb(device):.2f} GB")
-    distill.barrier()
+        if preemption.stopped(f"{before + made * world} of {args.num_images} images"):
+            return None
+    distill.wait_for_all()  # ranks resumed on another process count hold unequal shares
     if rank == 0:
         pack(args, args.num_images, model.num_classes)
         distill.log(f"wrote {args.num_images} PNGs, samples.npz and preview.png in {args.out}")
-    distill.barrier()
+    distill.wait_for_all()  # rank 0 packs the PNGs alone
     metrics = evaluate(args, inception, ref, device) if ref is not None else {}
     if not metrics:
         distill.log("no --ref-stats given: images written, FID not computed")

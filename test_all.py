@@ -41,6 +41,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_fid_inception_loaded_channels_last, test_frechet_closed_forms,
       test_too_few_samples_for_a_covariance_warn, test_precision_recall_on_shifted_sets,
       test_fid_cli_and_sources_agree, test_reference_batch_statistics_are_used_as_stored,
+      test_fid_refuses_objects_and_statistics_that_are_no_covariance,
       test_judge_scores, test_judge_must_know_the_generated_classes
     linear probing:
       test_probe_finds_planted_linear_structure, test_research_probe_is_adam_at_a_constant_lr,
@@ -74,8 +75,10 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_dit_grad_accum_is_one_larger_batch, test_grad_checkpoint_keeps_loss_and_gradients_with_fewer_activations,
       test_the_bf16_path_runs_on_the_cpu, test_tf32_in_the_trainers_never_in_the_fid_inception,
       test_compiled_steps_equal_eager_ones, test_checkpoints_are_memory_mapped_not_read_whole
-    long runs on a shared cluster (one run per folder):
-      test_one_run_per_folder
+    long runs on a shared cluster (preemption, one run per folder, open files):
+      test_preemption_saves_the_step_and_resumes_exactly, test_encode_and_sampling_stop_after_the_batch_on_a_signal,
+      test_one_run_per_folder, test_long_one_sided_work_outwaits_the_timeout,
+      test_a_cache_of_many_shards_keeps_few_files_open
     on a GPU only (test_cuda_*, skipped elsewhere; .ci/gpu runs them):
       test_cuda_trainers_take_bf16_steps, test_cuda_compile_equals_eager, test_cuda_sampler_and_one_process_nccl,
       test_cuda_memory_report_at_ditdh_s_size
@@ -86,6 +89,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_every_stage_calls_its_batch_per_process_batch_size,
       test_each_stage_reads_the_default_output_of_the_stage_before, test_help_prints_each_docstring_line_as_written,
       test_counts_and_sizes_must_be_at_least_one, test_flags_that_act_only_with_another_are_refused_without_it,
+      test_numbers_that_make_no_sense_are_refused_at_the_command_line,
       test_weight_decay_skips_embeddings_and_tokens, test_dit_lr_decay_ends_at_its_own_epoch
     bad input, clear errors:
       test_*_bad_inputs, test_*_errors, test_image_folder_errors, test_dit_mismatch_errors,
@@ -111,10 +115,13 @@ import math
 import os
 import errno
 import fnmatch
+import glob
 import http.server
 import random
 import re
+import shlex
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -1201,7 +1208,7 @@ def test_presets_are_the_parser_defaults(module, presets, extra, capsys):
         assert getattr(module.parse_args(["--preset", name, *extra, *flag]), k) == 2 * v
         with pytest.raises(SystemExit):
             module.parse_args(["--preset", name, *extra, "--help"])
-        assert f"(default: {v})" in capsys.readouterr().out
+        assert f"(default: {v})" in " ".join(capsys.readouterr().out.split())  # however argparse wraps it
 
 
 def test_every_stage_calls_its_batch_per_process_batch_size(capsys):
@@ -1290,6 +1297,25 @@ def test_flags_that_act_only_with_another_are_refused_without_it(capsys):
         module.parse_args([*argv, *turn_on])
 
 
+def test_numbers_that_make_no_sense_are_refused_at_the_command_line(capsys):
+    """--clip -1 made the loss climb, --lr 0 trained nothing, a negative loss weight, gamma or weight decay
+    trained the wrong way, --stop-at -1 and nan were taken: each flag's type (distill.bounded) refuses them,
+    naming the flag, and --help states the bound beside it."""
+    cases = [(tokenizer, "--clip", "0"), (tokenizer, "--clip", "-1"), (tokenizer, "--base-lr", "0"),
+             (tokenizer, "--kl-weight", "-1e-6"), (tokenizer, "--gamma", "-1"), (tokenizer, "--weight-decay", "-0.1"),
+             (tokenizer, "--stop-at", "-1"), (dit, "--lr", "0"), (dit, "--clip", "nan"), (dit, "--final-lr", "inf"),
+             (distill, "--lr", "-1"), (probe, "--adam-base-lr", "0"), (probe, "--weight-decay", "-1")]
+    for module, flag, value in cases:
+        with pytest.raises(SystemExit):
+            module.parse_args([f"{flag}={value}"] + (["--latents", "x"] if module is dit else []))
+        assert f"argument {flag}: {value}: must be " in capsys.readouterr().err, (module.__name__, flag, value)
+    with pytest.raises(SystemExit):
+        tokenizer.parse_args(["-h"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "tokenizer and discriminator (must be above 0) (default: 3.0)" in shown
+    assert "--kl-weight KL_WEIGHT (must be at least 0) (default: 1e-06)" in shown
+
+
 def test_help_prints_each_docstring_line_as_written():
     """--help prints the stage's docstring, with its Run: lines: a shell continuation written with one
     backslash (not two) joins two command lines into one there (sample.py's did)."""
@@ -1318,7 +1344,8 @@ def test_finetune_preset_is_the_released_stage2_recipe(capsys):
     with pytest.raises(SystemExit):
         tokenizer.parse_args(["finetune", "--preset", "paper", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "fraction of training (default: 0.05)" in help_text and "(default: 5e-05)" in help_text
+    assert "fraction of training (must be in [0, 1]) (default: 0.05)" in help_text
+    assert "(default: 5e-05)" in help_text
 
 
 def test_tokenizer_resume_is_exact(standin_teacher, tmp_path, monkeypatch, capsys):
@@ -1889,6 +1916,28 @@ def test_fid_cli_bad_inputs(inception_files, tmp_path, monkeypatch, capsys):
     assert both["fid"] == pytest.approx(0, abs=1e-6)
 
 
+def test_fid_refuses_objects_and_statistics_that_are_no_covariance(tmp_path):
+    """An image .npz of Python objects crashed the process (rc 139), and statistics that are no covariance
+    (asymmetric, not positive semi-definite, nan) scored "fid": -22733.6 or nan: each is refused, naming
+    the file."""
+    images = str(tmp_path / "objects.npz")
+    np.savez(images, arr_0=np.array([np.zeros((8, 8, 3), np.uint8), "x"], dtype=object))
+    with pytest.raises(ValueError, match="objects.npz: its arr_0 holds Python objects"):
+        fid.npz_images(images)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, 6))
+    good = a @ a.T
+    bad = {"asymmetric": good + np.triu(np.ones((6, 6)), 1), "indefinite": good - 2 * np.abs(good).max() * np.eye(6),
+           "nan": np.where(np.eye(6) > 0, np.nan, good), "objects": np.array([good, "x"], dtype=object)}
+    np.savez(tmp_path / "good.npz", mu=np.zeros(6), sigma=good)
+    assert fid.load_statistics(str(tmp_path / "good.npz"))[1].shape == (6, 6)
+    for name, sigma in bad.items():
+        path = str(tmp_path / f"{name}.npz")
+        np.savez(path, mu=np.zeros(6), sigma=sigma)
+        with pytest.raises(ValueError, match=f"{name}.npz: "):
+            fid.load_statistics(path)
+
+
 def test_fid_files_are_written_atomically(tmp_path):
     """--json and --save-stats go through a temporary file: a kill mid-write keeps the previous file."""
     path = tmp_path / "fid_metrics.json"
@@ -2432,6 +2481,108 @@ def test_dit_grad_accum_is_one_larger_batch(cache, tmp_path, capsys):
     assert_close_runs(c, d, ("model", "ema"))
 
 
+def test_preemption_saves_the_step_and_resumes_exactly(cache, tmp_path):
+    """SIGTERM to torchrun mid-epoch (a cluster preempting the job): both ranks finish the step, save it
+    together, say so in one line and exit; resumed, the run ends bit-identical to an uninterrupted one.
+    Before, everything since the last --ckpt-every checkpoint (hours at the paper's sizes) was lost."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    extra = ["--batch-size", "4", "--epochs", "40", "--ckpt-every", "1000"]  # 5 steps an epoch, 200 in all
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "dit.py"), *dit_args(cache, b, *extra)]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE)
+    for line in launcher.stdout:
+        if line.startswith("step 12/"):
+            launcher.send_signal(signal.SIGTERM)
+            break
+    output = launcher.stdout.read()
+    launcher.wait(timeout=120)
+    said = re.search(r"SIGTERM: stopped at step (\d+) of 200 and saved (\S+); run the same command", output)
+    assert said, output[-3000:]
+    step = int(said.group(1))
+    assert 12 <= step < 200 and torch.load(os.path.join(b, "latest.pt"), weights_only=True)["step"] == step
+    torchrun("dit.py", dit_args(cache, b, *extra))
+    torchrun("dit.py", dit_args(cache, a, *extra))
+    assert assert_same_runs(a, b, ("model", "ema"))["step"] == 200
+
+
+def test_a_cache_of_many_shards_keeps_few_files_open(stage1_run, tmp_path):
+    """Each memory-mapped array held an open file, 4 per shard: ImageNet's 313 shards passed the common
+    limit of 1,024 and encode and training died with "Too many open files". A cache of 64 one-image shards
+    now encodes, and trains a generator, under a limit of 100 open files."""
+    cache, run = str(tmp_path / "cache"), str(tmp_path / "dit")
+    commands = [[sys.executable, "tokenizer.py", *encode_args(stage1_run, cache, "--shard-size", "1",
+                                                                        "--num-train", "64")],
+                [sys.executable, "dit.py", *dit_args(cache, run, "--stop-at", "3")]]
+    script = "ulimit -n 100 && " + " && ".join(shlex.join(c) for c in commands)
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len(glob.glob(os.path.join(cache, "moments.*.npy"))) == 64
+    assert torch.load(os.path.join(run, "latest.pt"), weights_only=True)["step"] == 3
+
+
+def test_encode_and_sampling_stop_after_the_batch_on_a_signal(stage1_run, cache, dit_run, tmp_path, monkeypatch,
+                                                              capsys):
+    """SIGUSR1 (or SIGTERM) while encoding or sampling: the batch in hand is finished and written, the stage
+    says how far it got and exits, and the same command then finishes the job, as an uninterrupted run
+    would have (before, the signal killed it mid-batch)."""
+    def signal_at_first_call(fn):
+        """fn, whose first call first signals this process (a cluster asking the stage to stop)."""
+        calls = []
+
+        def signalled(*args, **kwargs):
+            if not calls:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            calls.append(1)
+            return fn(*args, **kwargs)
+        return signalled
+
+    out = str(tmp_path / "cache")
+    monkeypatch.setattr(tokenizer.RecTok, "encode", signal_at_first_call(tokenizer.RecTok.encode))
+    assert tokenizer.main(encode_args(stage1_run, out)) is None
+    assert "SIGUSR1: stopped with 12 of rank 0's 40 images written" in capsys.readouterr().out
+    samples = str(tmp_path / "samples")
+    monkeypatch.setattr(sample, "generate", signal_at_first_call(sample.generate))
+    assert sample.main(sample_args(dit_run, samples)) is None
+    assert "SIGUSR1: stopped with 4 of 14 images written" in capsys.readouterr().out
+    assert sorted(os.listdir(os.path.join(samples, "images"))) == [f"{i:06d}.png" for i in range(4)]
+    monkeypatch.undo()
+    tokenizer.main(encode_args(stage1_run, out))
+    for name in ("moments", "moments_flip", "labels"):
+        assert np.array_equal(read_cache_array(out, name), read_cache_array(cache, name)), name
+    sample.main(sample_args(dit_run, samples))
+    assert len(np.load(os.path.join(samples, "samples.npz"))["labels"]) == 14
+
+
+WAIT_SCRIPT = """
+import datetime, os, sys, time
+sys.path.insert(0, sys.argv[1])
+import distill
+distill.TIMEOUT = datetime.timedelta(seconds=2)
+rank, world, _ = distill.setup_distributed()
+time.sleep(4 * rank)
+distill.wait_for_all()
+print(f"rank {rank} waited", flush=True)
+time.sleep(4 * rank)
+try:
+    distill.barrier()
+except Exception:
+    print(f"rank {rank}: the plain barrier timed out", flush=True)
+os._exit(0)
+"""
+
+
+def test_long_one_sided_work_outwaits_the_timeout(tmp_path):
+    """A collective that waits past distill.TIMEOUT fails (on GPUs NCCL's watchdog ends the job). The waits
+    after one-sided work (ranks sampling or encoding unequal shares, rank 0 packing 50,000 PNGs) use
+    wait_for_all, which does not time out: with a 2 s timeout, rank 1 works 4 s before each wait."""
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), HERE]
+    output = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=HERE).stdout
+    assert "rank 0 waited" in output and "rank 1 waited" in output, output
+    assert "rank 0: the plain barrier timed out" in output, output
+
+
 def test_one_run_per_folder(cache, tmp_path, capsys):
     """A run holds its --out (OUT/.lock: host, pid, start time): a second run there is refused, naming the
     holder, and leaves the holder's live temporary file alone (it took it for a crash's and deleted it, and
@@ -2801,7 +2952,7 @@ def test_probe_bad_inputs(capsys):
                         (["--adam-base-lr", "0.3"], "--adam-base-lr: only with --protocol research"),
                         (["--plot", "a/probe.json", "--feature", "SL"], "--feature: --plot probes nothing"),
                         (["--warmup-epochs", "5", "--epochs", "3"], "the warm-up is a part of the run"),
-                        (["--warmup-epochs", "-1"], "the warm-up is a part of the run"),
+                        (["--warmup-epochs=-1"], "--warmup-epochs: -1: must be at least 0"),
                         (["--num-train", "1"], "BatchNorm needs batches of at least 2"),  # it failed after extraction
                         (["--probe-batch-size", "1"], "BatchNorm needs batches of at least 2")):
         with pytest.raises(SystemExit):

@@ -1038,6 +1038,20 @@ def open_shard(root, meta, k, mode):
     return {name: np.load(shard_path(root, name, k), mmap_mode=mode) for name in layout}
 
 
+def map_array(path):
+    """A .npy file mapped read-only, holding no open file: numpy's memmap keeps a file descriptor per array,
+    and ImageNet's cache (313 shards of 4 arrays) passed the common limit of 1,024; a private mapping made
+    by torch keeps none. Pages are read when used, as with np.load(mmap_mode="r")."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+        offset = f.tell()  # the header is padded to a multiple of 64 bytes: a whole number of elements
+    empty = torch.from_numpy(np.empty(0, dtype))
+    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
+    return empty.set_(storage, offset // empty.element_size(), shape)
+
+
 @torch.no_grad()
 def encode(args):
     """Encode a data set into the latent cache. The index space is cut into shards of --shard-size images;
@@ -1061,14 +1075,14 @@ def encode(args):
             distill.write_json(meta_path, meta)
     distill.barrier()
     mine = range(rank * meta["num_shards"] // world, (rank + 1) * meta["num_shards"] // world)
-    shards = {k: open_shard(args.out, meta, k, "w+") for k in mine}
-    todo = [(k, j) for k in mine for j in np.flatnonzero(~shards[k]["done"]).tolist()]
+    # One shard open at a time (its 4 arrays hold 4 open files): the images to do, then the batches in order
+    todo = [(k, j) for k in mine for j in np.flatnonzero(~open_shard(args.out, meta, k, "w+")["done"]).tolist()]
     distill.log(f"encoding {len(data)} images in {meta['num_shards']} shards into {args.out} with {world} "
                 f"process(es); rank 0: {len(todo)} images to do")
     index = [shard_range(meta, k)[0] + j for k, j in todo]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, index), batch_size=args.batch_size,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
-    meter, start = distill.Throughput(device), 0
+    meter, start, preemption = distill.Throughput(device), 0, distill.Preemption()
     for x, y in loader:
         batch = todo[start:start + len(y)]
         start += len(y)
@@ -1077,19 +1091,23 @@ def encode(args):
             both = model.encode(torch.cat([x, x.flip(-1)])).float()
         values = {"moments": both[:len(y)].cpu().numpy().astype(np.float16),
                   "moments_flip": both[len(y):].cpu().numpy().astype(np.float16), "labels": y.numpy()}
-        for k in sorted({k for k, _ in batch}):  # a batch may straddle two shards
+        for k in sorted({k for k, _ in batch}):  # a batch may straddle shards; one is open at a time
+            shard = open_shard(args.out, meta, k, "r+")
             rows = [r for r, (kk, _) in enumerate(batch) if kk == k]
             where = [batch[r][1] for r in rows]
             for name, v in values.items():
-                shards[k][name][where] = v[rows]
-                shards[k][name].flush()
-            shards[k]["done"][where] = True  # only after the rows are on disk
-            shards[k]["done"].flush()
+                shard[name][where] = v[rows]
+                shard[name].flush()
+            shard["done"][where] = True  # only after the rows are on disk
+            shard["done"].flush()
         meter.add(len(y) * world)
         if start % (args.batch_size * args.log_every) < len(y) or start == len(todo):
             distill.log(f"encoded {start}/{len(todo)} on rank 0 {meter.report()}")
-    distill.barrier()
-    stats = cache_statistics([shards[k]["moments"] for k in mine], config["channels"], device)
+        if preemption.stopped(f"{start} of rank 0's {len(todo)} images"):
+            return None
+    distill.wait_for_all()  # a resumed encode leaves the ranks unequal shares
+    moments = (map_array(shard_path(args.out, "moments", k)) for k in mine)  # one shard at a time
+    stats = cache_statistics(moments, config["channels"], device)
     if rank == 0:
         missing = [k for k in range(meta["num_shards"]) if not open_shard(args.out, meta, k, "r")["done"].all()]
         if missing:
@@ -1144,10 +1162,10 @@ class LatentCache(torch.utils.data.Dataset):
         self.meta = check_meta(root, expect or {})
         if not os.path.isfile(os.path.join(root, "stats.npz")):
             raise FileNotFoundError(f"{root} has no stats.npz: its encoding did not finish; run encode again")
-        shards = [open_shard(root, self.meta, k, "r") for k in range(self.meta["num_shards"])]
-        self.moments = [a["moments"] for a in shards]
-        self.flipped = [a["moments_flip"] for a in shards]
-        self.labels = np.concatenate([a["labels"] for a in shards])
+        shards = range(self.meta["num_shards"])
+        self.moments = [map_array(shard_path(root, "moments", k)) for k in shards]  # no open file per shard
+        self.flipped = [map_array(shard_path(root, "moments_flip", k)) for k in shards]
+        self.labels = np.concatenate([np.load(shard_path(root, "labels", k)) for k in shards])
         stats = np.load(os.path.join(root, "stats.npz"))
         self.mu, self.sigma = torch.from_numpy(stats["mean"]).float(), torch.from_numpy(stats["std"]).float()
         self.flip, self.seed, self.epoch = flip, seed, 0
@@ -1162,8 +1180,7 @@ class LatentCache(torch.utils.data.Dataset):
     def __getitem__(self, i):
         flip = self.flip and np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5
         k, j = divmod(i, self.meta["shard_size"])
-        moments = (self.flipped if flip else self.moments)[k][j]
-        return torch.from_numpy(np.asarray(moments, dtype=np.float32)), int(self.labels[i])
+        return (self.flipped if flip else self.moments)[k][j].float(), int(self.labels[i])
 
 
 def sample_latent(moments, mu, sigma, grid, generator=None):
@@ -1208,23 +1225,23 @@ def add_model_flags(p):
     g.add_argument("--mask-ratio", type=float, default=0.4, help="0 turns MAE masking (RAD) off")
     g.add_argument("--mask-ratio-min", type=float, default=-0.1)
     g.add_argument("--noise-schedule", default="shift", choices=["shift", "uniform", "lognorm"])
-    g.add_argument("--gamma", type=float, default=1.0, help="flow noise scale; 0 turns the flow off")
+    g.add_argument("--gamma", type=distill.non_negative, default=1.0, help="flow noise scale; 0 turns the flow off")
     g.add_argument("--teacher", help="'standin' or an official one, e.g. dinov3_vitl16")
     g.add_argument("--teacher-weights", default=None,
                    help=f"checkpoint path or URL (default: {distill.STANDIN_TEACHER} for the stand-in)")
     g.add_argument("--no-teacher-jitter", action="store_true",
                    help="run DINOv3 without the training-mode RoPE rescale the release used")
-    g.add_argument("--kl-weight", type=float, default=1e-6)
-    g.add_argument("--sem-weight", type=float, default=1.0)
+    g.add_argument("--kl-weight", type=distill.non_negative, default=1e-6)
+    g.add_argument("--sem-weight", type=distill.non_negative, default=1.0)
     g.add_argument("--sem-loss", default="cosine", choices=["cosine", "l2", "l1"])
 
 
 def add_training_flags(p):
     """Both training stages: losses on pixels, optimisation, run control."""
     g = p.add_argument_group("losses (`utils/losses.py`) and optimisation (`main_reconstruction.py`)")
-    g.add_argument("--perceptual-weight", type=float)
-    g.add_argument("--gan-weight", type=float, default=0.1)
-    g.add_argument("--gan-start-epoch", type=int)
+    g.add_argument("--perceptual-weight", type=distill.non_negative)
+    g.add_argument("--gan-weight", type=distill.non_negative, default=0.1)
+    g.add_argument("--gan-start-epoch", type=distill.non_negative_int)
     g.add_argument("--vgg16-weights", default=VGG16_URL)
     g.add_argument("--lpips-weights", default=LPIPS_URL)
     g.add_argument("--convnext-weights", default=CONVNEXT_S_URL)
@@ -1233,13 +1250,14 @@ def add_training_flags(p):
                    "global batch is batch_size x grad_accum x processes")
     g.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each block's activations in backward: less memory, about a third more compute")
-    g.add_argument("--base-lr", type=float, help="lr = base_lr * global_batch / 256")
+    g.add_argument("--base-lr", type=distill.positive, help="lr = base_lr * global_batch / 256")
     g.add_argument("--warmup", type=distill.fraction, default=0.25, help="fraction of training")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--clip", type=float, default=3.0, help="gradient-norm clip, tokenizer and discriminator")
+    g.add_argument("--weight-decay", type=distill.non_negative, default=1e-4)
+    g.add_argument("--clip", type=distill.positive, default=3.0, help="gradient-norm clip, tokenizer and discriminator")
     g.add_argument("--ema", type=distill.fraction, help="EMA decay (paper 0.999)")
     distill.add_run_flags(p, ckpt_every=500, save_every=50, save_unit="epochs")
-    p.add_argument("--grid-every", type=int, default=500, help="reconstruction grid PNG every N steps (0: off)")
+    p.add_argument("--grid-every", type=distill.non_negative_int, default=500,
+                   help="reconstruction grid PNG every N steps (0: off)")
     p.add_argument("--random-weights", action="store_true",
                    help="with --bench: untrained teacher and perceptual nets (no downloads, no stand-in "
                         "training); in finetune also an untrained stage-1 tokenizer (no --init)")
