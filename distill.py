@@ -214,8 +214,9 @@ def allreduce_grads(module):
                 p.grad.div_(world)
 
 
-DIVERGED = ("stopping before anything non-finite is saved (the last good latest.pt is kept). Lower the learning "
-            "rate or lengthen the warm-up, then resume from it")
+DIVERGED = ("stopping before anything non-finite is saved: the last latest.pt, if the run wrote one, is kept, but "
+            "resumed with the same settings it takes the same steps and diverges again. Start a fresh run (another "
+            "--out) with a lower learning rate or a longer warm-up")
 
 
 @torch.no_grad()
@@ -623,6 +624,21 @@ class Preemption:
         return self.received is not None
 
 
+#: flags that steer how a run goes, not what it trains: they may change between a stop and its resume (the
+#: batch's split into --batch-size x --grad-accum too: the global batch is checked apart). Every other
+#: setting, presets included, must be the saved run's.
+RUN_CONTROL = ("out", "log_every", "ckpt_every", "save_every", "workers", "stop_at", "bench", "grid_every",
+               "preview_every", "compile", "grad_checkpoint", "batch_size", "grad_accum", "random_weights",
+               "tokenizer", "init", "teacher_weights", "vgg16_weights", "lpips_weights", "convnext_weights")
+
+
+def changed_settings(saved, now):
+    """The settings (flags outside RUN_CONTROL) whose values differ between a saved run's args and now's, as
+    '--flag: SAVED there, NOW now'."""
+    return [f"--{k.replace('_', '-')}: {saved[k]} there, {v} now" for k, v in now.items()
+            if k in saved and k not in RUN_CONTROL and saved[k] != v]
+
+
 class Run:
     """The run skeleton of the three trainers. A trainer builds its nets, hands Run what a checkpoint holds
     (`states`: key -> object with state_dict, e.g. model, EMA, optimizers; `generators`: key -> per-rank
@@ -721,6 +737,11 @@ class Run:
         if not os.path.isfile(self.latest):
             return 0
         ckpt = load_checkpoint(self.latest, (self.kind,), f"{self.kind} run checkpoint to resume")
+        changed = changed_settings(ckpt.get("args", {}), vars(self.args))
+        if changed:
+            raise ValueError(f"{self.latest} resumes only the run it saved, and this command changes what it trains "
+                             f"({'; '.join(changed)}): resume with the saved settings, or start a fresh run in "
+                             f"another --out")
         for key, value in self.match.items():
             if ckpt.get(key) != value:
                 raise ValueError(f"{self.latest} was made with another {key.replace('_', ' ')} ({ckpt.get(key)}, "

@@ -78,6 +78,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     long runs on a shared cluster (preemption, one run per folder, open files):
       test_preemption_saves_the_step_and_resumes_exactly, test_encode_and_sampling_stop_after_the_batch_on_a_signal,
       test_one_run_per_folder, test_long_one_sided_work_outwaits_the_timeout,
+      test_a_resume_continues_only_the_run_it_saved,
       test_a_cache_of_many_shards_keeps_few_files_open
     on a GPU only (test_cuda_*, skipped elsewhere; .ci/gpu runs them):
       test_cuda_trainers_take_bf16_steps, test_cuda_compile_equals_eager, test_cuda_sampler_and_one_process_nccl,
@@ -1572,7 +1573,7 @@ def test_tokenizer_bad_inputs(standin_teacher, tmp_path, capsys):
     with pytest.raises(ValueError, match="128 images, fewer than one global batch of 256"):
         tokenizer.main(tok_args(standin_teacher, out, "--grad-accum", "16"))  # 16 x 16: no step per epoch
     tokenizer.main(tok_args(standin_teacher, out, "--stop-at", "1"))
-    with pytest.raises(ValueError, match="was made with another config"):
+    with pytest.raises(ValueError, match="resumes only the run it saved.*--channels: 8 there, 4 now"):
         tokenizer.main(tok_args(standin_teacher, out, "--channels", "4"))
     with pytest.raises(FileNotFoundError, match="not found"):
         tokenizer.load_tokenizer(str(tmp_path / "none.pt"))
@@ -2583,6 +2584,28 @@ def test_long_one_sided_work_outwaits_the_timeout(tmp_path):
     assert "rank 0: the plain barrier timed out" in output, output
 
 
+def test_a_resume_continues_only_the_run_it_saved(cache, tmp_path):
+    """Only the model config and the global batch were compared: the seed, the epochs (the lr jumped), the
+    lr, the EMA, a loss setting or the data could change between a stop and its resume, and the run trained
+    on; the stand-in teacher's --data OTHER overwrote a teacher.pt trained on other data. Every setting that
+    shapes the result now refuses the resume, naming each difference; run-control flags may change."""
+    out = str(tmp_path / "run")
+    dit.main(dit_args(cache, out, "--stop-at", "2"))
+    for flag, value in (("--lr", "5e-4"), ("--epochs", "3"), ("--seed", "1"), ("--ema", "0.5"),
+                        ("--label-dropout", "0.2"), ("--preset", "paper")):
+        with pytest.raises(ValueError, match=f"resumes only the run it saved.*{flag}: \\S+ there, \\S+ now"):
+            dit.main(dit_args(cache, out, flag, value))
+    assert dit.main(dit_args(cache, out, "--log-every", "3", "--ckpt-every", "4", "--workers", "1",
+                             "--batch-size", "4", "--grad-accum", "2", "--grad-checkpoint")) == 10
+    teacher, rng = str(tmp_path / "teacher"), np.random.default_rng(0)
+    distill.main(STANDIN_TINY + ["--out", teacher, "--stop-at", "1"])
+    for i in range(80):  # another data set: 2 classes of 40 images
+        os.makedirs(tmp_path / "other" / f"c{i % 2}", exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(tmp_path / "other" / f"c{i % 2}" / f"{i}.png")
+    with pytest.raises(ValueError, match="--data: synthetic there, .*other now"):
+        distill.main(STANDIN_TINY + ["--out", teacher, "--data", str(tmp_path / "other")])
+
+
 def test_one_run_per_folder(cache, tmp_path, capsys):
     """A run holds its --out (OUT/.lock: host, pid, start time): a second run there is refused, naming the
     holder, and leaves the holder's live temporary file alone (it took it for a crash's and deleted it, and
@@ -2617,7 +2640,7 @@ def test_dit_resume_refuses_other_latents_or_global_batch(cache, tmp_path):
     out, other = str(tmp_path / "run"), str(tmp_path / "other_cache")
     shutil.copytree(cache, other)
     torchrun("dit.py", dit_args(cache, out, "--batch-size", "4", "--stop-at", "2"))
-    with pytest.raises(ValueError, match="another source"):
+    with pytest.raises(ValueError, match="resumes only the run it saved.*--latents: .*cache0 there"):
         dit.main(dit_args(other, out, "--batch-size", "8"))
     with pytest.raises(ValueError, match="another global batch .8, this run: 4"):
         dit.main(dit_args(cache, out, "--batch-size", "4"))  # 1 process: half the global batch
@@ -2648,7 +2671,7 @@ def test_dit_mismatch_errors(cache, tmp_path, parity_sizes):
         dit.main(dit_args(cache, str(tmp_path / "x"), "--tokenizer", other, "--preview-every", "5"))
     out = str(tmp_path / "run")
     dit.main(dit_args(cache, out, "--stop-at", "1"))
-    with pytest.raises(ValueError, match="was made with another config"):
+    with pytest.raises(ValueError, match="resumes only the run it saved.*--model: tiny there, S now"):
         dit.main(dit_args(cache, out, "--model", "S"))
     with pytest.raises(FileNotFoundError, match="encode"):
         dit.main(dit_args(str(tmp_path / "no_cache"), out))
@@ -3021,13 +3044,13 @@ def test_divergence_stops_before_anything_is_saved(standin_teacher, cache, tmp_p
     finite (a nan gradient) are not saved either: they were, as the loss alone was checked."""
     for main, args, lr in ((tokenizer.main, tok_args(standin_teacher, str(tmp_path / "tok")), "--base-lr"),
                            (dit.main, dit_args(cache, str(tmp_path / "dit")), "--lr")):
+        absurd = args[:args.index("--out") + 1] + [str(tmp_path / f"absurd_{lr}")] + args[args.index("--out") + 2:]
+        with pytest.raises(FloatingPointError, match="nan or inf at or before step .*Start a fresh run"):
+            main(absurd + [lr, "1e30", "--log-every", "1000"])
+        assert not [f for f in os.listdir(tmp_path / f"absurd_{lr}") if f.endswith(".pt")]
         main(args + ["--stop-at", "1"])
         latest = args[args.index("--out") + 1] + "/latest.pt"
         good = open(latest, "rb").read()
-        with pytest.raises(FloatingPointError, match="nan or inf at or before step"):
-            main(args + [lr, "1e12", "--log-every", "1000"])
-        assert open(latest, "rb").read() == good
-        assert not [f for f in os.listdir(os.path.dirname(latest)) if f.endswith(".pt") and f != "latest.pt"]
         with monkeypatch.context() as m:  # the step's update leaves a nan in the model after its loss
             m.setattr(distill, "update_ema", lambda ema, model, decay: next(model.parameters()).data.fill_(math.nan))
             with pytest.raises(FloatingPointError, match="weights became nan or inf at or before step 2"):
