@@ -56,6 +56,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -263,13 +264,27 @@ def atomic_write(path, write):
         with open(tmp, "wb") as f:
             write(f)
     except BaseException as e:
+        full = disk_full(e, path)  # before the temporary goes: it holds the space that is missing
         if os.path.exists(tmp):
             os.remove(tmp)
-        if getattr(e, "errno", None) == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"no space left on device writing {path}: free some space (or pick "
-                                        f"another --out) and run again; the previous file is untouched") from None
+        if full:
+            raise no_space(path) from None
         raise
     os.replace(tmp, path)
+
+
+def disk_full(error, path):
+    """Whether a failed write ran out of space: ENOSPC, or (torch.save says only "unexpected pos" or "file
+    write failed") less than a MiB left on the device holding `path`."""
+    if getattr(error, "errno", None) == errno.ENOSPC:
+        return True
+    folder = os.path.dirname(os.path.abspath(path))
+    return isinstance(error, (OSError, RuntimeError)) and shutil.disk_usage(folder).free < 2**20
+
+
+def no_space(path):
+    return OSError(errno.ENOSPC, f"no space left on the device holding {path}: free some space (or pick another "
+                                 f"--out) and run again; the files written before are untouched")
 
 
 STALE_TEMPORARY = re.compile(r".+\.tmp\d+")

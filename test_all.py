@@ -129,6 +129,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import warnings
 import zlib
 
@@ -1530,9 +1531,11 @@ def test_dit_bench_needs_no_cache(tmp_path, monkeypatch, capsys):
     assert "--latents: --random-latents benchmarks on noise" in capsys.readouterr().err
 
 
-def test_unwritable_out_and_full_disk(standin_teacher, tmp_path):
+def test_unwritable_out_and_full_disk(standin_teacher, stage1_run, tmp_path, monkeypatch):
     """A folder that cannot be written fails at the start, not after training; a write that runs out of
-    space says so and leaves no temporary; temporaries of a killed write are removed at the next start."""
+    space says so, naming the device's file, and leaves the previous file and no temporary: also when
+    torch.save reports it only as "unexpected pos", and when encode makes a shard on a full disk (its
+    memory-mapped writes died of SIGBUS); temporaries of a killed write are removed at the next start."""
     with pytest.raises(OSError, match="cannot write to /proc/rectok_out"):
         tokenizer.main(tok_args(standin_teacher, "/proc/rectok_out"))
 
@@ -1540,9 +1543,30 @@ def test_unwritable_out_and_full_disk(standin_teacher, tmp_path):
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError, match="no space left on device writing .*x.pt"):
+    with pytest.raises(OSError, match="no space left on the device holding .*x.pt"):
         distill.atomic_write(str(tmp_path / "x.pt"), full)
     assert os.listdir(tmp_path) == []
+
+    def torch_full(f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1408 vs 1302")
+
+    (tmp_path / "y.pt").write_bytes(b"the previous checkpoint")
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=0))
+        with pytest.raises(OSError, match="no space left on the device holding .*y.pt"):
+            distill.atomic_write(str(tmp_path / "y.pt"), torch_full)
+    assert os.listdir(tmp_path) == ["y.pt"] and (tmp_path / "y.pt").read_bytes() == b"the previous checkpoint"
+    (tmp_path / "y.pt").unlink()
+
+    def no_room(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "posix_fallocate", no_room)
+        with pytest.raises(OSError, match="no space left on the device holding .*moments.00000.npy"):
+            tokenizer.main(encode_args(stage1_run, str(tmp_path / "cache")))
+    assert not [f for f in os.listdir(tmp_path / "cache") if distill.STALE_TEMPORARY.fullmatch(f)]
     out = tmp_path / "run"
     out.mkdir()
     (out / "latest.pt.tmp12345").write_bytes(b"left by a kill")

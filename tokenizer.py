@@ -36,6 +36,7 @@ with weights_only=True (`distill.load_checkpoint`); later stages rebuild the tok
 """
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -1033,6 +1034,7 @@ def open_shard(root, meta, k, mode):
             if not os.path.isfile(path):
                 tmp = f"{path}.tmp{os.getpid()}"
                 np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
+                reserve(tmp, path)
                 os.replace(tmp, path)
         mode = "r+"
     return {name: np.load(shard_path(root, name, k), mmap_mode=mode) for name in layout}
@@ -1050,6 +1052,19 @@ def map_array(path):
     empty = torch.from_numpy(np.empty(0, dtype))
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
     return empty.set_(storage, offset // empty.element_size(), shape)
+
+
+def reserve(tmp, path):
+    """Allocate a new shard file's blocks now: a memory-mapped write into a sparse file on a full disk
+    kills the process with SIGBUS ("Bus error") mid-encode; here it fails at once, with a message."""
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.path.getsize(tmp))
+    except OSError as e:
+        os.remove(tmp)
+        raise distill.no_space(path) if e.errno == errno.ENOSPC else e from None
+    finally:
+        os.close(fd)
 
 
 @torch.no_grad()
