@@ -142,29 +142,32 @@ def save_preview(images, labels, path, classes=10, cols=8):
 
 
 def provenance(args, model, guide, tok, mu, sigma):
-    """Everything that decides the images: a folder of samples resumes only if all of it matches."""
+    """Everything that decides the images: a folder of samples resumes only if all of it matches. Not the
+    batch size: each image's noise and label follow from its index alone, so a retry after running out of
+    memory may take smaller batches."""
     return {"generator": distill.weights_fingerprint(model), "tokenizer": tok.fingerprint,
             "guide": distill.weights_fingerprint(guide) if guide is not None else None,
             "latent_stats": distill.weights_fingerprint({"mu": mu, "sigma": sigma}), "seed": args.seed,
             "steps": args.steps, "cfg": args.cfg, "cfg_interval": list(args.cfg_interval),
-            "num_images": args.num_images, "batch_size": args.batch_size, "bf16": args.bf16}
+            "num_images": args.num_images, "bf16": args.bf16}
 
 
 def check_provenance(args, made):
     """Refuse to mix images made otherwise into this run's folder; record what makes them otherwise."""
     path = os.path.join(args.out, "provenance.json")
     folder = os.path.join(args.out, "images")
-    if os.path.isfile(path):
+    images = os.path.isdir(folder) and any(f.endswith(".png") for f in os.listdir(folder))
+    if os.path.isfile(path) and images:
         with open(path) as f:
             old = json.load(f)
         wrong = [f"{k}: {old.get(k)} there, {v} now" for k, v in made.items() if old.get(k) != v]
         if wrong:
             raise ValueError(f"{args.out} holds samples made with other settings ({'; '.join(wrong)}): sample "
                              f"into a fresh --out, or delete {folder} and {path}")
-    elif os.path.isdir(folder) and any(f.endswith(".png") for f in os.listdir(folder)):
+    elif images:
         raise ValueError(f"{folder} holds images but no provenance.json saying what made them: sample into a "
                          f"fresh --out, or delete {folder}")
-    elif distill.world_info()[0] == 0:
+    elif distill.world_info()[0] == 0:  # a folder with no image yet is free (a retry after a crash)
         distill.write_json(path, made)
 
 

@@ -78,7 +78,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     long runs on a shared cluster (preemption, one run per folder, open files):
       test_preemption_saves_the_step_and_resumes_exactly, test_encode_and_sampling_stop_after_the_batch_on_a_signal,
       test_one_run_per_folder, test_long_one_sided_work_outwaits_the_timeout,
-      test_a_resume_continues_only_the_run_it_saved,
+      test_a_resume_continues_only_the_run_it_saved, test_sampling_retries_with_smaller_batches,
       test_a_cache_of_many_shards_keeps_few_files_open
     on a GPU only (test_cuda_*, skipped elsewhere; .ci/gpu runs them):
       test_cuda_trainers_take_bf16_steps, test_cuda_compile_equals_eager, test_cuda_sampler_and_one_process_nccl,
@@ -2814,6 +2814,29 @@ def test_sampling_refuses_a_folder_made_otherwise(dit_run, tmp_path, monkeypatch
     open(os.path.join(fresh, "images", ".write_test123"), "wb").close()
     sample.main(sample_args(dit_run, fresh))
     assert len(np.load(os.path.join(fresh, "samples.npz"))["labels"]) == 14
+
+
+def test_sampling_retries_with_smaller_batches(dit_run, tmp_path, monkeypatch):
+    """A crash that wrote no image (the GPU out of memory) and a retry at a smaller --batch-size: refused
+    before ("made with other settings (batch_size: 5 there, 2 now)"). The batch size changes no image, and
+    a folder with no image is free; half a set made at batch 4 is finished at batch 2, the same images."""
+    out, whole = str(tmp_path / "retry"), str(tmp_path / "whole")
+
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(sample, "generate", out_of_memory)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            sample.main(sample_args(dit_run, out, "--batch-size", "5"))
+    assert os.path.isfile(os.path.join(out, "provenance.json"))
+    sample.main(sample_args(dit_run, out, "--num-images", "8", "--batch-size", "4"))
+    os.remove(os.path.join(out, "samples.npz"))
+    for name in ("000006.png", "000007.png"):
+        os.remove(os.path.join(out, "images", name))
+    sample.main(sample_args(dit_run, out, "--num-images", "8", "--batch-size", "2"))
+    sample.main(sample_args(dit_run, whole, "--num-images", "8", "--batch-size", "8"))
+    assert np.array_equal(*(np.load(os.path.join(d, "samples.npz"))["arr_0"] for d in (out, whole)))
 
 
 def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path, capsys):
