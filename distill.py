@@ -215,13 +215,17 @@ def allreduce_grads(module):
                 p.grad.div_(world)
 
 
-DIVERGED = ("stopping before anything non-finite is saved: the last latest.pt, if the run wrote one, is kept, but "
-            "resumed with the same settings it takes the same steps and diverges again. Start a fresh run (another "
-            "--out) with a lower learning rate or a longer warm-up")
+def diverged(latest):
+    """What a diverged run can do: which checkpoint it keeps, and why resuming that one would not help."""
+    kept = (f"{latest} (step {load_checkpoint(latest, ('teacher', 'tokenizer', 'generator'), 'checkpoint')['step']}) "
+            f"is kept, but resumed with the same settings it takes the same steps and diverges again"
+            if latest and os.path.isfile(latest) else "the run wrote no checkpoint")
+    return (f"stopping before anything non-finite is saved: {kept}. Start a fresh run (another --out) with a lower "
+            f"learning rate or a longer warm-up")
 
 
 @torch.no_grad()
-def check_weights(modules, step):
+def check_weights(modules, step, latest=None):
     """Before each checkpoint: every weight is finite, and every rank holds rank 0's, or the run stops (all
     ranks together, none left waiting). A finite loss does not prove finite weights: a nan or inf gradient
     (an overflow in the backward pass) leaves it finite. One float64 sum per tensor: any nan or inf
@@ -237,7 +241,8 @@ def check_weights(modules, step):
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         nonfinite, differs = flags.tolist()
         if nonfinite:
-            raise FloatingPointError(f"the {name} weights became nan or inf at or before step {step}; {DIVERGED}")
+            raise FloatingPointError(f"the {name} weights became nan or inf at or before step {step}; "
+                                     f"{diverged(latest)}")
         if differs:
             raise RuntimeError(f"the ranks hold different {name} weights: every rank must build the same "
                                f"{name} (broadcast rank 0's) and average its gradients")
@@ -679,6 +684,7 @@ class Run:
         self.check = check or {kind: states["model"]}  # checked at each checkpoint: finite, the same on all ranks
         self.latest = os.path.join(args.out, "latest.pt")
         self.meter, self.nonfinite = Throughput(device), torch.zeros((), dtype=torch.bool, device=device)
+        self.bad_inputs = torch.zeros((), dtype=torch.bool, device=device)
         self.bench = Bench(device) if args.bench else None
         self.step = self.start = 0 if args.bench else self.resume()
         self.preemption, self.preempted = Preemption(agree=True), None
@@ -687,10 +693,14 @@ class Run:
     def epoch(self):
         return self.step / self.steps_per_epoch
 
-    def tick(self, images, loss):
-        """After each optimizer step: `images` is the step's global batch, `loss` stays on the device."""
+    def tick(self, images, loss, inputs=None):
+        """After each optimizer step: `images` is the step's global batch, `loss` stays on the device;
+        `inputs`, the step's training inputs where they are read from a file that could hold nan or inf (the
+        latent cache), are watched too, so that a bad file is named rather than the learning rate."""
         self.step += 1
         self.nonfinite |= ~torch.isfinite(loss.detach())
+        if inputs is not None:
+            self.bad_inputs |= ~torch.isfinite(inputs).all()
         self.meter.add(images)
         if self.bench:
             self.bench.tick(images)
@@ -704,11 +714,17 @@ class Run:
         return n > 0 and (self.step % n == 0 or self.step == self.stop)
 
     def check_finite(self):
-        bad = self.nonfinite.double()
+        bad = torch.stack([self.bad_inputs, self.nonfinite]).double()
         if is_distributed():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
-        if bad.item():
-            raise FloatingPointError(f"the loss became nan or inf at or before step {self.step}; {DIVERGED}")
+        bad_inputs, nonfinite = bad.tolist()
+        if bad_inputs:
+            raise FloatingPointError(f"the training inputs held nan or inf at or before step {self.step} (read from "
+                                     f"{self.args.latents}): the file is damaged, not the run; re-encode it "
+                                     f"(tokenizer.py encode into a fresh --out)")
+        if nonfinite:
+            raise FloatingPointError(f"the loss became nan or inf at or before step {self.step}; "
+                                     f"{diverged(self.latest)}")
 
     def log_due(self):
         """A log line now? Then the losses are checked (one sync) and the caller may read them."""
@@ -734,7 +750,7 @@ class Run:
         """Check, then write OUT/name atomically on rank 0 while the others wait: nothing non-finite and no
         disagreement between ranks is ever saved. Every rank calls it: the record holds all ranks' RNG states."""
         self.check_finite()
-        check_weights(self.check, self.step)
+        check_weights(self.check, self.step, self.latest)
         rngs = {k: gather_objects(g.get_state(), self.world) for k, g in self.generators.items()}
         state = dict(self.record(**extra), rng=gather_objects(rng_state(), self.world), **rngs)
         if self.rank == 0:

@@ -441,7 +441,7 @@ def train(args):
             opt.step()
             opt.zero_grad(set_to_none=True)
             distill.update_ema(ema, model, args.ema)
-            run.tick(len(y) * world, loss)
+            run.tick(len(y) * world, loss, draws[0])
             if run.log_due():
                 distill.log(f"step {run.step}/{run.total} epoch {run.epoch:.2f} loss {loss.item():.4f} "
                             f"grad_norm {grad_norm.item():.3f} lr {opt.param_groups[0]['lr']:.2e} "

@@ -348,7 +348,8 @@ def build_parser(add_help=True):
     # not `--num`: torchrun would take it for an abbreviation of its own --numa-binding
     p.add_argument("--num-images", type=distill.positive_int, default=100, help="number of images (the paper: 50000)")
     p.add_argument("--steps", type=int, help="Euler grid points (steps + 1)")
-    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (CFG, or autoguidance with --guide)")
+    p.add_argument("--cfg", type=distill.non_negative, default=1.0,
+                   help="guidance scale (CFG, or autoguidance with --guide)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LOW", "HIGH"),
                    help="guidance (CFG or autoguidance) acts for LOW <= t <= HIGH (generator time, 1 = data)")
     p.add_argument("--seed", type=int, default=0)

@@ -101,6 +101,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     checkpoint safety (and the checkout is left alone: the_checkout_is_left_alone, around every test):
       test_no_loader_runs_code_from_a_checkpoint, test_wrong_or_damaged_checkpoints_say_what_they_are,
       test_divergence_stops_before_anything_is_saved, test_tokenizer_logs_and_watches_the_mean_over_micro_batches,
+      test_a_damaged_latent_cache_is_named_not_the_learning_rate,
       test_fid_files_are_written_atomically
     the whole pipeline:
       test_pipeline_end_to_end
@@ -1306,7 +1307,8 @@ def test_numbers_that_make_no_sense_are_refused_at_the_command_line(capsys):
     cases = [(tokenizer, "--clip", "0"), (tokenizer, "--clip", "-1"), (tokenizer, "--base-lr", "0"),
              (tokenizer, "--kl-weight", "-1e-6"), (tokenizer, "--gamma", "-1"), (tokenizer, "--weight-decay", "-0.1"),
              (tokenizer, "--stop-at", "-1"), (dit, "--lr", "0"), (dit, "--clip", "nan"), (dit, "--final-lr", "inf"),
-             (distill, "--lr", "-1"), (probe, "--adam-base-lr", "0"), (probe, "--weight-decay", "-1")]
+             (distill, "--lr", "-1"), (probe, "--adam-base-lr", "0"), (probe, "--weight-decay", "-1"),
+             (sample, "--cfg", "nan")]  # a nan guidance scale was blamed on the generator
     for module, flag, value in cases:
         with pytest.raises(SystemExit):
             module.parse_args([f"{flag}={value}"] + (["--latents", "x"] if module is dit else []))
@@ -3092,7 +3094,7 @@ def test_divergence_stops_before_anything_is_saved(standin_teacher, cache, tmp_p
     for main, args, lr in ((tokenizer.main, tok_args(standin_teacher, str(tmp_path / "tok")), "--base-lr"),
                            (dit.main, dit_args(cache, str(tmp_path / "dit")), "--lr")):
         absurd = args[:args.index("--out") + 1] + [str(tmp_path / f"absurd_{lr}")] + args[args.index("--out") + 2:]
-        with pytest.raises(FloatingPointError, match="nan or inf at or before step .*Start a fresh run"):
+        with pytest.raises(FloatingPointError, match="nan or inf at or before step .*wrote no checkpoint. Start a fre"):
             main(absurd + [lr, "1e30", "--log-every", "1000"])
         assert not [f for f in os.listdir(tmp_path / f"absurd_{lr}") if f.endswith(".pt")]
         main(args + ["--stop-at", "1"])
@@ -3100,9 +3102,23 @@ def test_divergence_stops_before_anything_is_saved(standin_teacher, cache, tmp_p
         good = open(latest, "rb").read()
         with monkeypatch.context() as m:  # the step's update leaves a nan in the model after its loss
             m.setattr(distill, "update_ema", lambda ema, model, decay: next(model.parameters()).data.fill_(math.nan))
-            with pytest.raises(FloatingPointError, match="weights became nan or inf at or before step 2"):
+            with pytest.raises(FloatingPointError, match="weights became nan or inf at or before step 2; .*latest.pt "
+                                                         "\\(step 1\\) is kept, but resumed .* diverges again"):
                 main(args + ["--stop-at", "2"])
         assert open(latest, "rb").read() == good
+
+
+def test_a_damaged_latent_cache_is_named_not_the_learning_rate(cache, tmp_path):
+    """A nan in the latent cache was reported as a divergence, blamed on the learning rate, with advice to
+    resume a "last good latest.pt" that did not exist: the run now names the cache."""
+    damaged = str(tmp_path / "cache")
+    shutil.copytree(cache, damaged)
+    moments = np.load(tokenizer.shard_path(damaged, "moments", 0), mmap_mode="r+")
+    moments[:] = np.nan
+    moments.flush()
+    del moments
+    with pytest.raises(FloatingPointError, match=f"training inputs held nan or inf .*{damaged}.*re-encode"):
+        dit.main(dit_args(damaged, str(tmp_path / "run"), "--log-every", "1"))
 
 
 def test_tokenizer_logs_and_watches_the_mean_over_micro_batches(standin_teacher, tmp_path, monkeypatch, capsys):
