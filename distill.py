@@ -504,7 +504,8 @@ def load_checkpoint(path, kinds, what):
 
 
 def load_strict(model, sd, what):
-    """load_state_dict with a message that lists every missing and unexpected key."""
+    """load_state_dict with a message that lists every missing and unexpected key; weights that are nan or
+    inf are refused (an evaluation of them reported "psnr nan" and exited 0)."""
     ours = model.state_dict()
     missing = [k for k in ours if k not in sd]
     unexpected = [k for k in sd if k not in ours]
@@ -515,6 +516,10 @@ def load_strict(model, sd, what):
                          f"{missing[:20]}\n  unexpected keys ({len(unexpected)}): {unexpected[:20]}\n"
                          f"  shape mismatches, file vs model ({len(wrong)}): {wrong[:10]}\n"
                          f"Pick the architecture that matches the file.")
+    bad = [k for k, v in sd.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{what} holds nan or inf weights ({len(bad)} tensors, e.g. {bad[:3]}): it was saved by a "
+                         f"run that diverged; use a checkpoint from before that")
     model.load_state_dict(sd)
 
 

@@ -101,7 +101,7 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     checkpoint safety (and the checkout is left alone: the_checkout_is_left_alone, around every test):
       test_no_loader_runs_code_from_a_checkpoint, test_wrong_or_damaged_checkpoints_say_what_they_are,
       test_divergence_stops_before_anything_is_saved, test_tokenizer_logs_and_watches_the_mean_over_micro_batches,
-      test_a_damaged_latent_cache_is_named_not_the_learning_rate,
+      test_a_damaged_latent_cache_is_named_not_the_learning_rate, test_weights_that_are_nan_are_refused_when_loaded,
       test_fid_files_are_written_atomically
     the whole pipeline:
       test_pipeline_end_to_end
@@ -3119,6 +3119,17 @@ def test_a_damaged_latent_cache_is_named_not_the_learning_rate(cache, tmp_path):
     del moments
     with pytest.raises(FloatingPointError, match=f"training inputs held nan or inf .*{damaged}.*re-encode"):
         dit.main(dit_args(damaged, str(tmp_path / "run"), "--log-every", "1"))
+
+
+def test_weights_that_are_nan_are_refused_when_loaded(stage1_run, tmp_path):
+    """evaluate of a tokenizer whose weights are nan exited 0 with "psnr nan": every weight load refuses
+    nan or inf weights, naming the file."""
+    ckpt = torch.load(stage1_run, weights_only=True)
+    ckpt["ema"] = {k: v.fill_(math.nan) if torch.is_floating_point(v) else v for k, v in ckpt["ema"].items()}
+    broken = str(tmp_path / "broken.pt")
+    torch.save(ckpt, broken)
+    with pytest.raises(ValueError, match=f"tokenizer checkpoint {broken} holds nan or inf weights"):
+        tokenizer.main(["evaluate", "--ckpt", broken, "--num-eval", "8", "--out", str(tmp_path / "eval")])
 
 
 def test_tokenizer_logs_and_watches_the_mean_over_micro_batches(standin_teacher, tmp_path, monkeypatch, capsys):
