@@ -143,13 +143,12 @@ def save_preview(images, labels, path, classes=10, cols=8):
 
 def provenance(args, model, guide, tok, mu, sigma):
     """Everything that decides the images: a folder of samples resumes only if all of it matches. Not the
-    batch size: each image's noise and label follow from its index alone, so a retry after running out of
-    memory may take smaller batches."""
+    batch size or the count: each image's noise and label follow from its index alone, so a retry after
+    running out of memory may take smaller batches, and a set may be extended."""
     return {"generator": distill.weights_fingerprint(model), "tokenizer": tok.fingerprint,
             "guide": distill.weights_fingerprint(guide) if guide is not None else None,
             "latent_stats": distill.weights_fingerprint({"mu": mu, "sigma": sigma}), "seed": args.seed,
-            "steps": args.steps, "cfg": args.cfg, "cfg_interval": list(args.cfg_interval),
-            "num_images": args.num_images, "bf16": args.bf16}
+            "steps": args.steps, "cfg": args.cfg, "cfg_interval": list(args.cfg_interval), "bf16": args.bf16}
 
 
 def check_provenance(args, made):

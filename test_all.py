@@ -2820,8 +2820,9 @@ def test_sampling_refuses_a_folder_made_otherwise(dit_run, tmp_path, monkeypatch
 
 def test_sampling_retries_with_smaller_batches(dit_run, tmp_path, monkeypatch):
     """A crash that wrote no image (the GPU out of memory) and a retry at a smaller --batch-size: refused
-    before ("made with other settings (batch_size: 5 there, 2 now)"). The batch size changes no image, and
-    a folder with no image is free; half a set made at batch 4 is finished at batch 2, the same images."""
+    before ("made with other settings (batch_size: 5 there, 2 now)"). The batch size and the count change no
+    image, and a folder with no image is free: half a set made at batch 4 is finished at batch 2, the same
+    images, and then extended."""
     out, whole = str(tmp_path / "retry"), str(tmp_path / "whole")
 
     def out_of_memory(*args):
@@ -2839,6 +2840,9 @@ def test_sampling_retries_with_smaller_batches(dit_run, tmp_path, monkeypatch):
     sample.main(sample_args(dit_run, out, "--num-images", "8", "--batch-size", "2"))
     sample.main(sample_args(dit_run, whole, "--num-images", "8", "--batch-size", "8"))
     assert np.array_equal(*(np.load(os.path.join(d, "samples.npz"))["arr_0"] for d in (out, whole)))
+    sample.main(sample_args(dit_run, out, "--num-images", "10", "--batch-size", "2"))
+    assert np.array_equal(np.load(os.path.join(out, "samples.npz"))["arr_0"][:8],
+                          np.load(os.path.join(whole, "samples.npz"))["arr_0"])
 
 
 def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path, capsys):
