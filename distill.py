@@ -307,21 +307,30 @@ def process_start(pid):
         return None
 
 
+def lock_owner():
+    """This process as a lock names it."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
+
+
+def alive_here(holder):
+    """Whether a lock's holder runs on this host: its pid exists and started when the lock says."""
+    return (holder.get("host") == socket.gethostname() and holder.get("start") is not None
+            and process_start(holder.get("pid")) == holder["start"])
+
+
 def hold_out_dir(folder):
     """One run per folder: OUT/.lock names its holder (host, pid, start time). A second run there is refused
     with the holder's name: two runs in one folder overwrite each other's checkpoints, and each takes the
     other's live temporary file for one a crash left. A lock whose process is gone (on this host) is taken
     over, with a line that says so. Released when the stage's main() returns or raises (`stage`), or at
     exit."""
-    path = os.path.join(folder, LOCK)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
+    path, me = os.path.join(folder, LOCK), lock_owner()
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             holder = read_lock(path)
-            if holder != me and holder.get("host") == me["host"] and process_start(holder.get("pid")) == holder.get(
-                    "start") is not None:
+            if holder != me and alive_here(holder):
                 raise RuntimeError(f"{folder} is in use by another run (process {holder['pid']} on this host, "
                                    f"its {LOCK}): wait for it to finish, stop it, or pick another --out") from None
             if holder.get("host", me["host"]) != me["host"]:
@@ -355,7 +364,7 @@ def read_lock(path):
 def release_out_dirs(keep=0):
     """Remove the locks this process holds but the first `keep` (a stage's end: those it took; at exit:
     all)."""
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
+    me = lock_owner()
     while len(_HELD) > keep:
         path = os.path.join(_HELD.pop(), LOCK)
         if os.path.exists(path) and read_lock(path) == me:
@@ -639,7 +648,7 @@ class Preemption:
             return self.received
         flag = torch.tensor([self.received is not None], dtype=torch.uint8)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return (self.received or "a signal to another rank") if flag.numpy()[0] else None
+        return (self.received or "a signal to another rank") if flag.item() else None
 
     def stopped(self, done):
         """encode and sample.py, after a batch: whether a signal asks to stop. Every finished batch is on
@@ -675,10 +684,10 @@ class Run:
     checkpoint: a run that diverged stops before anything non-finite is saved."""
 
     def __init__(self, args, kind, device, num_images, global_batch, states, generators=None, match=None,
-                 check=None):
+                 check=None, inputs_from=None):
         if num_images < global_batch:  # an epoch of no step: the run would end at once, having done nothing
             raise ValueError(f"the data set has {num_images} images, fewer than one global batch of {global_batch} "
-                             f"(--batch-size x processes, x --grad-accum in the tokenizer): lower them or add data")
+                             f"(--batch-size x --grad-accum x processes): lower them or add data")
         self.args, self.kind, self.device = args, kind, device
         self.rank, self.world = world_info()
         self.steps_per_epoch = num_images // global_batch
@@ -688,6 +697,7 @@ class Run:
         self.match = dict(match or {}, global_batch=global_batch)
         self.check = check or {kind: states["model"]}  # checked at each checkpoint: finite, the same on all ranks
         self.latest = os.path.join(args.out, "latest.pt")
+        self.inputs_from = inputs_from  # the file a trainer's watched inputs are read from (tick)
         self.meter, self.nonfinite = Throughput(device), torch.zeros((), dtype=torch.bool, device=device)
         self.bad_inputs = torch.zeros((), dtype=torch.bool, device=device)
         self.bench = Bench(device) if args.bench else None
@@ -701,7 +711,8 @@ class Run:
     def tick(self, images, loss, inputs=None):
         """After each optimizer step: `images` is the step's global batch, `loss` stays on the device;
         `inputs`, the step's training inputs where they are read from a file that could hold nan or inf (the
-        latent cache), are watched too, so that a bad file is named rather than the learning rate."""
+        latent cache, `inputs_from`), are watched too, so that a bad file is named rather than the learning
+        rate."""
         self.step += 1
         self.nonfinite |= ~torch.isfinite(loss.detach())
         if inputs is not None:
@@ -724,9 +735,8 @@ class Run:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
         bad_inputs, nonfinite = bad.tolist()
         if bad_inputs:
-            raise FloatingPointError(f"the training inputs held nan or inf at or before step {self.step} (read from "
-                                     f"{self.args.latents}): the file is damaged, not the run; re-encode it "
-                                     f"(tokenizer.py encode into a fresh --out)")
+            raise FloatingPointError(f"the training inputs held nan or inf at or before step {self.step}, read from "
+                                     f"{self.inputs_from}: the file is damaged, not the run")
         if nonfinite:
             raise FloatingPointError(f"the loss became nan or inf at or before step {self.step}; "
                                      f"{diverged(self.latest)}")
@@ -957,7 +967,7 @@ def bounded(kind, low, high=None, above=False):
 
     def parse(text):
         value = kind(text)
-        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= (high or math.inf)):
+        if not (math.isfinite(value) and (value > low if above else value >= low) and (high is None or value <= high)):
             raise argparse.ArgumentTypeError(f"{text}: must be {rule}")
         return value
 

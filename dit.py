@@ -412,7 +412,8 @@ def train(args):
     global_batch = args.batch_size * args.grad_accum * world
     run = distill.Run(args, "generator", device, len(cache), global_batch,
                       {"model": model, "ema": ema, "optimizer": opt},
-                      match={"config": config, "source": source})
+                      match={"config": config, "source": source},
+                      inputs_from=f"the latent cache {args.latents} (re-encode it: tokenizer.py encode, a fresh --out)")
     s = tokenizer.latent_shift(cache.meta["grid"], cache.meta["channels"])
     mu, sigma = cache.mu.to(device), cache.sigma.to(device)
     distill.log(f"DiT^DH-{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "

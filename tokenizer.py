@@ -632,7 +632,8 @@ class TokenizerLoss(nn.Module):
 
 PRESETS = {
     # The released recipe: 256 px, base/base, C = 128, DINOv3-L/16, 200 epochs at global batch 1024 =
-    # 8 GPUs x 64 x 2 micro-batches (128 at once keeps about 65 GiB of activations: at an 80 GB card's limit).
+    # 8 GPUs x 64 x 2 micro-batches: 26 GiB a GPU by the README's count (128 at once, 47 GiB, would fit too,
+    # but the count leaves out cuDNN workspaces and fragmentation, not yet measured on a GPU).
     "paper": dict(image_size=256, patch_size=16, channels=128, encoder_size="base", decoder_size="base",
                   sem_size="tiny", teacher="dinov3_vitl16", epochs=200, batch_size=64, grad_accum=2, base_lr=1e-4,
                   gan_start_epoch=100, num_train=None, perceptual_weight=1.0, ema=0.999,
