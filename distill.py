@@ -224,6 +224,15 @@ def diverged(latest):
             f"learning rate or a longer warm-up")
 
 
+def any_rank(*flags):
+    """Each boolean flag (a tensor on this rank's device), true where it is true on any rank: one
+    all-reduce and one read for all of them, so that every rank stops together."""
+    stacked = torch.stack(flags).double()
+    if is_distributed():
+        dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in stacked.tolist()]
+
+
 @torch.no_grad()
 def check_weights(modules, step, latest=None):
     """Before each checkpoint: every weight is finite, and every rank holds rank 0's, or the run stops (all
@@ -236,10 +245,7 @@ def check_weights(modules, step, latest=None):
         ref = sums.clone()
         if is_distributed():
             dist.broadcast(ref, 0)
-        flags = torch.stack([(~torch.isfinite(sums)).any(), (sums != ref).any()]).double()
-        if is_distributed():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite, differs = flags.tolist()
+        nonfinite, differs = any_rank((~torch.isfinite(sums)).any(), (sums != ref).any())
         if nonfinite:
             raise FloatingPointError(f"the {name} weights became nan or inf at or before step {step}; "
                                      f"{diverged(latest)}")
@@ -730,10 +736,7 @@ class Run:
         return n > 0 and (self.step % n == 0 or self.step == self.stop)
 
     def check_finite(self):
-        bad = torch.stack([self.bad_inputs, self.nonfinite]).double()
-        if is_distributed():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
-        bad_inputs, nonfinite = bad.tolist()
+        bad_inputs, nonfinite = any_rank(self.bad_inputs, self.nonfinite)
         if bad_inputs:
             raise FloatingPointError(f"the training inputs held nan or inf at or before step {self.step}, read from "
                                      f"{self.inputs_from}: the file is damaged, not the run")
