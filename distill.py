@@ -16,15 +16,18 @@ weights load with strict key matching from Meta's `.pth` files or from the Huggi
 (read by a ~30-line reader below, no extra package), from a local path or a URL (cached by torch.hub).
 
 Contents, top to bottom (every other file imports from here; this file imports none of them):
-  1. Run plumbing: processes (`setup_distributed`, `is_distributed`, `world_info`, `autocast`), logging,
-     atomic writes (checkpoints, JSON, PNG) and the pipeline's run folders (`RUNS`), RNG state and safe
-     checkpoint loading (`load_checkpoint`), EMA, the resumable sampler, the run skeleton with its one
-     save/resume pair (`Run`), schedules, throughput and `--bench` (`Bench`), the run flags (`add_run_flags`,
-     `positive_int`), the one preset mechanism (`parse_with_preset`) and the refusal of flags a run would
-     ignore (`flags_moved`, `refuse_ignored`), weights from files and URLs.
+  1. Run plumbing: processes (`setup_distributed`, `is_distributed`, `world_info`, `autocast`, `wait_for_all`),
+     logging, atomic writes (checkpoints, JSON, PNG) and the pipeline's run folders (`RUNS`, one run per
+     folder: `hold_out_dir`, `stage`), RNG state and safe checkpoint loading (`load_checkpoint`), EMA, the
+     resumable sampler, micro-batches (`micro_batches`, `sync_at_last`), preemption (`Preemption`), the run
+     skeleton with its one save/resume pair (`Run`, `changed_settings`), schedules, throughput and `--bench`
+     with its memory count (`Bench`, `saved_bytes`), the run flags (`add_run_flags`, `bounded`), the one
+     preset mechanism (`parse_with_preset`) and the refusal of flags a run would ignore (`flags_moved`,
+     `refuse_ignored`), weights from files and URLs.
   2. Image data: ImageNet-style class folders with ADM's center crop, and the built-in synthetic shapes
      (`build_dataset`).
-  3. Transformer parts every net shares (`Attention`, `SwiGLU`) and the DINOv2/DINOv3 ViT.
+  3. Transformer parts every net shares (`Attention`, `SwiGLU`, `run_blocks` with its activation
+     checkpointing, `compile_blocks`) and the DINOv2/DINOv3 ViT.
   4. Official checkpoint layouts, the Teacher (preprocessing + frozen ViT), and the stand-in teacher's
      training loop and main().
 
