@@ -289,6 +289,28 @@ def sample(model, z0, y, num_points=150, s=None, cfg=1.0, interval=(0.0, 1.0), g
     return torch.stack(states) if trajectory else x
 
 
+@torch.no_grad()
+def generate(model, tok, labels, num_points=150, cfg=1.0, interval=(0.0, 1.0), guide=None, noise=None,
+             mu=None, sigma=None):
+    """Class labels (B,) -> images (B, 3, H, W) in [0, 1]: the Euler sampler from `noise` (default fresh
+    N(0, I)), the latent de-normalised with the statistics of the cache the generator trained on (`mu`,
+    `sigma`; by default those it recorded, which the authors' generators lack) and decoded by `tok`."""
+    if mu is None and model.latents is None:
+        raise ValueError("this generator (the authors') records no latent statistics: pass mu and sigma, the "
+                         "'mean' and 'std' of the stats.npz of a cache encoded with its tokenizer")
+    mu = model.latents["mu"] if mu is None else torch.as_tensor(mu)
+    sigma = model.latents["sigma"] if sigma is None else torch.as_tensor(sigma)
+    device = model.pos_embed.device
+    labels = torch.as_tensor(labels, device=device)
+    shape = (len(labels), model.channels, model.grid, model.grid)
+    z0 = torch.randn(shape, device=device) if noise is None else noise.to(device)
+    latents = sample(model, z0, labels, num_points, cfg=cfg, interval=interval, guide=guide)
+    if not torch.isfinite(latents).all():
+        raise FloatingPointError("the generator made nan or inf latents: it is broken (diverged?); sample from "
+                                 "a checkpoint that trained with finite losses")
+    return tok.detokenize(latents.float(), mu.to(device), sigma.to(device))
+
+
 #################################################################################
 #                     Training on the latent cache (`main_diffusion.py`)       #
 #################################################################################
@@ -354,7 +376,7 @@ def open_latents(args):
     if args.tokenizer is None and not os.path.isfile(path):
         distill.log(f"previews off: no tokenizer to decode them (the cache's, {path}, is gone); pass --tokenizer")
         return cache, None
-    tok, _ = tokenizer.load_tokenizer(path)
+    tok = tokenizer.load_tokenizer(path)
     tokenizer.check_meta(args.latents, {"fingerprint": distill.weights_fingerprint(tok)})
     return cache, tok
 
@@ -480,24 +502,29 @@ def checkpoint(run, ema, cache, tok, device):
 
 
 def load_dit(path, device="cpu", weights="ema", heads=None):
-    """Any generator checkpoint -> (DiTDH in eval mode, checkpoint), EMA weights by default whatever the
-    layout: ours ({'config', 'ema', 'model', ...}) or the authors' released DiT^DH ('model_ema', else
-    'model'; their names are ours, the architecture is read off the weights, `heads` for unofficial
-    widths). Their EMA holds parameters only, so the RoPE tables (persistent buffers) are filled in."""
+    """Any generator checkpoint (a path or an https:// URL) -> DiTDH in eval mode on `device`, EMA weights by
+    default whatever the layout: ours ({'config', 'ema', 'model', ...}) or the authors' released DiT^DH
+    ('model_ema', else 'model'; their names are ours, the architecture is read off the weights, `heads` for
+    unofficial widths). Its constructor arguments are at `.config`; `.latents` describes the cache it trained
+    on (tokenizer, statistics mu and sigma), None for the authors'. Their EMA holds parameters only, so the
+    RoPE tables (persistent buffers) are filled in."""
     ckpt = distill.load_checkpoint(path, ("generator",), "generator checkpoint")
     if "config" in ckpt:
-        model, sd = DiTDH(**ckpt["config"]), ckpt[weights]
+        config, sd = ckpt["config"], ckpt[weights]
+        model = DiTDH(**config)
     else:
         sd = dict(ckpt.get({"ema": "model_ema", "model": "model"}[weights], ckpt.get("model", ckpt)))
         if "s_projector.weight" not in sd:
             raise ValueError(f"{path} is not a DiT^DH checkpoint (no s_projector): pass the authors' "
                              f"DiTDDT_*.pth or one written by dit.py")
-        model = DiTDH(**official_config(sd, heads))
+        config = official_config(sd, heads)
+        model = DiTDH(**config)
         for k, v in model.state_dict().items():
             if k.endswith(("freqs_cos", "freqs_sin")):
                 sd.setdefault(k, v)
     distill.load_strict(model, sd, f"generator checkpoint {path}")
-    return model.to(device).eval(), ckpt
+    model.config, model.latents = config, ckpt.get("latents")
+    return model.to(device).eval()
 
 
 HEADS = {w: h for sizes in SIZES.values() for (w, _, h) in sizes}  # head count implied by each width

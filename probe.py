@@ -284,7 +284,8 @@ def main(argv=None):
     rank, world, device = distill.setup_distributed()
     if rank == 0:  # an unwritable --out fails now, not after the extraction and the heads (hours on ImageNet)
         distill.prepare_out_dir(args.out)
-    model, config = tokenizer.load_tokenizer(args.tokenizer, device=device)
+    model = tokenizer.load_tokenizer(args.tokenizer, device=device)
+    config = model.config
     taus = args.sweep_tau or [args.tau]  # parse_args: --tau is 0 unless the feature is the flow
     kind = "flow" if args.sweep_tau else args.feature
     train = distill.build_dataset(args.data, config["img_size"], "train", args.num_train, args.data_seed,

@@ -51,8 +51,8 @@ def load_generator(path, device, latent_stats):
     """A generator's EMA weights (ours or the authors') and the latent statistics to de-normalise with:
     --latent-stats if given (the authors' checkpoints carry none), else those of the cache it trained on.
     Returns (model, latents info or None, mu, sigma)."""
-    model, ckpt = dit.load_dit(path, device)
-    latents = ckpt.get("latents")
+    model = dit.load_dit(path, device)
+    latents = model.latents
     if latent_stats:
         if not os.path.isfile(latent_stats):
             raise FileNotFoundError(f"--latent-stats {latent_stats} not found: pass the stats.npz of a latent "
@@ -71,7 +71,8 @@ def load_models(args, device):
     tok_path = args.tokenizer or (latents or {}).get("tokenizer")
     if tok_path is None:
         raise ValueError("the authors' generator does not name its tokenizer: pass --tokenizer RecTok_decft.pth")
-    tok, config = tokenizer.load_tokenizer(tok_path, device=device)
+    tok = tokenizer.load_tokenizer(tok_path, device=device)
+    config = tok.config
     tok.fingerprint = distill.weights_fingerprint(tok)  # hashed once: checked here, recorded in provenance.json
     if latents is not None and tok.fingerprint != latents["fingerprint"]:
         raise ValueError(f"tokenizer {tok_path} is not the one whose latents trained {args.dit} (weights "
@@ -103,12 +104,8 @@ def generate(args, model, guide, tok, mu, sigma, batch, device):
     labels = torch.tensor([i % model.num_classes for i in batch], device=device)
     z0 = torch.stack([distill.indexed_noise((model.channels, model.grid, model.grid), args.seed, i) for i in batch])
     with distill.autocast(device) if args.bf16 else contextlib.nullcontext():
-        latents = dit.sample(model, z0.to(device), labels, args.steps, cfg=args.cfg,
-                             interval=tuple(args.cfg_interval), guide=guide)
-        if not torch.isfinite(latents).all():
-            raise FloatingPointError(f"{args.dit} generated nan or inf latents: the generator is broken "
-                                     f"(diverged?); sample from a checkpoint that trained with finite losses")
-        images = tok.detokenize(latents.float(), mu, sigma)
+        images = dit.generate(model, tok, labels, args.steps, args.cfg, tuple(args.cfg_interval), guide, z0,
+                              mu, sigma)
     # B x 3 x H x W -> B x H x W x 3
     return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy(), labels.cpu()
 

@@ -105,6 +105,8 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_fid_files_are_written_atomically
     the whole pipeline:
       test_pipeline_end_to_end
+    your own images and weights (Python API, reconstructions, folders read whole, traceable outputs):
+      test_tokenizer_api_takes_images_and_returns_the_decoders_latent, test_readme_python_block_runs
     this map names every test:
       test_the_map_names_every_test
 
@@ -847,10 +849,10 @@ def test_full_reconstruct_parity(parity_sizes):
     # theirs: (z - mean) * scale_factor / std, so our sigma is std / scale_factor
     mu, sigma = i["norm_mean"], i["norm_std"] / c["scale_factor"]
     with torch.no_grad():
-        assert_close(model.encode(i["x"]), o["moments"])
+        assert_close(model.moments(i["x"]), o["moments"])
         latent = model.tokenize(i["x"], mu, sigma)
         assert_close(latent, o["latent_normalized"])
-        assert_close(model.decode(latent.flatten(2).transpose(1, 2) * sigma + mu), o["decoded_raw"])
+        assert_close(model.decoder(latent.flatten(2).transpose(1, 2) * sigma + mu), o["decoded_raw"])
         assert_close(model.detokenize(latent, mu, sigma), o["reconstruction"])
 
 
@@ -1062,12 +1064,54 @@ def test_load_released_tokenizer_layout(parity_sizes, tmp_path):
     d, w = parity("tokenizer_full_reconstruct")
     path = str(tmp_path / "RecTok_decft.pth")
     torch.save({"model": w, "model_ema": w}, path)
-    model, config = tokenizer.load_tokenizer(path)
+    model = tokenizer.load_tokenizer(path)
+    config = model.config
     assert config["channels"] == 8 and config["img_size"] == 32 and config["sem_decoder"] == "none"
     i = d["inputs"]
     latent = model.tokenize(i["x"], i["norm_mean"], i["norm_std"])
     with torch.no_grad():
         assert_close(model.detokenize(latent, i["norm_mean"], i["norm_std"]), d["outputs"]["reconstruction"])
+
+
+def test_tokenizer_api_takes_images_and_returns_the_decoders_latent(stage1_run):
+    """tok.encode takes uint8 or [-1, 1] images at the trained size and returns the posterior mean as
+    (B, C, h, w); decode gives [0, 1] images and decode(encode(x)) is the evaluation path's reconstruction;
+    sample=True draws from the posterior, reproducibly with a generator; another size is refused by name."""
+    tok = tokenizer.load_tokenizer(stage1_run)
+    assert not tok.training and tok.config["img_size"] == tok.img_size == 32
+    data = distill.build_dataset("synthetic", 32, "val", 4)
+    x = torch.stack([data[i][0] for i in range(4)])
+    as_uint8 = ((x + 1) * 127.5).round().to(torch.uint8)
+    with torch.no_grad():
+        z = tok.encode(x)
+        mean = tokenizer.Posterior(tok.moments(x)).mean
+        assert z.shape == (4, 8, 4, 4) and torch.equal(z.flatten(2).transpose(1, 2), mean)
+        assert_close(tok.encode(as_uint8), z)
+        images = tok.decode(z)
+        assert images.shape == (4, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+        assert torch.equal(images, tok.reconstruct(x))
+        draws = [tok.encode(x, sample=True, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert not torch.equal(draws[0], z)
+    with pytest.raises(ValueError, match=r"reads \(B, 3, 32, 32\).*center-crop"):
+        tok.encode(torch.zeros(1, 3, 48, 48, dtype=torch.uint8))
+
+
+def test_readme_python_block_runs(stage1_run, dit_run, tmp_path, monkeypatch):
+    """The README's Python block, as written, on tiny checkpoints in the runs/ folders it names: a photo
+    of another size goes through the tokenizer and back, and the generator makes images for 4 labels."""
+    block = re.search(r"## From Python.*?```python\n(.*?)```", open(os.path.join(HERE, "README.md")).read(),
+                      re.S).group(1)
+    for name, path in (("tokenizer_ft", stage1_run), ("dit", dit_run)):
+        os.makedirs(tmp_path / "runs" / name)
+        os.symlink(path, tmp_path / "runs" / name / "latest.pt")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(
+        tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["z"].shape == (1, 8, 4, 4) and scope["recon"].shape == (1, 3, 32, 32)
+    assert scope["images"].shape == (4, 3, 32, 32) and 0 <= scope["images"].min() <= scope["images"].max() <= 1
 
 
 def test_ranks_agree_check_and_broadcast(tmp_path):
@@ -1394,8 +1438,8 @@ def test_tokenizer_two_processes_resume_exactly(standin_teacher, tmp_path):
     ckpt = assert_same_runs(a, b, ("model", "ema", "discriminator"))
     assert ckpt["step"] == 8 and len(ckpt["rng"]) == 2
     assert "img/s" in run.stdout and "disc" in run.stdout
-    model, config = tokenizer.load_tokenizer(os.path.join(a, "latest.pt"))
-    assert config["channels"] == 8 and model.reconstruct(torch.zeros(2, 3, 32, 32)).shape == (2, 3, 32, 32)
+    model = tokenizer.load_tokenizer(os.path.join(a, "latest.pt"))
+    assert model.config["channels"] == 8 and model.reconstruct(torch.zeros(2, 3, 32, 32)).shape == (2, 3, 32, 32)
 
 
 def test_tokenizer_without_masking_on_two_processes(standin_teacher, tmp_path):
@@ -1658,7 +1702,7 @@ def test_evaluate_writes_metrics(stage1_run):
         assert 0 < saved[weights]["psnr"] < 60 and saved[weights]["num_images"] == 24
         assert saved[weights]["psnr"] == pytest.approx(results[weights]["psnr"])
         assert os.path.isfile(os.path.join(folder, f"eval_synthetic_{weights}.png"))
-    model, _ = tokenizer.load_tokenizer(stage1_run)  # PSNR by hand for the EMA weights
+    model = tokenizer.load_tokenizer(stage1_run)  # PSNR by hand for the EMA weights
     data = distill.build_dataset("synthetic", 32, "val", 24)
     x = torch.stack([data[i][0] for i in range(24)])
     mse = ((model.reconstruct(x) - (x * 0.5 + 0.5)) ** 2).mean(dim=(1, 2, 3))
@@ -1695,11 +1739,11 @@ def test_cache_is_complete_and_matches_the_model(stage1_run, cache):
         "moments.00000.npy", "moments.00001.npy", "moments.00002.npy"]
     assert [len(np.load(os.path.join(cache, f"done.{k:05d}.npy"))) for k in range(3)] == [16, 16, 8]
     assert arrays["moments"].dtype == np.float16 and arrays["labels"].tolist() == [i % 10 for i in range(40)]
-    model, _ = tokenizer.load_tokenizer(stage1_run)
+    model = tokenizer.load_tokenizer(stage1_run)
     data = distill.build_dataset("synthetic", 32, "train", 40)
     x = torch.stack([data[i][0] for i in (0, 39)])
     with torch.no_grad():
-        ref = model.encode(torch.cat([x, x.flip(-1)])).numpy().astype(np.float16)
+        ref = model.moments(torch.cat([x, x.flip(-1)])).numpy().astype(np.float16)
     assert np.array_equal(arrays["moments"][[0, 39]], ref[:2])
     assert np.array_equal(arrays["moments_flip"][[0, 39]], ref[2:])
     means = arrays["moments"][..., :8].astype(np.float64).reshape(-1, 8)  # float64 reference statistics
@@ -2200,7 +2244,7 @@ def test_load_dit_official_ema_without_buffers(tmp_path):
     d, w = parity("ditdh_forward")
     ema = {k: v for k, v in w.items() if not k.endswith(("freqs_cos", "freqs_sin"))}
     torch.save({"model_ema": ema}, tmp_path / "ddt.pth")
-    model = dit.load_dit(str(tmp_path / "ddt.pth"), heads=(4, 4))[0]
+    model = dit.load_dit(str(tmp_path / "ddt.pth"), heads=(4, 4))
     i = d["inputs"]
     with torch.no_grad():
         assert_close(model(i["x"], i["t"], i["y"]), d["outputs"]["velocity"])
@@ -2209,8 +2253,8 @@ def test_load_dit_official_ema_without_buffers(tmp_path):
 def test_dit_loss_falls(cache, tmp_path):
     out = str(tmp_path / "fall")
     dit.main(dit_args(cache, out, "--epochs", "12", "--lr", "2e-3", "--hold-epochs", "12"))
-    model, ckpt = dit.load_dit(os.path.join(out, "latest.pt"), weights="model")
-    fresh = dit.DiTDH(**ckpt["config"]).eval()
+    model = dit.load_dit(os.path.join(out, "latest.pt"), weights="model")
+    fresh = dit.DiTDH(**model.config).eval()
     data = tokenizer.LatentCache(cache, flip=False)
     g = torch.Generator().manual_seed(0)
     moments = torch.stack([data[i][0] for i in range(40)])
@@ -2339,13 +2383,13 @@ def test_the_bf16_path_runs_on_the_cpu(standin_teacher, stage1_run, cache, dit_r
     tokenizer.main(["finetune", "--random-weights", "--bench", "2", "--batch-size", "4", "--num-train", "16",
                     "--workers", "0", "--out", out])
     dit.main(dit_args(cache, out, "--bench", "2"))
-    model, _ = dit.load_dit(dit_run)
+    model = dit.load_dit(dit_run)
     z0, y = torch.randn(2, model.channels, model.grid, model.grid), torch.arange(2)
     for guide in (None, model):
         with distill.autocast(torch.device("cpu")):
             samples = dit.sample(model, z0, y, 4, cfg=1.5, guide=guide)
         assert samples.dtype == torch.float32 and torch.isfinite(samples).all()
-    tok, _ = tokenizer.load_tokenizer(stage1_run)
+    tok = tokenizer.load_tokenizer(stage1_run)
     data = distill.build_dataset("synthetic", 32, "val", 8)
     feats, _ = probe.extract(tok, data, "flow", [0.0, 0.5], probe_args(batch_size=4, workers=0), torch.device("cpu"))
     assert all(f.dtype == torch.float32 and torch.isfinite(f).all() for f in feats.values())
@@ -2954,7 +2998,7 @@ def test_probe_training_views(stage1_run, monkeypatch):
     set: in float64, ImageNet's SL features were 7.8 GB per rank)."""
     gathered = []
     monkeypatch.setattr(distill, "gather", lambda blocks: gathered.append(blocks[0].dtype) or torch.cat(blocks))
-    model, _ = tokenizer.load_tokenizer(stage1_run)
+    model = tokenizer.load_tokenizer(stage1_run)
     data = distill.build_dataset("synthetic", 32, "train", 24)
     args = probe_args(protocol="research", batch_size=8, workers=0, log_every=100)
     features, y = probe.training_features(model, data, "L", [0.0], args, torch.device("cpu"))

@@ -306,7 +306,7 @@ class RecTok(nn.Module):
                  mask_ratio=0.4, mask_ratio_min=-0.1, noise_schedule="shift", gamma=1.0):
         super().__init__()
         check_config(img_size, patch_size, noise_schedule, mask_ratio, mask_ratio_min, sem_decoder)
-        self.grid, self.channels = img_size // patch_size, channels
+        self.img_size, self.grid, self.channels = img_size, img_size // patch_size, channels
         self.mask_ratio, self.mask_ratio_min = mask_ratio, mask_ratio_min
         self.noise_schedule, self.gamma = noise_schedule, gamma
         self.s = latent_shift(self.grid, channels)  # the shift factor of shift(u, s)
@@ -358,31 +358,58 @@ class RecTok(nn.Module):
         return {"decoded": decoded, "posterior": posterior, "ids_restore": ids_restore, "sem_pred": sem,
                 "z": z, "z_tau": z_tau, "tau": tau}
 
-    # ----- evaluation paths (`models/rectok.py`) -----
-    def encode(self, x):
-        """Posterior moments (B, L, 2C) of clean, unmasked images."""
+    # ----- evaluation paths (`models/rectok.py`): clean, unmasked images, no noise -----
+    def moments(self, x):
+        """Posterior moments [mean | logvar] (B, L, 2C) of images x in [-1, 1]: what the latent cache keeps."""
         return self.encoder(x)
 
+    def encode(self, images, sample=False, generator=None):
+        """Images -> the latent the decoder reads, (B, C, h, w): the posterior mean, or a draw from the
+        posterior with `sample` (eps from `generator`). Images are uint8 (B, 3, H, W) in [0, 255] or float in
+        [-1, 1], at the size the tokenizer was trained on, on any device (moved to the model's)."""
+        posterior = Posterior(self.moments(self.as_input(images)))
+        z = posterior.mean
+        if sample:
+            z = posterior.sample(torch.randn(z.shape, generator=generator).to(z.device))
+        # B x L x C -> B x C x h x w
+        return z.transpose(1, 2).reshape(z.shape[0], self.channels, self.grid, self.grid)
+
     def decode(self, z):
-        """Latent tokens (B, L, C) -> image in [-1, 1] space (not clamped)."""
-        return self.decoder(z)
+        """A latent (B, C, h, w) -> images (B, 3, H, W) in [0, 1]."""
+        tokens = z.flatten(2).transpose(1, 2)  # B x C x h x w -> B x L x C
+        return (self.decoder(tokens.to(self.param_dtype())) * 0.5 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
     def reconstruct(self, x):
-        """Posterior mean -> pixel decoder -> image in [0, 1] (`models/rectok.py`)."""
-        mean = Posterior(self.encode(x)).mean
-        return (self.decode(mean.to(x.dtype)) * 0.5 + 0.5).clamp(0, 1)
+        """decode(encode(x)): images in [-1, 1] -> reconstructions in [0, 1]."""
+        return self.decode(self.encode(x))
 
     def tokenize(self, x, mu, sigma):
-        """The generator's input (`main_diffusion.py`): (posterior mean - mu_c) / sigma_c as (B, C, h, w)."""
-        z = (Posterior(self.encode(x)).mean - mu) / sigma
-        # B x L x C -> B x C x h x w
-        return z.transpose(1, 2).reshape(x.shape[0], self.channels, self.grid, self.grid)
+        """The generator's input (`main_diffusion.py`): (posterior mean - mu_c) / sigma_c, (B, C, h, w)."""
+        return (self.encode(x) - per_channel(mu)) / per_channel(sigma)
 
     def detokenize(self, latent, mu, sigma):
-        """Normalised (B, C, h, w) latent -> de-normalise -> pixel decoder -> image in [0, 1]."""
-        z = latent.flatten(2).transpose(1, 2) * sigma + mu  # B x C x h x w -> B x L x C
-        return (self.decode(z) * 0.5 + 0.5).clamp(0, 1)
+        """A normalised latent (B, C, h, w) -> de-normalise -> pixel decoder -> images in [0, 1]."""
+        return self.decode(latent * per_channel(sigma) + per_channel(mu))
+
+    def param_dtype(self):
+        return self.decoder.positional_embedding.dtype
+
+    def as_input(self, images):
+        """uint8 or [-1, 1] float images (B, 3, H, W) -> float [-1, 1] on the model's device, or an error that
+        says what the tokenizer reads."""
+        size = self.img_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(f"images of shape {tuple(images.shape)}: this tokenizer reads (B, 3, {size}, {size}) "
+                             f"(uint8 in [0, 255] or float in [-1, 1]); center-crop and resize them first, e.g. "
+                             f"distill.center_crop_adm(pil_image, {size}) as the data loaders do")
+        x = images.to(self.encoder.positional_embedding.device)
+        return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.to(self.param_dtype())
+
+
+def per_channel(stat):
+    """A per-channel latent statistic ((C,), (1, 1, C) or (1, C, 1, 1)) shaped to divide (B, C, h, w)."""
+    return torch.as_tensor(stat).reshape(-1, 1, 1)
 
 
 #################################################################################
@@ -435,16 +462,18 @@ def official_config(sd):
 
 
 def load_tokenizer(path, weights="ema", device="cpu"):
-    """A tokenizer checkpoint -> (RecTok in eval mode, its config). Reads ours ({'config', 'ema', ...}) and
-    the authors' RecTok.pth / RecTok_decft.pth ('model_ema' or 'model'), strictly. The caller's random
-    stream is left as it was: building the net draws initial weights, and a generator run that loads one
-    for its previews must train what a run without previews trains."""
+    """A tokenizer checkpoint -> RecTok in eval mode on `device`, its constructor arguments at `.config`.
+    Reads ours ({'config', 'ema', ...}) and the authors' RecTok.pth / RecTok_decft.pth ('model_ema' or
+    'model'), strictly; `path` may be an https:// URL (downloaded once into torch.hub's cache). The caller's
+    random stream is left as it was: building the net draws initial weights, and a generator run that loads
+    one for its previews must train what a run without previews trains."""
     ckpt = distill.load_checkpoint(path, ("tokenizer",), "tokenizer checkpoint")
     config, sd = tokenizer_weights(ckpt, path, weights)
     with torch.random.fork_rng(devices=[]):  # the CPU stream; the net is built on the CPU
         model = RecTok(**config)
     distill.load_strict(model, sd, f"tokenizer checkpoint {path}")
-    return model.to(device).eval(), config
+    model.config = config
+    return model.to(device).eval()
 
 
 def tokenizer_weights(ckpt, path, weights="ema"):
@@ -932,7 +961,8 @@ def evaluate(args):
         distill.prepare_out_dir(out_dir)
     inception = fid.FIDInception().load(args.inception_weights).to(device) if args.rfid else None
     for weights in ("model", "ema"):
-        model, config = load_tokenizer(args.ckpt, weights, device)
+        model = load_tokenizer(args.ckpt, weights, device)
+        config = model.config
         if weights == "model":  # the images and their reference statistics, once for both
             data, loader = eval_loader(args, config["img_size"], rank, world)
             ref = reference_statistics(args, inception, loader, config["img_size"], len(data), device, rank)
@@ -1075,7 +1105,8 @@ def encode(args):
     flushed before its `done` flags, so a killed run resumes where it stopped (on any number of processes)
     and never writes an index twice. stats.npz is computed at the end from the stored means in float64."""
     rank, world, device = distill.setup_distributed()
-    model, config = load_tokenizer(args.ckpt, "ema", device)
+    model = load_tokenizer(args.ckpt, "ema", device)
+    config = model.config
     data = distill.build_dataset(args.data, config["img_size"], "train", args.num_train, args.seed,
                                  args.skip_bad_images)
     meta = cache_meta(args, model, config, data)
@@ -1104,7 +1135,7 @@ def encode(args):
         start += len(y)
         x = x.to(device, non_blocking=True)
         with distill.autocast(device):
-            both = model.encode(torch.cat([x, x.flip(-1)])).float()
+            both = model.moments(torch.cat([x, x.flip(-1)])).float()
         values = {"moments": both[:len(y)].cpu().numpy().astype(np.float16),
                   "moments_flip": both[len(y):].cpu().numpy().astype(np.float16), "labels": y.numpy()}
         for k in sorted({k for k, _ in batch}):  # a batch may straddle shards; one is open at a time
