@@ -64,6 +64,7 @@ import signal
 import socket
 import statistics
 import struct
+import sys
 import time
 import zipfile
 
@@ -74,6 +75,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from PIL import Image
+
+import fid
 
 
 #################################################################################
@@ -502,6 +505,8 @@ def load_checkpoint(path, kinds, what):
     the authors' files have none and are told apart by their keys). The file is memory-mapped: a tensor
     is read from disk when it is used, so eight ranks that load a 13 GB generator checkpoint to take its
     EMA do not each hold all of it in host memory (files in PyTorch's pre-1.6 format are read whole)."""
+    if is_url(path):
+        path = fetch(path, f"or download the {what} yourself and pass its path")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
@@ -591,7 +596,7 @@ def make_loader(dataset, batch_size, seed, rank, world, workers, device):
     # they hold the copy of the data set made when they started: one whose items follow set_epoch (the
     # latent cache's flip choice) gets fresh workers each epoch, or every epoch would read the first's.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True, collate_fn=collate,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
         persistent_workers=workers > 0 and not hasattr(dataset, "set_epoch"))
     return loader, sampler
@@ -1093,11 +1098,16 @@ def resolve_weights(weights, arch):
     return fetch(weights, DINOV3_HELP if arch.startswith("dinov3") else "download it elsewhere and pass its path")
 
 
+def is_url(path):
+    """Whether a weights flag names a file to download (file:// serves tests and mirrors on shared disks)."""
+    return path.startswith(("http://", "https://", "file://"))
+
+
 def fetch(weights, help_):
     """A local file as it is, or a URL downloaded once into torch.hub's cache ($TORCH_HOME/hub/checkpoints):
     by the first process of each machine while the others wait (every process calls this), not by all of
     them at once. `help_` says where else to get the file when that fails (offline, or the URL is gone)."""
-    if not weights.startswith(("http://", "https://")):
+    if not is_url(weights):
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"weights not found: {weights}. {help_}")
         return weights
@@ -1132,9 +1142,6 @@ def read_state_dict(path, prefix=""):
 #################################################################################
 #      Image data: class folders (ADM center crop) and the built-in shapes      #
 #################################################################################
-
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def center_crop_adm(image, size):
@@ -1176,35 +1183,48 @@ def unreadable(paths, every_rank=True):
     return [path for share in gather_objects(bad, world) for path in share]
 
 
-def load_rgb(path):
-    """An image file as 8-bit RGB. 16-bit greyscale (PNG mode I;16, or I) is scaled to 8 bits first:
-    PIL's own conversion clips it, which turns almost every pixel white."""
-    with Image.open(path) as im:
-        if im.mode.startswith("I"):
-            deep = np.asarray(im, dtype=np.float64)
-            return Image.fromarray((deep * (255 / 65535)).round().clip(0, 255).astype(np.uint8)).convert("RGB")
-        return im.convert("RGB")
+def class_folders(root):
+    """root/<class>/... -> (class names, [(image path, label)], other files). Classes are the sorted
+    sub-folders; a class's images are read at any depth (fid.list_images, the one rule for what an image
+    is). A class with no image is refused: it would be a label that no image has."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders: expected root/<class>/<image files>, as ImageNet's "
+                         f"train and val folders")
+    samples, others, empty = [], [e.path for e in os.scandir(root) if not e.is_dir()], []
+    for label, name in enumerate(classes):
+        images, rest = fid.list_images(os.path.join(root, name))
+        samples += [(path, label) for path in images]
+        others += rest
+        if not images:
+            empty.append(name)
+    if empty:
+        raise ValueError(f"{root}: {len(empty)} of {len(classes)} class folders hold no images "
+                         f"({', '.join(fid.IMAGE_EXTENSIONS)}), e.g. {', '.join(empty[:3])}: remove them or add "
+                         f"their images{fid.not_images(others)}")
+    return classes, samples, others
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/<image>, classes sorted by name (ImageNet's train/val layout). Returns (image, label);
-    the random flip is applied in the training loop, from a checkpointed generator. Files whose header does
-    not read are reported when the folder is listed, or left out (and counted) with skip_bad. Under torchrun
-    every rank builds it, and they share the check (`every_rank=False` for a set one rank builds alone)."""
+    """root/<class>/<images, at any depth>, classes sorted by name (ImageNet's train/val layout); with
+    `classes=False` every image under root, label 0 (a folder to reconstruct). Returns (image, label); the
+    random flip is applied in the training loop, from a checkpointed generator. Files whose header does not
+    read are reported when the folder is listed, or left out (and counted) with skip_bad; with skip_bad a
+    file that fails later (a truncated body) is skipped when read, its index logged, and `collate` drops
+    it from its batch. Under torchrun every rank builds it, and they share the check (`every_rank=False`
+    for a set one rank builds alone)."""
 
-    def __init__(self, root, size, skip_bad=False, every_rank=True):
+    def __init__(self, root, size, skip_bad=False, every_rank=True, classes=True):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder not found: {root} (expected root/<class>/<image files>)")
-        self.size = size
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not self.classes:
-            raise ValueError(f"{root} has no class sub-folders: expected root/<class>/<image files>, "
-                             f"as ImageNet's train and val folders")
-        self.samples = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
-                        for f in sorted(os.listdir(os.path.join(root, c)))
-                        if f.lower().endswith(IMAGE_EXTENSIONS)]
+        self.root, self.size, self.skip_bad = root, size, skip_bad
+        if classes:
+            self.classes, self.samples, others = class_folders(root)
+        else:
+            images, others = fid.list_images(root)
+            self.classes, self.samples = [""], [(path, 0) for path in images]
         if not self.samples:
-            raise ValueError(f"{root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(f"{root} has no images ({', '.join(fid.IMAGE_EXTENSIONS)}){fid.not_images(others)}")
         bad = unreadable([path for path, _ in self.samples], every_rank)
         if bad and not skip_bad:
             raise ValueError(f"{len(bad)} of {len(self.samples)} files in {root} are not readable images (e.g. "
@@ -1212,19 +1232,51 @@ class ImageFolder(torch.utils.data.Dataset):
         if bad:
             left_out = set(bad)
             self.samples = [s for s in self.samples if s[0] not in left_out]
-            log(f"left out {len(bad)} unreadable file(s) of {root} (--skip-bad-images)")
         self.num_classes = len(self.classes)
+        unread = f"; left out {len(bad)} unreadable files (--skip-bad-images)" if bad else ""
+        log(f"{root}: {len(self.samples)} images in {self.num_classes} classes{fid.not_images(others)}{unread}")
 
     def __len__(self):
         return len(self.samples)
 
+    def name(self, i):
+        """Image i's path relative to the root: how caches and reconstructions name it."""
+        return os.path.relpath(self.samples[i][0], self.root)
+
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
-            image = load_rgb(path)
+            return to_tensor(center_crop_adm(fid.load_rgb(path), self.size)), label
         except Exception as e:
-            raise RuntimeError(f"cannot read image {path}: {e}. Remove or replace the file.") from None
-        return to_tensor(center_crop_adm(image, self.size)), label
+            if not self.skip_bad:
+                raise RuntimeError(f"cannot read image {path}: {e}. Remove or replace the file, or pass "
+                                   f"--skip-bad-images to skip it") from None
+            print(f"skipped image {i} ({path}), which does not decode: {e} (--skip-bad-images)", file=sys.stderr)
+            return None
+
+
+def collate(items):
+    """A batch of the items that read: ImageFolder gives None for a file skipped when read."""
+    kept = [item for item in items if item is not None]
+    if not kept:
+        raise RuntimeError(f"none of the {len(items)} images of a batch decodes (their indices are logged above): "
+                           f"the data folder is damaged; check it, or use a larger --batch-size")
+    return torch.utils.data.default_collate(kept)
+
+
+class Numbered(torch.utils.data.Dataset):
+    """Items `indices` of a data set, each with its position in `indices` (what a cache writes by), or None
+    where the item is."""
+
+    def __init__(self, data, indices):
+        self.data, self.indices = data, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        item = self.data[self.indices[k]]
+        return None if item is None else (*item, k)
 
 
 #: the shape classes of the built-in data set
@@ -1330,6 +1382,30 @@ def labels_of(data):
     if isinstance(data, ImageFolder):
         return [label for _, label in data.samples]
     return [i % data.num_classes for i in range(len(data))]
+
+
+def image_files(data):
+    """The files behind a folder data set, by index: (absolute paths, their paths relative to the root,
+    class names); None for the built-in data. A Subset keeps its indices' files."""
+    if isinstance(data, torch.utils.data.Subset):
+        files = image_files(data.dataset)
+        return files and tuple([column[i] for i in data.indices] for column in files)
+    if not isinstance(data, ImageFolder):
+        return None
+    return ([path for path, _ in data.samples], [data.name(i) for i in range(len(data))],
+            [data.classes[label] for _, label in data.samples])
+
+
+def files_fingerprint(paths, names):
+    """A hash of each file's relative path, size and modification time: a folder whose images were replaced
+    (same names, same count) changes it, at the cost of one stat per file (eight threads; 1.28M files stat in
+    seconds to a minute on shared storage, less than their headers take to check)."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        stats = list(pool.map(os.stat, paths, chunksize=1024))
+    h = hashlib.sha1()
+    for name, st in zip(names, stats):
+        h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def one_per_class(data, num=10):
@@ -1859,7 +1935,7 @@ def train_standin(args):
     ddp = nn.parallel.DistributedDataParallel(model) if is_distributed() else model
     opt = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=args.lr, betas=(0.9, 0.95), fused=True)
     loader, sampler = make_loader(train_set, args.batch_size, args.seed, rank, world, args.workers, device)
-    val_loader = torch.utils.data.DataLoader(shard(val_set, rank, world), batch_size=args.batch_size,
+    val_loader = torch.utils.data.DataLoader(shard(val_set, rank, world), batch_size=args.batch_size, collate_fn=collate,
                                              num_workers=args.workers, persistent_workers=args.workers > 0)
     flip_gen = torch.Generator().manual_seed(args.seed * world + rank)
     run = Run(args, "teacher", device, len(train_set), args.batch_size * world,
@@ -1919,7 +1995,7 @@ def token_statistics(vit, dataset, batch_size, device, num=2000):
     """Per-channel mean and std of the patch tokens over (up to) `num` training images."""
     subset = torch.utils.data.Subset(dataset, range(min(num, len(dataset))))
     tokens = torch.cat([vit.patch_tokens(x.to(device)).flatten(0, 1).double().cpu()  # B x L x D -> (B L) x D
-                        for x, _ in torch.utils.data.DataLoader(subset, batch_size=batch_size)])
+                        for x, _ in torch.utils.data.DataLoader(subset, batch_size, collate_fn=collate)])
     return tokens.mean(0).float(), tokens.std(0).clamp(min=1e-6).float()
 
 

@@ -373,7 +373,7 @@ def open_latents(args):
     if args.bench or args.preview_every <= 0:
         return cache, None
     path = cache.meta["tokenizer"] if args.tokenizer is None else args.tokenizer
-    if args.tokenizer is None and not os.path.isfile(path):
+    if args.tokenizer is None and not (distill.is_url(path) or os.path.isfile(path)):
         distill.log(f"previews off: no tokenizer to decode them (the cache's, {path}, is gone); pass --tokenizer")
         return cache, None
     tok = tokenizer.load_tokenizer(path)

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import warnings
 import zipfile
 
@@ -275,7 +276,8 @@ def preprocess(images, mode="tf"):
 #                   Features from folders, .npz files and iterators             #
 #################################################################################
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+#: what counts as an image, in any letter case, for fid.py and every stage of the project (a GIF is its first frame)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 def world_info():
@@ -284,17 +286,51 @@ def world_info():
 
 
 def list_images(folder):
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    """Every image under `folder` at any depth, sorted by path, and the other files (left out, and said)."""
+    images, others = [], []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        for f in files:
+            (images if f.lower().endswith(IMAGE_EXTENSIONS) else others).append(os.path.join(root, f))
+    return sorted(images), sorted(others)
+
+
+def not_images(others):
+    """'' or a note on the files a folder holds beside its images, e.g. '; skipped 3 files that are not
+    images (.txt 2, no extension 1)'."""
+    if not others:
+        return ""
+    kinds = {}
+    for path in others:
+        ext = os.path.splitext(path)[1].lower() or "no extension"
+        kinds[ext] = kinds.get(ext, 0) + 1
+    listed = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:6])
+    return f"; skipped {len(others)} files that are not images ({listed})"
+
+
+def load_rgb(path):
+    """An image file as 8-bit RGB, as the standard evaluators read it (PIL's convert("RGB"): palette, alpha,
+    greyscale and CMYK files, a GIF's first frame), except 16-bit greyscale (PNG/TIFF modes I;16 and I),
+    which is scaled to 8 bits: PIL's conversion clips it, which turns most pixels white."""
+    with Image.open(path) as im:
+        if im.mode.startswith("I"):
+            deep = np.asarray(im, dtype=np.float64)
+            return Image.fromarray((deep * (255 / 65535)).round().clip(0, 255).astype(np.uint8)).convert("RGB")
+        return im.convert("RGB")
+
+
+def folder_images(folder):
+    """A folder's images for the Inception, with a note of what was left out (on stderr: stdout is the JSON)."""
+    files, others = list_images(folder)
     if not files:
-        raise ValueError(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)}){not_images(others)}")
+    if world_info()[0] == 0:
+        print(f"{folder}: {len(files)} images{not_images(others)}", file=sys.stderr)
     return files
 
 
 def read_image(path):
     try:
-        with Image.open(path) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)  # H x W x 3 -> 3 x H x W
+        return torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1)  # H x W x 3 -> 3 x H x W
     except Exception as e:
         raise RuntimeError(f"cannot read image {path}: {e}") from None
 
@@ -311,7 +347,7 @@ def image_batches(source, batch_size):
     returns the total count. Any other iterable of uint8 batches passes through (the caller shards it)."""
     rank, world = world_info()
     if isinstance(source, str) and os.path.isdir(source):
-        files = list_images(source)
+        files = folder_images(source)
         n, get = len(files), (lambda lo, hi: read_batch(files[lo:hi]))
     elif isinstance(source, str) and source.endswith(".npz"):
         images = npz_images(source)  # read-only memory map: each batch is a copy
@@ -523,15 +559,15 @@ def statistics_members(source):
 
 
 def describe(source, model, args, device, need_images=False):
-    """A source -> (mu, sigma, features or None, logits or None); a statistics file's `arr_0` is read only
-    for precision/recall (`need_images`)."""
+    """A source -> (mu, sigma, features or None, logits or None, number of images read or None); a statistics
+    file's `arr_0` is read only for precision/recall (`need_images`)."""
     members = statistics_members(source)
     if members is not None:
         with_images = need_images and "arr_0" in members
         feats = features(model, source, args.batch_size, args.mode, device)[0] if with_images else None
-        return (*load_statistics(source), feats, None)
+        return (*load_statistics(source), feats, None, None)
     feats, logits = features(model, source, args.batch_size, args.mode, device)
-    return (*statistics(feats), feats, logits)
+    return (*statistics(feats), feats, logits, len(feats))
 
 
 def write_atomically(path, write):
@@ -619,11 +655,12 @@ def main(argv=None):
             check_writable(stats_path, "--save-stats")
     model = FIDInception().load(args.inception_weights).to(device) if reads_images else None
     first = describe(args.sources[0], model, args, device, args.pr)
-    metrics = {"sources": args.sources, "mode": args.mode}
+    metrics = {"sources": args.sources, "mode": args.mode, "num_images": {args.sources[0]: first[4]}}
     if stats_path and rank == 0:
         write_atomically(stats_path, lambda f: np.savez(f, mu=first[0], sigma=first[1]))
     if len(args.sources) == 2:
         second = describe(args.sources[1], model, args, device, args.pr)
+        metrics["num_images"][args.sources[1]] = second[4]
         metrics["fid"], metrics["fid_diagnostics"] = frechet_distance(*first[:2], *second[:2], diagnostics=True)
         if args.pr:
             metrics.update(precision_recall(first[2], second[2]))

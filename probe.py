@@ -54,7 +54,8 @@ def extract(model, data, kind, taus, args, device):
     contiguous shard, gathered in index order. Returns ({tau: (N, dim)}, labels (N,))."""
     rank, world = distill.world_info()
     mine = distill.shard(data, rank, world)
-    loader = torch.utils.data.DataLoader(mine, batch_size=args.batch_size, num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(mine, batch_size=args.batch_size, num_workers=args.workers,
+                                         collate_fn=distill.collate)
     feats, labels, done = {tau: [] for tau in taus}, [], 0
     meter = distill.Throughput(device)
     for k, (x, y) in enumerate(loader):

@@ -724,8 +724,10 @@ def test_image_folder_errors(tmp_path):
     assert x.shape == (3, 32, 32) and y == 0
     good = tmp_path / "cat" / "ok.png"
     good.write_bytes(good.read_bytes()[:60])  # the header reads, the pixels do not
-    with pytest.raises(RuntimeError, match="cannot read image .*ok.png"):
-        distill.ImageFolder(str(tmp_path), 32, skip_bad=True)[0]
+    (tmp_path / "cat" / "bad.jpg").unlink()
+    with pytest.raises(RuntimeError, match="cannot read image .*ok.png.*--skip-bad-images"):
+        distill.ImageFolder(str(tmp_path), 32)[0]
+    assert distill.ImageFolder(str(tmp_path), 32, skip_bad=True)[0] is None  # skipped when read, and said
 
 
 def test_image_folder_check_is_shared_by_the_ranks(tmp_path):
@@ -1710,19 +1712,25 @@ def test_evaluate_writes_metrics(stage1_run):
 
 
 def test_evaluate_on_another_data_set_keeps_the_first(stage1_run, tmp_path):
-    """Outputs are named by the data set, and --out puts them elsewhere."""
-    for c in ("a", "b"):
-        (tmp_path / "val" / c).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(np.random.default_rng(i).integers(0, 255, (36, 40, 3), np.uint8)).save(
-                tmp_path / "val" / c / f"{i}.png")
+    """Outputs are named by the data set (two folders both named val included), and --out puts them
+    elsewhere."""
+    for root, n in (("x", 2), ("y", 3)):
+        for c in ("a", "b"):
+            (tmp_path / root / "val" / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.random.default_rng(i).integers(0, 255, (36, 40, 3), np.uint8)).save(
+                    tmp_path / root / "val" / c / f"{i}.png")
     tokenizer.main(["evaluate", "--ckpt", stage1_run, "--num-eval", "8", "--workers", "0", "--out", str(tmp_path)])
     first = (tmp_path / "metrics_synthetic.json").read_bytes()
-    tokenizer.main(["evaluate", "--ckpt", stage1_run, "--data", str(tmp_path / "val"), "--workers", "0",
-                    "--out", str(tmp_path)])
+    for root, n in (("x", 2), ("y", 3)):
+        data = str(tmp_path / root / "val")
+        tokenizer.main(["evaluate", "--ckpt", stage1_run, "--data", data, "--workers", "0", "--out", str(tmp_path)])
     assert (tmp_path / "metrics_synthetic.json").read_bytes() == first
-    assert json.loads((tmp_path / "metrics_val.json").read_text())["ema"]["num_images"] == 4
-    assert (tmp_path / "eval_val_ema.png").is_file()
+    for root, n in (("x", 2), ("y", 3)):
+        data = str(tmp_path / root / "val")
+        metrics = json.loads((tmp_path / f"metrics_{tokenizer.data_tag(data)}.json").read_text())
+        assert metrics["data"] == data and metrics["ema"]["num_images"] == 2 * n
+        assert (tmp_path / f"eval_{tokenizer.data_tag(data)}_ema.png").is_file()
 
 
 def read_cache(root):

@@ -915,7 +915,7 @@ def stage1_weights(path):
     """(config, EMA weights) of a stage-1 tokenizer: written by `tokenizer.py train`, or the authors'
     RecTok.pth (from which they fine-tuned RecTok_decft.pth). No model is built here: that would draw
     from the run's seeded random stream and change what stage 2 trains."""
-    if not os.path.isfile(path):
+    if not distill.is_url(path) and not os.path.isfile(path):
         raise FileNotFoundError(f"stage-1 checkpoint not found: {path}. Train it first with "
                                 f"`python tokenizer.py` (or pass --init)")
     return tokenizer_weights(distill.load_checkpoint(path, ("tokenizer",), "stage-1 tokenizer checkpoint"), path)
@@ -930,7 +930,7 @@ def eval_loader(args, size, rank, world):
     """Held-out images, center crop, no flip, split over ranks without padding."""
     data = distill.build_dataset(args.data, size, "val", args.num_eval, args.seed, args.skip_bad_images)
     return data, torch.utils.data.DataLoader(distill.shard(data, rank, world), batch_size=args.batch_size,
-                                             num_workers=args.workers)
+                                             num_workers=args.workers, collate_fn=distill.collate)
 
 
 @torch.no_grad()
@@ -953,10 +953,11 @@ def evaluate(args):
     """PSNR (per image on [0, 1], averaged) and, with --rfid, rFID against the statistics of the same
     held-out images (computed once, cached in --ref-stats), for the raw and EMA weights. Writes
     metrics_DATA.json and grids of originals above reconstructions, eval_DATA_WEIGHTS.png, named by the
-    data set (so evaluating on another one keeps the first), into --out (default: next to the checkpoint)."""
+    data set (data_tag: evaluating on another one keeps the first), into --out (default: next to the
+    checkpoint; runs/eval for a URL)."""
     rank, world, device = distill.setup_distributed()
-    results, out_dir = {}, args.out or os.path.dirname(os.path.abspath(args.ckpt))
-    tag = os.path.basename(os.path.normpath(args.data))
+    beside = "runs/eval" if distill.is_url(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
+    results, out_dir, tag = {}, args.out or beside, data_tag(args.data)
     if rank == 0:
         distill.prepare_out_dir(out_dir)
     inception = fid.FIDInception().load(args.inception_weights).to(device) if args.rfid else None
@@ -983,6 +984,15 @@ def evaluate(args):
         distill.log(f"wrote {path}")
     distill.cleanup_distributed()
     return results
+
+
+def data_tag(data):
+    """A data set's name in output file names: 'synthetic', or the folder's name and a hash of its absolute
+    path, so that /imagenet/val and /mydata/val never write the same file."""
+    if data == "synthetic":
+        return data
+    path = os.path.abspath(data)
+    return f"{os.path.basename(path)}-{hashlib.sha1(path.encode()).hexdigest()[:6]}"
 
 
 @torch.no_grad()
@@ -1025,7 +1035,7 @@ CACHE_ARRAYS = ("moments", "moments_flip")
 
 def cache_meta(args, model, config, data):
     grid = config["img_size"] // config["patch_size"]
-    return {"tokenizer": os.path.abspath(args.ckpt), "fingerprint": distill.weights_fingerprint(model),
+    return {"tokenizer": args.ckpt if distill.is_url(args.ckpt) else os.path.abspath(args.ckpt), "fingerprint": distill.weights_fingerprint(model),
             "config": config, "data": args.data if args.data == "synthetic" else os.path.abspath(args.data),
             "num_images": len(data), "num_classes": data.num_classes,
             "tokens": grid * grid, "channels": config["channels"], "grid": grid,
@@ -1035,7 +1045,15 @@ def cache_meta(args, model, config, data):
 
 
 #: what must match for an encode to resume into an existing cache: the same tokenizer, the same images
-RESUME_KEYS = ("fingerprint", "data", "split", "seed", "num_images", "crop", "tokens", "channels", "shard_size")
+RESUME_KEYS = ("fingerprint", "data", "split", "seed", "num_images", "crop", "tokens", "channels", "shard_size",
+               "files")
+
+
+def write_file_list(root, files):
+    """Where each latent comes from: files.txt beside meta.json, one line per index: the class, a tab, the
+    image's path under the data folder."""
+    lines = "".join(f"{c}\t{name}\n" for name, c in zip(files[1], files[2]))
+    distill.atomic_write(os.path.join(root, "files.txt"), lambda f: f.write(lines.encode()))
 
 
 def shard_range(meta, k):
@@ -1114,11 +1132,15 @@ def encode(args):
         distill.prepare_out_dir(args.out)
     meta_path = os.path.join(args.out, "meta.json")
     if rank == 0:
+        files = distill.image_files(data)  # a resume must find the same files, not just as many
+        meta["files"] = files and distill.files_fingerprint(files[0], files[1])
         if os.path.isfile(meta_path):
             check_meta(args.out, {k: meta[k] for k in RESUME_KEYS},
                        fix=f"It holds other latents than this command would write: encode into a fresh "
                            f"--out (or delete {args.out})")
         else:
+            if files:
+                write_file_list(args.out, files)
             distill.write_json(meta_path, meta)
     distill.barrier()
     mine = range(rank * meta["num_shards"] // world, (rank + 1) * meta["num_shards"] // world)
@@ -1127,12 +1149,13 @@ def encode(args):
     distill.log(f"encoding {len(data)} images in {meta['num_shards']} shards into {args.out} with {world} "
                 f"process(es); rank 0: {len(todo)} images to do")
     index = [shard_range(meta, k)[0] + j for k, j in todo]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, index), batch_size=args.batch_size,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(distill.Numbered(data, index), batch_size=args.batch_size,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         collate_fn=distill.collate)
     meter, start, preemption = distill.Throughput(device), 0, distill.Preemption()
-    for x, y in loader:
-        batch = todo[start:start + len(y)]
-        start += len(y)
+    for x, y, position in loader:
+        batch = [todo[p] for p in position.tolist()]
+        start = position[-1].item() + 1
         x = x.to(device, non_blocking=True)
         with distill.autocast(device):
             both = model.moments(torch.cat([x, x.flip(-1)])).float()
@@ -1152,9 +1175,13 @@ def encode(args):
             distill.log(f"encoded {start}/{len(todo)} on rank 0 {meter.report()}")
         if preemption.stopped(f"{start} of rank 0's {len(todo)} images"):
             return None
+    skipped = mark_skipped(args.out, meta, mine) if args.skip_bad_images else 0
     distill.wait_for_all()  # a resumed encode leaves the ranks unequal shares
-    moments = (map_array(shard_path(args.out, "moments", k)) for k in mine)  # one shard at a time
-    stats = cache_statistics(moments, config["channels"], device)
+    shards = ((map_array(shard_path(args.out, "moments", k)), np.load(shard_path(args.out, "labels", k)))
+              for k in mine)  # one shard at a time
+    stats = cache_statistics(shards, config["channels"], device)
+    if skipped:
+        distill.log(f"rank 0 skipped {skipped} images that did not decode (label -1 in the cache: never read)")
     if rank == 0:
         missing = [k for k in range(meta["num_shards"]) if not open_shard(args.out, meta, k, "r")["done"].all()]
         if missing:
@@ -1168,13 +1195,29 @@ def encode(args):
     distill.cleanup_distributed()
 
 
+def mark_skipped(root, meta, shards):
+    """After a pass over every image (--skip-bad-images), an image still not done is one that did not decode:
+    it is marked done with label -1, which the cache's reader and statistics leave out. Returns their count."""
+    count = 0
+    for k in shards:
+        shard = open_shard(root, meta, k, "r+")
+        left = np.flatnonzero(~shard["done"])
+        for name, value in (("labels", -1), ("done", True)):  # done last, as in encode
+            shard[name][left] = value
+            shard[name].flush()
+        count += len(left)
+    return count
+
+
 def cache_statistics(shards, channels, device, chunk=4096):
     """Per-channel mean and std of the posterior MEANS over the data set (`main_diffusion.py`), from float64 sums
-    over this rank's shards, all-reduced over ranks (no E[x^2] - E[x]^2 cancellation in fp32)."""
+    over this rank's shards ((moments, labels) pairs; label -1 marks a skipped image), all-reduced over ranks
+    (no E[x^2] - E[x]^2 cancellation in fp32)."""
     sums = torch.zeros(3, channels, dtype=torch.float64, device=device)
-    for moments in shards:
+    for moments, labels in shards:
         for s in range(0, len(moments), chunk):
-            mean = torch.from_numpy(np.asarray(moments[s:s + chunk, :, :channels])).double()
+            kept = torch.from_numpy(labels[s:s + chunk] >= 0)
+            mean = torch.from_numpy(np.asarray(moments[s:s + chunk, :, :channels])).double()[kept]
             mean = mean.reshape(-1, channels).to(device)  # n x L x C -> (n L) x C
             sums += torch.stack([torch.full_like(mean[0], mean.shape[0]), mean.sum(0), (mean ** 2).sum(0)])
     if distill.is_distributed():
@@ -1213,6 +1256,7 @@ class LatentCache(torch.utils.data.Dataset):
         self.moments = [map_array(shard_path(root, "moments", k)) for k in shards]  # no open file per shard
         self.flipped = [map_array(shard_path(root, "moments_flip", k)) for k in shards]
         self.labels = np.concatenate([np.load(shard_path(root, "labels", k)) for k in shards])
+        self.index = np.flatnonzero(self.labels >= 0)  # label -1: an image skipped when encoded
         stats = np.load(os.path.join(root, "stats.npz"))
         self.mu, self.sigma = torch.from_numpy(stats["mean"]).float(), torch.from_numpy(stats["std"]).float()
         self.flip, self.seed, self.epoch = flip, seed, 0
@@ -1222,11 +1266,12 @@ class LatentCache(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __len__(self):
-        return len(self.labels)
+        return len(self.index)
 
     def __getitem__(self, i):
         flip = self.flip and np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5
-        k, j = divmod(i, self.meta["shard_size"])
+        i = self.index[i]
+        k, j = divmod(int(i), self.meta["shard_size"])
         return (self.flipped if flip else self.moments)[k][j].float(), int(self.labels[i])
 
 
