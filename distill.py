@@ -266,7 +266,7 @@ def check_weights(modules, step, latest=None):
 #: the pipeline's default run folders: each stage reads the previous one's default output
 RUNS = {"teacher": "runs/teacher", "tokenizer": "runs/tokenizer", "tokenizer_ft": "runs/tokenizer_ft",
         "latents": "runs/latents", "dit": "runs/dit", "samples": "runs/samples", "probe": "runs/probe",
-        "fid_stats": "runs/fid_stats"}
+        "fid_stats": "runs/fid_stats", "reconstruct": "runs/reconstruct"}
 #: the stand-in teacher that `python distill.py` writes and the tiny presets read
 STANDIN_TEACHER = os.path.join(RUNS["teacher"], "teacher.pt")
 
@@ -439,8 +439,12 @@ def save_grid(rows, path):
     """Rows of images in [0, 1] (each (N, 3, H, W)) -> one PNG."""
     grid = torch.cat([torch.cat(list(r.float().cpu()), dim=2) for r in rows], dim=1)
     # 3 x (rows H) x (N W) -> (rows H) x (N W) x 3
-    arr = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
+    save_png((grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), path)
+
+
+def save_png(image, path):
+    """A uint8 (H, W, 3) array -> a PNG, atomically: a PNG that exists is whole."""
+    atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
 # ----- random state, weights fingerprints, checkpoint loading -----
@@ -1234,7 +1238,8 @@ class ImageFolder(torch.utils.data.Dataset):
             self.samples = [s for s in self.samples if s[0] not in left_out]
         self.num_classes = len(self.classes)
         unread = f"; left out {len(bad)} unreadable files (--skip-bad-images)" if bad else ""
-        log(f"{root}: {len(self.samples)} images in {self.num_classes} classes{fid.not_images(others)}{unread}")
+        classes = f" in {self.num_classes} classes" if classes else ""
+        log(f"{root}: {len(self.samples)} images{classes}{fid.not_images(others)}{unread}")
 
     def __len__(self):
         return len(self.samples)
@@ -1421,13 +1426,33 @@ def build_dataset(data, size, split="train", num_images=None, seed=0, skip_bad=F
     anything else is a class-folder root (num_images, if set, keeps an evenly spaced subset)."""
     if data == "synthetic":
         return SyntheticShapes(num_images or (10000 if split == "train" else 1000), size, split, seed)
-    dataset = ImageFolder(data, size, skip_bad, every_rank)
-    if num_images and num_images < len(dataset):
-        keep = np.linspace(0, len(dataset) - 1, num_images).round().astype(int).tolist()
-        subset = torch.utils.data.Subset(dataset, keep)
-        subset.num_classes = dataset.num_classes
-        return subset
-    return dataset
+    return evenly_spaced(ImageFolder(data, size, skip_bad, every_rank), num_images)
+
+
+def evenly_spaced(dataset, num_images, indices=None):
+    """`num_images` evenly spaced items of `indices` (default all) of a data set; all of them without a count."""
+    indices = range(len(dataset)) if indices is None else indices
+    if num_images and num_images < len(indices):
+        indices = [indices[i] for i in np.linspace(0, len(indices) - 1, num_images).round().astype(int)]
+    if len(indices) == len(dataset):
+        return dataset
+    subset = torch.utils.data.Subset(dataset, list(indices))
+    subset.num_classes = dataset.num_classes
+    return subset
+
+
+def train_val(data, size, val_data=None, num_train=None, num_val=None, seed=0, skip_bad=False):
+    """A training set and a held-out set that never share an image: the built-in data's own splits, or
+    --val-data's folder, or else every 50th image of the folder held out (the rule of every stage)."""
+    if data == "synthetic" or val_data:
+        return (build_dataset(data, size, "train", num_train, seed, skip_bad),
+                build_dataset(val_data or data, size, "val", num_val, seed, skip_bad))
+    full = ImageFolder(data, size, skip_bad)
+    held = np.arange(len(full)) % 50 == 0
+    log(f"held out every 50th image of {data} ({held.sum()} images) for validation; --val-data names a "
+        f"separate folder")
+    return (evenly_spaced(full, num_train, np.flatnonzero(~held).tolist()),
+            evenly_spaced(full, num_val, np.flatnonzero(held).tolist()))
 
 
 #################################################################################
@@ -1925,7 +1950,8 @@ def train_standin(args):
     if rank == 0 and not args.bench:
         prepare_out_dir(args.out)
     torch.manual_seed(args.seed * world + rank)
-    train_set, val_set = standin_splits(args)
+    train_set, val_set = train_val(args.data, args.image_size, args.val_data, args.num_train, args.num_val,
+                                   args.seed, args.skip_bad_images)
     config = {"vit": standin_vit(vars(args)), "num_classes": train_set.num_classes}
     model = StandinClassifier(**config).to(device)
     ema = make_ema(model)
@@ -1997,22 +2023,6 @@ def token_statistics(vit, dataset, batch_size, device, num=2000):
     tokens = torch.cat([vit.patch_tokens(x.to(device)).flatten(0, 1).double().cpu()  # B x L x D -> (B L) x D
                         for x, _ in torch.utils.data.DataLoader(subset, batch_size, collate_fn=collate)])
     return tokens.mean(0).float(), tokens.std(0).clamp(min=1e-6).float()
-
-
-def standin_splits(args):
-    """Train and held-out sets: the built-in data has its own val split; a folder holds out every 50th
-    image unless --val-data names a separate folder."""
-    if args.data == "synthetic" or args.val_data:
-        train = build_dataset(args.data, args.image_size, "train", args.num_train, args.seed, args.skip_bad_images)
-        val = build_dataset(args.val_data or args.data, args.image_size, "val", args.num_val, args.seed,
-                            args.skip_bad_images)
-        return train, val
-    full = build_dataset(args.data, args.image_size, skip_bad=args.skip_bad_images)
-    held = np.arange(len(full)) % 50 == 0
-    train = torch.utils.data.Subset(full, np.flatnonzero(~held).tolist())
-    val = torch.utils.data.Subset(full, np.flatnonzero(held).tolist())
-    train.num_classes = val.num_classes = full.num_classes
-    return train, val
 
 
 CHECK_READS = ("preset", "check", "weights", "image_size")  # --check and the flags it reads

@@ -289,10 +289,8 @@ def main(argv=None):
     config = model.config
     taus = args.sweep_tau or [args.tau]  # parse_args: --tau is 0 unless the feature is the flow
     kind = "flow" if args.sweep_tau else args.feature
-    train = distill.build_dataset(args.data, config["img_size"], "train", args.num_train, args.data_seed,
-                                  args.skip_bad_images)
-    val = distill.build_dataset(args.val_data or args.data, config["img_size"], "val", args.num_val,
-                                args.data_seed, args.skip_bad_images)
+    train, val = distill.train_val(args.data, config["img_size"], args.val_data, args.num_train, args.num_val,
+                                   args.data_seed, args.skip_bad_images)
     features, y = training_features(model, train, kind, taus, args, device)
     xvs, yv = extract(model, val, kind, taus, args, device)
     accs = train_heads(features, y, xvs, yv, train.num_classes, args, device)
@@ -339,7 +337,8 @@ def build_parser(add_help=True):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=distill.HelpFormatter, add_help=add_help)
     p.add_argument("--tokenizer", default=os.path.join(distill.RUNS["tokenizer_ft"], "latest.pt"))
     p.add_argument("--data", default="synthetic", help="'synthetic' or a class-folder train set")
-    p.add_argument("--val-data", default=None, help="class-folder val set (synthetic: its val split)")
+    p.add_argument("--val-data", default=None,
+                   help="class-folder val set (default: its val split, or every 50th image of --data)")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out (and count) unreadable files")
     p.add_argument("--num-train", type=distill.positive_int, help="train images (None: all)")
     p.add_argument("--num-val", type=distill.positive_int, help="val images (None: all)")

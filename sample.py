@@ -194,9 +194,8 @@ def main(argv=None):
     t0, made, preemption = time.time(), 0, distill.Preemption()
     for k, batch in enumerate(todo):
         images, _ = generate(args, model, guide, tok, mu, sigma, batch, device)
-        for i, img in zip(batch, images):  # atomically: a PNG that exists is whole
-            distill.atomic_write(os.path.join(folder, f"{i:06d}.png"),
-                                 lambda f: Image.fromarray(img).save(f, format="PNG"))
+        for i, img in zip(batch, images):
+            distill.save_png(img, os.path.join(folder, f"{i:06d}.png"))
         made += len(batch)
         if (k + 1) % args.log_every == 0 or k + 1 == len(todo):
             distill.log(f"{min(args.num_images, before + made * world)}/{args.num_images} images, "

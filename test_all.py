@@ -106,7 +106,11 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
     the whole pipeline:
       test_pipeline_end_to_end
     your own images and weights (Python API, reconstructions, folders read whole, traceable outputs):
-      test_tokenizer_api_takes_images_and_returns_the_decoders_latent, test_readme_python_block_runs
+      test_tokenizer_api_takes_images_and_returns_the_decoders_latent, test_readme_python_block_runs,
+      test_one_folder_reader_for_every_stage_and_fid, test_reconstruct_writes_each_image_under_its_name,
+      test_probe_holds_out_a_disjoint_split, test_standin_teacher_must_have_trained_on_the_data,
+      test_cache_names_its_files_and_resumes_only_over_them, test_bad_files_never_cost_a_run,
+      test_weight_flags_take_urls
     this map names every test:
       test_the_map_names_every_test
 
@@ -3290,6 +3294,153 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch):
     assert np.load(runs / "samples" / "samples.npz")["arr_0"].shape == (20, 32, 32, 3)
     assert all(np.isfinite(m["psnr"]) for m in metrics.values())
     assert [r["tau"] for r in results] == [0, 0.3, 0.7] and all(0 <= r["top1"] <= 100 for r in results)
+
+
+#################################################################################
+#          Your own images and weights: folders, reconstructions, URLs          #
+#################################################################################
+
+
+def photo_folder(root, files, size=(36, 44)):
+    """Images at the given relative paths (format from the extension), each of its own colour noise."""
+    for k, name in enumerate(files):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    return str(root)
+
+
+def test_one_folder_reader_for_every_stage_and_fid(tmp_path, inception_files, capsys):
+    """Class folders are read at any depth with every image extension in any case (a GIF too); what is
+    left out is said; fid.py lists the same files; an empty class is refused; fid.py reads 16-bit, palette,
+    alpha, greyscale and CMYK files as 8-bit RGB, as the trainers do, and records each source's count."""
+    names = ["cat/a.JPG", "cat/deep/b.png", "cat/deep/er/c.gif", "dog/d.TIFF", "dog/e.webp", "dog/f.jpeg"]
+    root = photo_folder(tmp_path / "data", names)
+    (tmp_path / "data" / "dog" / "notes.txt").write_text("not an image")
+    data = distill.ImageFolder(root, 32)
+    assert len(data) == 6 and data.classes == ["cat", "dog"] and distill.labels_of(data) == [0, 0, 0, 1, 1, 1]
+    assert f"{root}: 6 images in 2 classes; skipped 1 files that are not images (.txt 1)" in capsys.readouterr().out
+    assert sorted(fid.list_images(root)[0]) == sorted(path for path, _ in data.samples)
+    (tmp_path / "data" / "empty").mkdir()
+    with pytest.raises(ValueError, match="1 of 3 class folders hold no images .*empty"):
+        distill.ImageFolder(root, 32)
+    modes = tmp_path / "modes"
+    modes.mkdir()
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(modes / "deep.png")
+    grey = Image.fromarray(np.full((16, 16), 128, np.uint8))
+    grey.convert("P").save(modes / "palette.gif")
+    grey.convert("RGBA").save(modes / "alpha.png")
+    grey.convert("LA").save(modes / "grey_alpha.png")
+    grey.convert("CMYK").save(modes / "cmyk.tif")
+    for path in sorted(modes.iterdir()):
+        image = fid.read_image(str(path))
+        assert image.dtype == torch.uint8 and image.shape == (3, 16, 16), path.name
+        assert abs(image.float().mean().item() - 128) < 2, path.name  # mid-grey, not clipped to white
+    weights = ["--inception-weights", str(inception_files / "inception.pth"), "--batch-size", "4"]
+    m = fid.main([str(modes), str(inception_files / "b.npz"), "--json", str(tmp_path / "m.json"), *weights])
+    assert m["num_images"] == {str(modes): 5, str(inception_files / "b.npz"): 7}
+    assert json.loads((tmp_path / "m.json").read_text())["num_images"][str(modes)] == 5
+
+
+def test_reconstruct_writes_each_image_under_its_name(stage1_run, tmp_path):
+    """`tokenizer.py reconstruct`: a PNG per image at the same relative path, psnr.csv with each image's
+    PSNR (the API's reconstruction of its crop) and their mean, the same on 2 processes as on 1."""
+    root = photo_folder(tmp_path / "photos", ["a.JPG", "trip/b.png", "trip/day 2/c.gif"])
+    common = ["--ckpt", stage1_run, "--data", root, "--batch-size", "2", "--workers", "0"]
+    tokenizer.main(["reconstruct", *common, "--out", str(tmp_path / "one")])
+    torchrun("tokenizer.py", ["reconstruct", *common, "--out", str(tmp_path / "two")])
+    names = ["a.png", "trip/b.png", "trip/day 2/c.png"]
+    rows = [line.split(",") for line in (tmp_path / "one" / "psnr.csv").read_text().splitlines()]
+    assert rows[0] == ["image", "psnr"] and [r[0] for r in rows[1:-1]] == names and rows[-1][0] == "mean"
+    assert float(rows[-1][1]) == pytest.approx(np.mean([float(r[1]) for r in rows[1:-1]]), abs=1e-3)
+    assert (tmp_path / "two" / "psnr.csv").read_text() == (tmp_path / "one" / "psnr.csv").read_text()
+    tok = tokenizer.load_tokenizer(stage1_run)
+    crop = torch.tensor(distill.center_crop_adm(fid.load_rgb(os.path.join(root, "trip/b.png")), 32))
+    x = crop.permute(2, 0, 1)[None]
+    with torch.no_grad():
+        recon = tok.decode(tok.encode(x))
+    assert float(rows[2][1]) == pytest.approx(tokenizer.psnr(recon, x.float() / 127.5 - 1).item(), abs=1e-3)
+    for name in names:
+        for run in ("one", "two"):
+            with Image.open(tmp_path / run / name) as im:
+                assert im.size == (32, 32)
+    expected = (recon[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.abs(np.asarray(Image.open(tmp_path / "one" / "trip/b.png")).astype(int) - expected).max() <= 1
+
+
+def test_probe_holds_out_a_disjoint_split(stage1_run, tmp_path, monkeypatch):
+    """probe.py --data DIR without --val-data validates on every 50th image, never on a training image."""
+    root = photo_folder(tmp_path / "data", [f"{c}/{i}.png" for c in "ab" for i in range(60)], size=(32, 32))
+    splits = []
+    train_val = distill.train_val
+    monkeypatch.setattr(distill, "train_val", lambda *a, **k: splits.append(train_val(*a, **k)) or splits[-1])
+    probe.main(["--tokenizer", stage1_run, "--data", root, "--num-train", "40", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0",
+                "--out", str(tmp_path / "probe")])
+    train, val = (set(distill.image_files(d)[0]) for d in splits[0])
+    assert len(val) == 3 and len(train) == 40 and not train & val
+
+
+def test_standin_teacher_must_have_trained_on_the_data(standin_teacher, tmp_path):
+    """The quick start's stand-in teacher (built-in shapes) is refused for a folder, with the command that
+    trains one on it."""
+    root = photo_folder(tmp_path / "data", ["a/0.png", "b/1.png"], size=(32, 32))
+    with pytest.raises(ValueError, match=f"trained on synthetic, not on --data {root}: .*python distill.py --data"):
+        tokenizer.main(tok_args(standin_teacher, str(tmp_path / "tok"), "--data", root))
+
+
+def test_cache_names_its_files_and_resumes_only_over_them(stage1_run, tmp_path):
+    """files.txt names each latent's image and class; an encode into the cache after the images changed
+    under the same names is refused; the same files resume."""
+    root = photo_folder(tmp_path / "data", ["a/0.png", "a/x/1.png", "b/2.png"], size=(32, 32))
+    out = str(tmp_path / "cache")
+    args = ["encode", "--ckpt", stage1_run, "--data", root, "--out", out, "--workers", "0"]
+    tokenizer.main(args)
+    assert (tmp_path / "cache" / "files.txt").read_text() == "a\ta/0.png\na\ta/x/1.png\nb\tb/2.png\n"
+    tokenizer.main(args)  # the same files: a finished cache, nothing to do
+    photo_folder(tmp_path / "data", ["b/2.png"], size=(30, 30))  # a new image under an old name
+    with pytest.raises(ValueError, match="files: cache has .*encode into a fresh --out"):
+        tokenizer.main(args)
+
+
+def test_bad_files_never_cost_a_run(tmp_path, stage1_run):
+    """A file whose header reads but whose body does not: without --skip-bad-images the error names it and
+    the flag; with it, encode finishes (the image is label -1, left out of the reader and the statistics)
+    and a training run goes on."""
+    root = photo_folder(tmp_path / "data", [f"{c}/{i}.png" for c in "ab" for i in range(8)], size=(32, 32))
+    bad = tmp_path / "data" / "a" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:80])
+    out = str(tmp_path / "cache")
+    with pytest.raises(RuntimeError, match="cannot read image .*3.png.*--skip-bad-images"):
+        tokenizer.main(["encode", "--ckpt", stage1_run, "--data", root, "--out", out, "--workers", "0"])
+    tokenizer.main(["encode", "--ckpt", stage1_run, "--data", root, "--out", str(tmp_path / "c2"), "--workers", "0",
+                    "--skip-bad-images", "--batch-size", "4"])
+    labels = read_cache_array(str(tmp_path / "c2"), "labels")
+    assert labels.tolist() == [0] * 3 + [-1] + [0] * 4 + [1] * 8
+    cache = tokenizer.LatentCache(str(tmp_path / "c2"), flip=False)
+    assert len(cache) == 15 and [cache[i][1] for i in range(15)] == [0] * 7 + [1] * 8
+    moments = torch.stack([cache[i][0] for i in range(15)])[..., :8].double()
+    assert_close(torch.from_numpy(np.load(os.path.join(tmp_path / "c2", "stats.npz"))["mean"]).double(),
+                 moments.mean(dim=(0, 1)))
+    tokenizer.main(tok_args(None, str(tmp_path / "tok"), "--data", root, "--skip-bad-images", "--batch-size", "4"))
+    assert torch.load(tmp_path / "tok" / "latest.pt", weights_only=True)["step"] == 4  # 15 images, drop_last
+
+
+def test_weight_flags_take_urls(stage1_run, dit_run, tmp_path, monkeypatch):
+    """Every weight flag takes a URL, downloaded once into torch.hub's cache ($TORCH_HOME); a file already
+    there is used offline; a download that fails says where the file is expected."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    url = (tmp_path / "RecTok_mine.pth").as_uri()
+    shutil.copy(stage1_run, tmp_path / "RecTok_mine.pth")
+    results = tokenizer.main(["evaluate", "--ckpt", url, "--num-eval", "4", "--workers", "0",
+                              "--out", str(tmp_path / "eval")])
+    cached = tmp_path / "home" / "hub" / "checkpoints" / "RecTok_mine.pth"
+    assert cached.is_file() and np.isfinite(results["ema"]["psnr"])
+    shutil.copy(dit_run, cached.parent / "DiT_mine.pt")  # offline: the cache is filled beforehand
+    sample.main(["--dit", "https://example.invalid/hub/DiT_mine.pt", "--tokenizer", url, "--out",
+                 str(tmp_path / "samples"), "--num-images", "2", "--steps", "2", "--batch-size", "2"])
+    assert (tmp_path / "samples" / "samples.npz").is_file()
+    with pytest.raises(RuntimeError, match="could not download .*missing.pt.*place the file at .*checkpoints"):
+        dit.load_dit((tmp_path / "missing.pt").as_uri())
 
 
 def test_the_map_names_every_test():

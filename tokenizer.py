@@ -17,7 +17,8 @@ Modes, each with only its own flags (`python tokenizer.py MODE -h` prints them w
     train      stage 1 (the default when no mode is given)
     finetune   stage 2, the paper's decoder fine-tuning, from a stage-1 checkpoint (--init)
     evaluate   PSNR (and --rfid) of a tokenizer (--ckpt) on held-out images
-    encode     the latent cache of a data set, for dit.py and probe.py
+    encode     the latent cache of a data set, for dit.py and probe.py (files.txt names each latent's image)
+    reconstruct  your folder through a tokenizer: a PNG per image, same relative names, and psnr.csv
 
 Run:
     python tokenizer.py                                    # built-in data, tiny preset, stand-in teacher
@@ -26,6 +27,7 @@ Run:
         --teacher dinov3_vitl16 --teacher-weights /weights/dinov3_vitl16_pretrain_lvd1689m.pth
     python tokenizer.py --preset paper --bench 10 --batch-size 2 --random-weights   # timed, writes nothing
     python tokenizer.py finetune --preset paper --bench 10 --batch-size 2 --random-weights   # stage 2, the same
+    python tokenizer.py reconstruct --ckpt RecTok_decft.pth --data ~/photos --out runs/reconstruct
 
 Writes OUT/latest.pt (every --ckpt-every steps and every epoch; a run started in a folder with latest.pt
 resumes it exactly), OUT/epoch_NNNN.pt milestones, and OUT/recon_STEP.png grids (held-out originals above
@@ -725,10 +727,11 @@ def build_stage1_teacher(args, grid, device):
 
 def ensure_standin_teacher(args):
     """`python tokenizer.py` with no arguments trains the stand-in teacher first if it is missing (and only
-    if the run reads a teacher)."""
-    if (args.sem_decoder == "none" or args.teacher != "standin" or args.random_weights
-            or os.path.isfile(args.teacher_weights)):
+    if the run reads a teacher); one that exists must have trained on this run's data."""
+    if args.sem_decoder == "none" or args.teacher != "standin" or args.random_weights:
         return
+    if os.path.isfile(args.teacher_weights):
+        return check_standin_data(args)
     if args.bench:
         raise FileNotFoundError(f"stand-in teacher {args.teacher_weights} not found, and --bench writes nothing, "
                                 f"so it trains none: train it with `python distill.py`, or bench with "
@@ -738,6 +741,18 @@ def ensure_standin_teacher(args):
                                 f"`python distill.py --data {args.data}`")
     distill.log("no stand-in teacher yet: training it first (python distill.py)")
     distill.train_standin(distill.parse_args(["--out", distill.RUNS["teacher"]]))  # every rank takes part
+
+
+def check_standin_data(args):
+    """A stand-in teacher knows only the images it trained on: one from the quick start (the built-in shapes)
+    distilled into a tokenizer of a photo folder would teach it shapes. Its checkpoint records its --data."""
+    ckpt = distill.load_checkpoint(args.teacher_weights, ("teacher",), "stand-in teacher")
+    trained = ckpt.get("args", {}).get("data", args.data)
+    where = [d if d == "synthetic" else os.path.abspath(d) for d in (trained, args.data)]
+    if where[0] != where[1]:
+        raise ValueError(f"stand-in teacher {args.teacher_weights} trained on {trained}, not on --data "
+                         f"{args.data}: train one on this data with `python distill.py --data {args.data} --out "
+                         f"runs/teacher_mine` and pass --teacher-weights runs/teacher_mine/teacher.pt")
 
 
 def build_loss(args, stage, device):
@@ -933,6 +948,12 @@ def eval_loader(args, size, rank, world):
                                              num_workers=args.workers, collate_fn=distill.collate)
 
 
+def psnr(recon, x):
+    """Per-image PSNR (dB) of reconstructions in [0, 1] against images x in [-1, 1]."""
+    mse = ((recon - (x * 0.5 + 0.5)) ** 2).mean(dim=(1, 2, 3))
+    return -10 * torch.log10(mse.clamp(min=1e-10))
+
+
 @torch.no_grad()
 def reconstruction_pass(model, loader, device, inception):
     """Sum of per-image PSNRs and, with an Inception, pool3 features of the reconstructions."""
@@ -941,8 +962,7 @@ def reconstruction_pass(model, loader, device, inception):
         x = x.to(device)
         with distill.autocast(device):
             recon = model.reconstruct(x).float()
-        mse = ((recon - (x * 0.5 + 0.5)) ** 2).mean(dim=(1, 2, 3))
-        psnr_sum += (-10 * torch.log10(mse.clamp(min=1e-10))).double().sum()
+        psnr_sum += psnr(recon, x).double().sum()
         if inception is not None:  # uint8 by truncation, as the released evaluation saves them
             feats.append(inception(fid.preprocess((recon * 255).to(torch.uint8)))[0].double().cpu())
     return psnr_sum, distill.gather(feats).numpy() if inception is not None else None
@@ -984,6 +1004,48 @@ def evaluate(args):
         distill.log(f"wrote {path}")
     distill.cleanup_distributed()
     return results
+
+
+@torch.no_grad()
+def reconstruct(args):
+    """Your folder through the tokenizer: every image under --data (at any depth; its ADM center crop at the
+    tokenizer's size) encoded and decoded, written under --out at the same relative path as a PNG, and
+    psnr.csv: each image's PSNR (dB, on [0, 1] against the crop) by name, then their mean. Ranks take
+    contiguous shares of the images; rank 0 writes the CSV."""
+    rank, world, device = distill.setup_distributed()
+    if rank == 0:
+        distill.prepare_out_dir(args.out)
+    model = load_tokenizer(args.ckpt, args.weights, device)
+    data = distill.ImageFolder(args.data, model.img_size, args.skip_bad_images, classes=False)
+    names = [os.path.splitext(data.name(i))[0] + ".png" for i in range(len(data))]
+    if len(set(names)) < len(names):
+        clash = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{args.data}: images that differ only in extension would write the same PNG "
+                         f"({', '.join(clash[:3])}): rename them")
+    mine = distill.shard(data, rank, world).indices
+    loader = torch.utils.data.DataLoader(distill.Numbered(data, mine), batch_size=args.batch_size,
+                                         num_workers=args.workers, collate_fn=distill.collate)
+    scores = []
+    for x, _, position in loader:
+        x = x.to(device)
+        with distill.autocast(device):
+            recon = model.reconstruct(x).float()
+        # B x 3 x H x W -> B x H x W x 3
+        pixels = (recon * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for k, image, score in zip(position.tolist(), pixels, psnr(recon, x).tolist()):
+            path = os.path.join(args.out, names[mine[k]])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            distill.save_png(image, path)
+            scores.append((names[mine[k]], score))
+    scores = [row for share in distill.gather_objects(scores, world) for row in share]
+    mean = sum(score for _, score in scores) / max(len(scores), 1)
+    if rank == 0:
+        table = "image,psnr\n" + "".join(f"{name},{score:.4f}\n" for name, score in scores) + f"mean,{mean:.4f}\n"
+        distill.atomic_write(os.path.join(args.out, "psnr.csv"), lambda f: f.write(table.encode()))
+        distill.log(f"wrote {len(scores)} reconstructions of {args.data} to {args.out}; mean PSNR {mean:.2f} dB "
+                    f"(psnr.csv)")
+    distill.cleanup_distributed()
+    return mean
 
 
 def data_tag(data):
@@ -1284,21 +1346,25 @@ def sample_latent(moments, mu, sigma, grid, generator=None):
     return z.transpose(1, 2).reshape(moments.shape[0], -1, grid, grid)  # B x L x C -> B x C x h x w
 
 
-MODES = ("train", "finetune", "evaluate", "encode")
+MODES = ("train", "finetune", "evaluate", "encode", "reconstruct")
 
 
 def add_data_flags(p, mode):
     """Flags every mode reads: the images, the run folder, batches, workers."""
     out = {"train": distill.RUNS["tokenizer"], "finetune": distill.RUNS["tokenizer_ft"],
-           "encode": distill.RUNS["latents"], "evaluate": "the checkpoint's folder"}[mode]
+           "encode": distill.RUNS["latents"], "evaluate": "the checkpoint's folder",
+           "reconstruct": distill.RUNS["reconstruct"]}[mode]
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="sets the defaults below" + (" (stage 1's and stage 2's)" if mode == "finetune" else ""))
-    p.add_argument("--data", default="synthetic", help="'synthetic' (built-in) or an ImageNet-style folder")
+    if mode == "reconstruct":
+        p.add_argument("--data", required=True, help="a folder of images (at any depth)")
+    else:
+        p.add_argument("--data", default="synthetic", help="'synthetic' (built-in) or an ImageNet-style folder")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out (and count) unreadable files")
     p.add_argument("--out", default=None if mode == "evaluate" else out, help=f"run folder ({out})" + (
         "; a folder with latest.pt resumes" if mode in ("train", "finetune") else ""))
     p.add_argument("--batch-size", type=distill.positive_int, help="per process")
-    if mode != "evaluate":
+    if mode in ("train", "finetune", "encode"):
         p.add_argument("--num-train", type=distill.positive_int, help="use this many training images")
 
 
@@ -1376,9 +1442,11 @@ def build_parser(mode, add_help=True):
         p.add_argument("--ref-stats", default=None,
                        help=f"reference statistics cache (.npz); None: {distill.RUNS['fid_stats']}/"
                             f"DATA_SIZEpx_N_KEY.npz")
-    else:
+    elif mode == "encode":
         p.add_argument("--shard-size", type=distill.positive_int, default=4096,
                        help="images per latent-cache shard file")
+    else:
+        p.add_argument("--weights", default="ema", choices=["ema", "model"], help="the EMA or the raw weights")
     distill.add_run_flags(p, train=False)
     return p
 
@@ -1400,11 +1468,12 @@ SWITCHES = {
     "finetune": LOSSES,
     "evaluate": [("--rfid", lambda a: not a.rfid, ("inception_weights", "ref_stats"))],
     "encode": [],
+    "reconstruct": [],
 }
 
 
 def parse_args(argv=None):
-    """`tokenizer.py [train | finetune | evaluate | encode] [flags]`; no mode means train."""
+    """`tokenizer.py [train | finetune | evaluate | encode | reconstruct] [flags]`; no mode means train."""
     argv = list(sys.argv[1:] if argv is None else argv)
     mode = argv.pop(0) if argv and argv[0] in MODES else "train"
     stage2 = (lambda first: FINETUNE[first.preset]) if mode == "finetune" else (lambda first: {})
@@ -1430,7 +1499,8 @@ def parse_args(argv=None):
 @distill.stage
 def main(argv=None):
     args = parse_args(argv)
-    return {"train": train, "finetune": train, "evaluate": evaluate, "encode": encode}[args.mode](args)
+    return {"train": train, "finetune": train, "evaluate": evaluate, "encode": encode,
+            "reconstruct": reconstruct}[args.mode](args)
 
 
 if __name__ == "__main__":
