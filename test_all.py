@@ -1385,8 +1385,8 @@ def test_paper_presets_decode_images_with_enough_workers():
     """The paper presets of every stage that decodes ImageNet JPEGs run distill.IMAGE_WORKERS loader
     workers per process: 2, the tiny presets' number, would hold a GPU near 370 img/s (README)."""
     parsed = [distill.parse_args(["--preset", "paper"]), probe.parse_args(["--preset", "paper"])]
-    parsed += [tokenizer.parse_args([mode, "--preset", "paper"]) for mode in tokenizer.MODES]
-    assert [args.workers for args in parsed] == [distill.IMAGE_WORKERS] * 6 and distill.IMAGE_WORKERS >= 8
+    parsed += [tokenizer.parse_args([mode, "--preset", "paper", "--data", "D"]) for mode in tokenizer.MODES]
+    assert [args.workers for args in parsed] == [distill.IMAGE_WORKERS] * 7 and distill.IMAGE_WORKERS >= 8
     assert tokenizer.parse_args([]).workers == 2  # the tiny preset keeps the default
 
 
@@ -2620,7 +2620,7 @@ def test_encode_and_sampling_stop_after_the_batch_on_a_signal(stage1_run, cache,
         return signalled
 
     out = str(tmp_path / "cache")
-    monkeypatch.setattr(tokenizer.RecTok, "encode", signal_at_first_call(tokenizer.RecTok.encode))
+    monkeypatch.setattr(tokenizer.RecTok, "moments", signal_at_first_call(tokenizer.RecTok.moments))
     assert tokenizer.main(encode_args(stage1_run, out)) is None
     assert "SIGUSR1: stopped with 12 of rank 0's 40 images written" in capsys.readouterr().out
     samples = str(tmp_path / "samples")

@@ -727,11 +727,10 @@ def build_stage1_teacher(args, grid, device):
 
 def ensure_standin_teacher(args):
     """`python tokenizer.py` with no arguments trains the stand-in teacher first if it is missing (and only
-    if the run reads a teacher); one that exists must have trained on this run's data."""
-    if args.sem_decoder == "none" or args.teacher != "standin" or args.random_weights:
+    if the run reads a teacher)."""
+    if (args.sem_decoder == "none" or args.teacher != "standin" or args.random_weights
+            or distill.is_url(args.teacher_weights) or os.path.isfile(args.teacher_weights)):
         return
-    if os.path.isfile(args.teacher_weights):
-        return check_standin_data(args)
     if args.bench:
         raise FileNotFoundError(f"stand-in teacher {args.teacher_weights} not found, and --bench writes nothing, "
                                 f"so it trains none: train it with `python distill.py`, or bench with "
@@ -842,6 +841,8 @@ def train(args):
                                     fused=True) for net in (model, loss_fn.discriminator))
     data = distill.build_dataset(args.data, config["img_size"], "train", args.num_train, args.seed,
                                  args.skip_bad_images)
+    if teacher is not None and args.teacher == "standin" and not args.random_weights:
+        check_standin_data(args)  # once the data is known to exist
     loader, sampler = distill.make_loader(data, args.batch_size, args.seed, rank, world, args.workers, device)
     flip_gen = torch.Generator().manual_seed(args.seed * world + rank)
     run = distill.Run(  # resumes OUT/latest.pt if there is one
