@@ -111,6 +111,8 @@ Map, from the paper's ideas and the project's guarantees to the tests (`pytest -
       test_probe_holds_out_a_disjoint_split, test_standin_teacher_must_have_trained_on_the_data,
       test_cache_names_its_files_and_resumes_only_over_them, test_bad_files_never_cost_a_run,
       test_weight_flags_take_urls
+    the README's map of the paper:
+      test_the_readmes_paper_to_code_map_names_real_code
     this map names every test:
       test_the_map_names_every_test
 
@@ -3441,6 +3443,22 @@ def test_weight_flags_take_urls(stage1_run, dit_run, tmp_path, monkeypatch):
     assert (tmp_path / "samples" / "samples.npz").is_file()
     with pytest.raises(RuntimeError, match="could not download .*missing.pt.*place the file at .*checkpoints"):
         dit.load_dit((tmp_path / "missing.pt").as_uri())
+
+
+def test_the_readmes_paper_to_code_map_names_real_code():
+    """Every function or class the README's map of the paper names exists in the file it names."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    table = text[text.index("## The paper in the code"):text.index("## From Python")]
+    rows = [row.split("|")[2:4] for row in table.splitlines() if row.startswith("| ") and ".py`" in row]
+    assert len(rows) >= 14
+    for file, names in rows:
+        module = {"tokenizer": tokenizer, "dit": dit, "distill": distill, "fid": fid, "probe": probe}[
+            file.strip(" `")[:-3]]
+        for name in re.findall(r"`([\w.]+)`", names):
+            owner = module
+            for part in name.split("."):
+                assert hasattr(owner, part), f"{file.strip()} has no {name}"
+                owner = getattr(owner, part)
 
 
 def test_the_map_names_every_test():
