@@ -1961,8 +1961,9 @@ def train_standin(args):
     ddp = nn.parallel.DistributedDataParallel(model) if is_distributed() else model
     opt = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=args.lr, betas=(0.9, 0.95), fused=True)
     loader, sampler = make_loader(train_set, args.batch_size, args.seed, rank, world, args.workers, device)
-    val_loader = torch.utils.data.DataLoader(shard(val_set, rank, world), batch_size=args.batch_size, collate_fn=collate,
-                                             num_workers=args.workers, persistent_workers=args.workers > 0)
+    val_loader = torch.utils.data.DataLoader(shard(val_set, rank, world), batch_size=args.batch_size,
+                                             num_workers=args.workers, persistent_workers=args.workers > 0,
+                                             collate_fn=collate)
     flip_gen = torch.Generator().manual_seed(args.seed * world + rank)
     run = Run(args, "teacher", device, len(train_set), args.batch_size * world,
               {"model": model, "ema": ema, "optimizer": opt}, {"flip_rng": flip_gen}, match={"config": config},

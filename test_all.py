@@ -3376,8 +3376,8 @@ def test_probe_holds_out_a_disjoint_split(stage1_run, tmp_path, monkeypatch):
     splits = []
     train_val = distill.train_val
     monkeypatch.setattr(distill, "train_val", lambda *a, **k: splits.append(train_val(*a, **k)) or splits[-1])
-    probe.main(["--tokenizer", stage1_run, "--data", root, "--num-train", "40", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0",
-                "--out", str(tmp_path / "probe")])
+    probe.main(["--tokenizer", stage1_run, "--data", root, "--num-train", "40", "--epochs", "1", "--warmup-epochs", "0",
+                "--workers", "0", "--out", str(tmp_path / "probe")])
     train, val = (set(distill.image_files(d)[0]) for d in splits[0])
     assert len(val) == 3 and len(train) == 40 and not train & val
 

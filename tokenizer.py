@@ -1098,7 +1098,8 @@ CACHE_ARRAYS = ("moments", "moments_flip")
 
 def cache_meta(args, model, config, data):
     grid = config["img_size"] // config["patch_size"]
-    return {"tokenizer": args.ckpt if distill.is_url(args.ckpt) else os.path.abspath(args.ckpt), "fingerprint": distill.weights_fingerprint(model),
+    source = args.ckpt if distill.is_url(args.ckpt) else os.path.abspath(args.ckpt)
+    return {"tokenizer": source, "fingerprint": distill.weights_fingerprint(model),
             "config": config, "data": args.data if args.data == "synthetic" else os.path.abspath(args.data),
             "num_images": len(data), "num_classes": data.num_classes,
             "tokens": grid * grid, "channels": config["channels"], "grid": grid,
