@@ -15,35 +15,35 @@ All of them are one plain-torch ViT (`DinoViT`) whose parameter names follow Met
 weights load with strict key matching from Meta's `.pth` files or from the Hugging Face safetensors layout
 (read by a ~30-line reader below, no extra package), from a local path or a URL (cached by torch.hub).
 
-Contents, top to bottom (every other file imports from here; this file imports none of them):
-  1. Run plumbing: processes (`setup_distributed`, `is_distributed`, `world_info`, `autocast`, `wait_for_all`),
-     logging, atomic writes (checkpoints, JSON, PNG) and the pipeline's run folders (`RUNS`, one run per
-     folder: `hold_out_dir`, `stage`), RNG state and safe checkpoint loading (`load_checkpoint`), EMA, the
+Contents, top to bottom (every other file imports from here; of ours, this file imports fid.py alone,
+for its one rule of what an image file is):
+  1. Transformer parts every net shares (`Attention`, `rotate_adjacent`, `SwiGLU`, `run_blocks` with its
+     activation checkpointing), then the DINOv2/DINOv3 ViT (`DinoViT`).
+  2. Official checkpoint layouts (Meta's, Hugging Face's), the Teacher (preprocessing + frozen ViT,
+     `build_teacher`) and the stand-in teacher's model (`StandinClassifier`).
+  3. Image data: ImageNet-style class folders with ADM's center crop, and the built-in synthetic shapes
+     (`build_dataset`, `train_val`).
+  4. Run plumbing, which a port replaces: processes (`setup_distributed`, `world_info`, `autocast`,
+     `wait_for_all`), logging, atomic writes and the pipeline's run folders (`RUNS`, one run per folder:
+     `hold_out_dir`, `stage`), RNG state and safe checkpoint loading (`load_checkpoint`), EMA, the
      resumable sampler, micro-batches (`micro_batches`, `sync_at_last`), preemption (`Preemption`), the run
      skeleton with its one save/resume pair (`Run`, `changed_settings`), schedules, throughput and `--bench`
-     with its memory count (`Bench`, `saved_bytes`), the run flags (`add_run_flags`, `bounded`), the one
-     preset mechanism (`parse_with_preset`) and the refusal of flags a run would ignore (`flags_moved`,
-     `refuse_ignored`), weights from files and URLs.
-  2. Image data: ImageNet-style class folders with ADM's center crop, and the built-in synthetic shapes
-     (`build_dataset`).
-  3. Transformer parts every net shares (`Attention`, `SwiGLU`, `run_blocks` with its activation
-     checkpointing, `compile_blocks`) and the DINOv2/DINOv3 ViT.
-  4. Official checkpoint layouts, the Teacher (preprocessing + frozen ViT), and the stand-in teacher's
-     training loop and main().
+     with its memory count (`Bench`, `saved_bytes`), the command line (`add_run_flags`, `bounded`, the one
+     preset mechanism `parse_with_preset`, the one rule for a flag that acts only under some setting
+     `only_with`, the checks that span flags `refuse`), weights from files and URLs (`fetch`).
+  5. The stand-in teacher's training run and main().
 
 Run:
     python distill.py                                   # stand-in teacher on the built-in data (tiny)
     python distill.py --data /path/to/class_folders --out runs/teacher
     torchrun --nproc_per_node=8 distill.py --data DIR --preset paper
-    python distill.py --check dinov3_vitl16 --weights FILE   # load official weights, print feature stats
+    python distill.py check dinov3_vitl16 --weights FILE    # load official weights, print feature stats
 
 Writes (stand-in): OUT/latest.pt (resumable) and OUT/teacher.pt, a self-describing checkpoint
 {"kind": "teacher", "config", "model", "ema", "step", "epoch", "global_batch", "args", "accuracy",
 "target_mean", "target_std"} that tokenizer.py loads with
 `--teacher standin --teacher-weights OUT/teacher.pt` (the default).
 """
-
-
 import argparse
 import atexit
 import concurrent.futures
@@ -80,8 +80,803 @@ import fid
 
 
 #################################################################################
-#                       Run plumbing shared by every stage                      #
+#      Transformer parts every net shares: attention, RoPE rotation, SwiGLU     #
 #################################################################################
+
+
+def run_blocks(blocks, x, *args, checkpoint=False):
+    """x through each block in turn. With `checkpoint` (--grad-checkpoint, training only) a block keeps
+    just its input for backward and recomputes its activations there: a block's attention and MLP
+    intermediates are most of a step's memory, so this trades about a third more compute for a batch
+    that fits. The blocks draw no random numbers, so the recomputation is exact."""
+    for block in blocks:
+        x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False) if checkpoint else block(x, *args)
+    return x
+
+
+def enable_grad_checkpoint(model, on=True):
+    """--grad-checkpoint: every transformer of `model` (those with a `grad_checkpoint` switch) recomputes its
+    blocks' activations in backward (run_blocks)."""
+    for m in model.modules():
+        if hasattr(m, "grad_checkpoint"):
+            m.grad_checkpoint = on
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one qkv Linear (bias) and scaled_dot_product_attention (flash /
+    memory-efficient kernels on CUDA). `rotate`, if given, is the position code applied to q and k
+    (B, heads, N, head_dim): every net of the project (DINO, RecTok, DiT^DH) shares this module and
+    differs only there."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, rotate=None):
+        B, N, D = x.shape
+        # the qkv split: B x N x 3D -> B x N x 3 x heads x d -> 3 x B x heads x N x d
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if rotate is not None:
+            q, k = rotate(q).to(v.dtype), rotate(k).to(v.dtype)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # B x heads x N x d -> B x N x D
+
+
+def rotate_adjacent(x):
+    """The released rotate_half pairs ADJACENT channels: (x_2i, x_2i+1) -> (-x_2i+1, x_2i). With the [f, f]
+    frequency layout the two channels of a pair turn by different angles: not a true rotation, but it is
+    what the released weights were trained with (`models/rectok.py`)."""
+    x = x.unflatten(-1, (-1, 2))  # ... x d -> ... x d/2 x 2: the adjacent pairs
+    return torch.stack((-x[..., 1], x[..., 0]), dim=-1).flatten(-2)
+
+
+class SwiGLU(nn.Module):
+    """Linear(D, 2h) split into (a, b), out = Linear(h, D)(silu(a) * b)."""
+
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.w12 = nn.Linear(width, 2 * hidden)
+        self.w3 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+def swiglu(width):
+    """SwiGLU with hidden int(2/3 * 4D) (2048 for D = 768), as RecTok and DiT^DH use it."""
+    return SwiGLU(width, int(2 / 3 * 4 * width))
+
+
+def init_weights(module):
+    """Linear and Conv weights trunc_normal(0.02), biases 0: DINO's init and RecTok's (`models/rectok.py`)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+#################################################################################
+#          The teacher's ViT: DINOv2 / DINOv3 in Meta's parameter names         #
+#################################################################################
+
+
+def dinov3_rope(grid_h, grid_w, head_dim, theta, rescale=None, device=None):
+    """DINOv3's 2D RoPE table (cos, sin), each (grid_h*grid_w, head_dim), made on `device` (a table copied
+    from host memory at every forward would make each training step wait for the GPU).
+
+    Patch-centre coordinates in [-1, 1]; frequencies 1/theta^(4k/head_dim), k < head_dim/4; the angles
+    are laid out [row angles | column angles] and tiled twice. `rescale` (a number, or a one-element CPU
+    tensor) multiplies the coordinates: DINOv3's training-time augmentation, which the released RecTok run
+    kept on (`utils/foundation_models.py`)."""
+    ys = (torch.arange(grid_h, dtype=torch.float32, device=device) + 0.5) / grid_h
+    xs = (torch.arange(grid_w, dtype=torch.float32, device=device) + 0.5) / grid_w
+    # gh x gw x 2 -> (gh gw) x 2
+    coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0
+    if rescale is not None:
+        coords = coords * float(rescale)
+    inv_freq = 1.0 / theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32, device=device)
+    # (gh gw) x 2 x d/4 -> (gh gw) x d/2, tiled to (gh gw) x d
+    angles = (2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]).flatten(1, 2).tile(2)
+    return angles.cos(), angles.sin()
+
+
+def dinov3_rotate(rope, num_prefix):
+    """DINOv3's RoPE on the patch tokens only (CLS and registers pass), in fp32 as the references."""
+    cos, sin = rope
+
+    def rotate(t):
+        patches = t[:, :, num_prefix:].float()
+        x1, x2 = patches.chunk(2, dim=-1)  # DINOv3 pairs the two HALVES of the head dim: (x1, x2) -> (-x2, x1)
+        return torch.cat((t[:, :, :num_prefix].float(), patches * cos + torch.cat((-x2, x1), -1) * sin), dim=2)
+
+    return rotate
+
+
+class LayerScale(nn.Module):
+    def __init__(self, width, init):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((width,), float(init)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, width, heads, mlp_ratio, ffn, ln_eps, ls_init):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=ln_eps)
+        self.attn = Attention(width, heads)
+        self.ls1 = LayerScale(width, ls_init)
+        self.norm2 = nn.LayerNorm(width, eps=ln_eps)
+        hidden = int(width * mlp_ratio)
+        # DINOv2 ViT-g's SwiGLU keeps 2/3 of the MLP width, rounded up to a multiple of 8
+        self.mlp = SwiGLU(width, (int(hidden * 2 / 3) + 7) // 8 * 8) if ffn == "swiglu" else Mlp(width, hidden)
+        self.ls2 = LayerScale(width, ls_init)
+
+    def forward(self, x, rotate=None):
+        x = x + self.ls1(self.attn(self.norm1(x), rotate))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+def conv_stem(width, patch_size):
+    """The stand-in teacher's patchifier: log2(patch) stages of conv3x3-BN-ReLU-maxpool2, then a 1x1 conv to
+    the width (a 'hybrid' ViT). Its convolutional prior lets a small ViT learn shapes in minutes on a CPU,
+    where a plain patch embedding needs far more data and steps."""
+    layers, c = [], 3
+    for i in range(int(math.log2(patch_size))):
+        out = min(width, 32 * 2 ** i)
+        layers += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
+        c = out
+    return nn.Sequential(*layers, nn.Conv2d(c, width, 1))
+
+
+class DinoViT(nn.Module):
+    """DINOv2 (pos="abs": learned position embedding, interpolated off-grid) and DINOv3 (pos="rope": no
+    position embedding, 2D RoPE on patch tokens) in one class, with Meta's parameter names.
+
+    forward(x) -> final-LayerNorm tokens [CLS, registers, patches]; `patch_tokens` drops the first
+    1 + num_registers. pos_interp picks how DINOv2 resizes its position grid off its native size, which
+    differs between the codes the weights were exported for: "meta" (bicubic, scale_factor with a 0.1
+    offset), "hf" (transformers' Dinov2Model: bicubic to size=) or "hf_antialias"
+    (Dinov2WithRegistersModel: the same with antialias, a different bicubic kernel)."""
+
+    def __init__(self, img_size=224, patch_size=16, width=384, depth=12, heads=6, mlp_ratio=4.0,
+                 ffn="mlp", num_registers=0, pos="abs", rope_theta=100.0, ln_eps=1e-6, ls_init=1e-5,
+                 pos_interp="meta", stem="patch"):
+        super().__init__()
+        self.patch_size, self.num_registers, self.pos = patch_size, num_registers, pos
+        self.heads, self.rope_theta, self.pos_interp = heads, rope_theta, pos_interp
+        self.patch_embed = (nn.Conv2d(3, width, patch_size, patch_size) if stem == "patch"
+                            else conv_stem(width, patch_size))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        if num_registers:
+            self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, width))
+        if pos == "abs":
+            n = (img_size // patch_size) ** 2
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n, width))
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio, ffn, ln_eps, ls_init) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=ln_eps)
+        init_weights(self)
+        for p in (self.cls_token, getattr(self, "register_tokens", None), getattr(self, "pos_embed", None)):
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
+
+    def interpolate_pos_embed(self, gh, gw):
+        pos = self.pos_embed
+        n = pos.shape[1] - 1
+        m = int(math.sqrt(n))
+        if gh * gw == n and gh == gw:
+            return pos
+        # 1 x (m m) x D -> 1 x m x m x D -> 1 x D x m x m
+        grid = pos[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
+        if self.pos_interp == "meta":
+            kw = {"scale_factor": ((gh + 0.1) / m, (gw + 0.1) / m), "antialias": False}
+        else:  # transformers: Dinov2Model without antialias, Dinov2WithRegistersModel with it
+            kw = {"size": (gh, gw), "antialias": self.pos_interp == "hf_antialias"}
+        grid = F.interpolate(grid, mode="bicubic", align_corners=False, **kw)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(pos.dtype)  # 1 x D x gh x gw -> 1 x (gh gw) x D
+        return torch.cat((pos[:, :1], grid), dim=1)
+
+    def forward(self, x, rope_rescale=None):
+        B, _, H, W = x.shape
+        gh, gw = H // self.patch_size, W // self.patch_size
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # B x D x gh x gw -> B x (gh gw) x D
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
+        rotate = None
+        if self.pos == "abs":
+            x = x + self.interpolate_pos_embed(gh, gw)
+        else:
+            head_dim = x.shape[-1] // self.heads
+            rope = dinov3_rope(gh, gw, head_dim, self.rope_theta, rope_rescale, x.device)
+            rotate = dinov3_rotate(rope, 1 + self.num_registers)
+        if self.num_registers:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)
+        for block in self.blocks:
+            x = block(x, rotate)
+        return self.norm(x)
+
+    def patch_tokens(self, x, rope_rescale=None):
+        return self(x, rope_rescale)[:, 1 + self.num_registers:]
+
+
+def _dino(family, width, depth, heads, registers=0, ffn="mlp"):
+    if family == "dinov2":
+        return dict(img_size=518, patch_size=14, width=width, depth=depth, heads=heads, ffn=ffn,
+                    num_registers=registers, pos="abs", ln_eps=1e-6)
+    return dict(img_size=224, patch_size=16, width=width, depth=depth, heads=heads, ffn=ffn,
+                num_registers=4, pos="rope", rope_theta=100.0, ln_eps=1e-5)
+
+
+# The official architectures (Meta's hub names). DINOv2 ViT-g uses a SwiGLU feed-forward.
+ARCHS = {}
+for _size, (_w, _d, _h) in {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}.items():
+    ARCHS[f"dinov2_vit{_size}14"] = _dino("dinov2", _w, _d, _h)
+    ARCHS[f"dinov2_vit{_size}14_reg"] = _dino("dinov2", _w, _d, _h, registers=4)
+    ARCHS[f"dinov3_vit{_size}16"] = _dino("dinov3", _w, _d, _h)
+ARCHS["dinov2_vitg14"] = _dino("dinov2", 1536, 40, 24, ffn="swiglu")
+ARCHS["dinov2_vitg14_reg"] = _dino("dinov2", 1536, 40, 24, registers=4, ffn="swiglu")
+
+
+# Where the official weights come from. DINOv2's are public; DINOv3's are licence-gated.
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{base}/{base}{reg}_pretrain.pth"
+DINOV3_HELP = ("DINOv3 weights are licence-gated: accept the licence at "
+               "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ (Meta .pth) or "
+               "https://huggingface.co/facebook/dinov3-vitl16-pretrain-lvd1689m (model.safetensors), "
+               "download the file and pass its path with --teacher-weights")
+
+
+def default_weights_url(arch):
+    if arch.startswith("dinov2"):
+        base = arch.removesuffix("_reg")
+        return DINOV2_URL.format(base=base, reg="_reg4" if arch.endswith("_reg") else "")
+    return None
+
+
+#################################################################################
+#           Official checkpoint layouts -> our (Meta) parameter names           #
+#################################################################################
+
+
+# Tensors that the checkpoints carry but inference does not use: the masked-image-modelling token,
+# DINOv3's RoPE periods (recomputed, and checked) and k-bias mask (applied, then dropped).
+_UNUSED = ("mask_token",)
+
+
+def _layout(sd):
+    if "embeddings.patch_embeddings.projection.weight" in sd:
+        return "hf_dinov2"
+    if "embeddings.patch_embeddings.weight" in sd:
+        return "hf_dinov3"
+    if "storage_tokens" in sd or "rope_embed.periods" in sd:
+        return "meta_dinov3"
+    if "patch_embed.proj.weight" in sd:
+        return "meta_dinov2"
+    if "patch_embed.weight" in sd:
+        return "ours"
+    raise ValueError("unrecognised teacher checkpoint: none of the DINOv2/DINOv3 patch-embedding keys "
+                     "(Meta's 'patch_embed.proj.weight', Hugging Face's 'embeddings.patch_embeddings.*') "
+                     "is present")
+
+
+def _from_meta(sd, model):
+    out = {}
+    for k, v in sd.items():
+        if k in _UNUSED or k.endswith("bias_mask"):
+            continue
+        if k == "rope_embed.periods":
+            _check_rope_periods(v, model)
+            continue
+        if k.endswith("attn.qkv.bias") and k.replace(".bias", ".bias_mask") in sd:
+            v = v * sd[k.replace(".bias", ".bias_mask")]  # DINOv3 has no k bias: the mask zeroes it
+        k = k.replace("storage_tokens", "register_tokens").replace("patch_embed.proj.", "patch_embed.")
+        out[k] = v
+    return out
+
+
+def _check_rope_periods(periods, model):
+    head_dim = model.cls_token.shape[-1] // model.heads
+    ours = model.rope_theta ** (2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2))
+    if periods.shape != ours.shape or not torch.allclose(periods.float(), ours, rtol=1e-5):
+        raise ValueError(f"checkpoint RoPE periods {periods.tolist()[:4]}... do not match theta "
+                         f"{model.rope_theta} and head dim {head_dim}: wrong architecture for this file")
+
+
+_HF_BLOCK = {  # transformers block names -> ours, for DINOv3 (first) and DINOv2 (second)
+    "attention.o_proj.": "attn.proj.", "attention.output.dense.": "attn.proj.",
+    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.up_proj.": "mlp.fc1.", "mlp.down_proj.": "mlp.fc2.",
+    "mlp.weights_in.": "mlp.w12.", "mlp.weights_out.": "mlp.w3.",
+}
+_HF_QKV = {"attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2,
+           "attention.attention.query": 0, "attention.attention.key": 1, "attention.attention.value": 2}
+_HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "register_tokens",
+           "embeddings.position_embeddings": "pos_embed", "layernorm.weight": "norm.weight",
+           "layernorm.bias": "norm.bias"}
+
+
+def _from_hf(sd):
+    out, qkv = {}, {}
+    for k, v in sd.items():
+        k = k.removeprefix("encoder.")
+        if k == "embeddings.mask_token":
+            continue
+        if not k.startswith("layer."):
+            k = _HF_TOP.get(k, k).replace("embeddings.patch_embeddings.projection.", "patch_embed.")
+            out[k.replace("embeddings.patch_embeddings.", "patch_embed.")] = v
+            continue
+        i, rest = k[len("layer."):].split(".", 1)
+        module, kind = rest.rsplit(".", 1)
+        if module in _HF_QKV:  # separate q, k, v Linears -> one fused qkv
+            qkv.setdefault((i, kind), {})[_HF_QKV[module]] = v
+            continue
+        for a, b in _HF_BLOCK.items():
+            rest = rest.replace(a, b)
+        out[f"blocks.{i}.{rest}"] = v
+    for (i, kind), parts in qkv.items():
+        if kind == "bias" and 1 not in parts:  # DINOv3 has no k bias: it is zero
+            parts[1] = torch.zeros_like(parts[0])
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts[j] for j in range(3)], dim=0)
+    return out
+
+
+def convert_teacher_state(sd, model):
+    """Map any official layout (Meta or Hugging Face, DINOv2 or DINOv3) to our names."""
+    layout = _layout(sd)
+    if layout.startswith("meta"):
+        return _from_meta(sd, model)
+    if layout.startswith("hf"):
+        return _from_hf(sd)
+    return dict(sd)
+
+
+#################################################################################
+#                    The Teacher: preprocessing + frozen ViT                    #
+#################################################################################
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def dino_preprocess(x, size, mean=torch.tensor(IMAGENET_MEAN), std=torch.tensor(IMAGENET_STD), processor_size=224):
+    """The released preprocessing (`utils/foundation_models.py`): x in [-1, 1] -> uint8 by TRUNCATION ->
+    *1/255 -> bilinear antialiased resize to 224 (the DINOv3 image processor's size) -> ImageNet
+    normalisation -> bilinear resize (no antialias) to `size`, the teacher input that yields the tokenizer's
+    grid. The Teacher passes `mean` and `std` from its own buffers, already on the device: copying them
+    there at each step would wait for the GPU."""
+    x = ((x.float() + 1) * 0.5 * 255).to(torch.uint8).float() * (1 / 255)
+    x = F.interpolate(x, size=(processor_size, processor_size), mode="bilinear", align_corners=False,
+                      antialias=True)
+    x = (x - mean.to(x.device).view(1, 3, 1, 1)) / std.to(x.device).view(1, 3, 1, 1)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class Teacher(nn.Module):
+    """Frozen teacher: images in [-1, 1] at the tokenizer's size -> (B, grid*grid, D) float32 targets.
+
+    `rope_jitter`: DINOv3's training-time RoPE coordinate rescale, exp(U(-ln 2, ln 2)) per batch; the
+    released stage 1 left the teacher in training mode, so it is on by default there.
+    Stand-in teachers see the images as they are (resized only if their grid needs it), and their tokens
+    are standardised per channel with statistics stored in their checkpoint: a small classifier's
+    final-norm tokens share one large common direction, which the cosine loss would otherwise learn
+    without reading the latent (DINO features do not have that problem)."""
+
+    def __init__(self, vit, kind, grid, rope_jitter=False, standardize=None):
+        super().__init__()
+        self.vit = vit.eval().requires_grad_(False)
+        self.kind, self.grid, self.rope_jitter = kind, grid, rope_jitter
+        self.dim = vit.norm.weight.shape[0]
+        mean, std = standardize if standardize is not None else (torch.zeros(self.dim), torch.ones(self.dim))
+        self.register_buffer("target_mean", mean.float(), persistent=False)
+        self.register_buffer("target_std", std.float(), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD), persistent=False)
+
+    def train(self, mode=True):
+        # Frozen: a parent's .train() never reaches the ViT (the jitter is the one train-mode effect kept).
+        super().train(mode)
+        self.vit.eval()
+        return self
+
+    def preprocess(self, x):
+        size = self.grid * self.vit.patch_size
+        if self.kind == "standin":
+            return x.float() if x.shape[-1] == size else F.interpolate(
+                x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return dino_preprocess(x, size, self.pixel_mean, self.pixel_std)
+
+    @torch.no_grad()
+    def forward(self, x, rope_rescale=None):
+        if rope_rescale is None and self.rope_jitter and self.training and self.vit.pos == "rope":
+            rope_rescale = torch.empty(1).uniform_(-math.log(2), math.log(2)).exp()
+        return (self.vit.patch_tokens(self.preprocess(x), rope_rescale).float() - self.target_mean) / self.target_std
+
+
+def build_teacher(name, weights=None, grid=16, rope_jitter=True, prefix=""):
+    """'dinov3_vitl16' etc. with official weights, or 'standin' with a checkpoint from this file."""
+    if name == "standin":
+        if not weights or not os.path.isfile(weights):
+            raise FileNotFoundError(f"stand-in teacher checkpoint not found: {weights}. Train one with "
+                                    f"`python distill.py` (or --data DIR), or pick an official teacher")
+        ckpt = load_checkpoint(weights, ("teacher",), "stand-in teacher checkpoint (distill.py's teacher.pt)")
+        if "target_mean" not in ckpt:
+            raise ValueError(f"{weights} is a stand-in teacher's run checkpoint, not its final teacher.pt: "
+                             f"let `python distill.py` finish, then pass OUT/teacher.pt")
+        vit = DinoViT(**ckpt["config"]["vit"])
+        sd = {k[len("vit."):]: v for k, v in ckpt["ema"].items() if k.startswith("vit.")}
+        load_strict(vit, sd, f"stand-in teacher {weights}")
+        return Teacher(vit, "standin", grid, standardize=(ckpt["target_mean"], ckpt["target_std"]))
+    if name not in ARCHS:
+        raise ValueError(f"unknown teacher {name!r}; choose 'standin' or one of {sorted(ARCHS)}")
+    cfg = dict(ARCHS[name])
+    path = resolve_weights(weights, name)
+    sd = read_state_dict(path, prefix)
+    if cfg["pos"] == "abs" and _layout(sd) == "hf_dinov2":
+        # keep the position-grid interpolation of the code the weights were exported for
+        cfg["pos_interp"] = "hf_antialias" if cfg["num_registers"] else "hf"
+    vit = DinoViT(**cfg)
+    load_strict(vit, convert_teacher_state(sd, vit), f"{path} ({_layout(sd)} layout)")
+    return Teacher(vit, "dino", grid, rope_jitter=rope_jitter)
+
+
+#################################################################################
+# The stand-in teacher: a small ViT trained as a classifier on the data at hand #
+#################################################################################
+
+
+class StandinClassifier(nn.Module):
+    """A DINOv3-style ViT (RoPE, registers, convolutional stem) plus a linear head on the max over patch
+    tokens, so that the patch tokens themselves carry the class: those tokens are the distillation targets.
+    (Max- rather than mean-pooling: the object covers a fraction of the image, and the mean over tokens
+    washes it out; the mean-pooled variant barely leaves chance level in the tiny preset's budget.)"""
+
+    def __init__(self, vit, num_classes):
+        super().__init__()
+        self.vit = DinoViT(**vit)
+        self.head = nn.Linear(vit["width"], num_classes)
+
+    def forward(self, x):
+        return self.head(self.vit.patch_tokens(x).amax(dim=1))
+
+
+def standin_vit(c):
+    """The stand-in teacher's ViT from a preset or the flags (`c`: image_size, patch_size, width, depth, heads):
+    DINOv3-style (RoPE, 4 registers, LayerScale) with the convolutional stem."""
+    return dict(img_size=c["image_size"], patch_size=c["patch_size"], width=c["width"], depth=c["depth"],
+                heads=c["heads"], num_registers=4, pos="rope", ls_init=1e-1, ln_eps=1e-6, stem="conv")
+
+
+#################################################################################
+#      Image data: class folders (ADM center crop) and the built-in shapes      #
+#################################################################################
+
+
+def center_crop_adm(image, size):
+    """ADM's center crop (`center_crop_arr`): halve with a BOX filter while the short side is >= 2*size, resize the
+    short side to `size` with BICUBIC, then crop the centre size x size."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def to_tensor(arr):
+    """uint8 HWC -> float CHW in [-1, 1], the range every network here reads."""
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1.0  # a writable copy
+
+
+def readable(path):
+    """A quick header check (PIL reads the header only): a file that fails it would stop a run mid-epoch."""
+    try:
+        with Image.open(path) as im:
+            return im.size[0] > 0 and im.size[1] > 0
+    except Exception:
+        return False
+
+
+def unreadable(paths, every_rank=True):
+    """The files of `paths` whose header does not read. When every rank lists the folder (`every_rank`), each
+    checks a contiguous 1/world share and the lists are gathered: on shared storage the world reads each
+    header once, not world times. Four threads, each a contiguous run of files, not a task per file: the
+    check is Python-bound once the files are cached (README, "Faults and bad input")."""
+    rank, world = world_info() if every_rank else (0, 1)
+    mine = paths[rank * len(paths) // world:(rank + 1) * len(paths) // world]
+    runs = [mine[i * len(mine) // 4:(i + 1) * len(mine) // 4] for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        bad = [path for run in pool.map(lambda run: [p for p in run if not readable(p)], runs) for path in run]
+    return [path for share in gather_objects(bad, world) for path in share]
+
+
+def class_folders(root):
+    """root/<class>/... -> (class names, [(image path, label)], other files). Classes are the sorted
+    sub-folders; a class's images are read at any depth (fid.list_images, the one rule for what an image
+    is). A class with no image is refused: it would be a label that no image has."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders: expected root/<class>/<image files>, as ImageNet's "
+                         f"train and val folders")
+    samples, others, empty = [], [e.path for e in os.scandir(root) if not e.is_dir()], []
+    for label, name in enumerate(classes):
+        images, rest = fid.list_images(os.path.join(root, name))
+        samples += [(path, label) for path in images]
+        others += rest
+        if not images:
+            empty.append(name)
+    if empty:
+        raise ValueError(f"{root}: {len(empty)} of {len(classes)} class folders hold no images "
+                         f"({', '.join(fid.IMAGE_EXTENSIONS)}), e.g. {', '.join(empty[:3])}: remove them or add "
+                         f"their images{fid.not_images(others)}")
+    return classes, samples, others
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/<images, at any depth>, classes sorted by name (ImageNet's train/val layout); with
+    `classes=False` every image under root, label 0 (a folder to reconstruct). Returns (image, label); the
+    random flip is applied in the training loop, from a checkpointed generator. Files whose header does not
+    read are reported when the folder is listed, or left out (and counted) with skip_bad; with skip_bad a
+    file that fails later (a truncated body) is skipped when read, its index logged, and `collate` drops
+    it from its batch. Under torchrun every rank builds it, and they share the check (`every_rank=False`
+    for a set one rank builds alone)."""
+
+    def __init__(self, root, size, skip_bad=False, every_rank=True, classes=True):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data folder not found: {root} (expected root/<class>/<image files>)")
+        self.root, self.size, self.skip_bad = root, size, skip_bad
+        if classes:
+            self.classes, self.samples, others = class_folders(root)
+        else:
+            images, others = fid.list_images(root)
+            self.classes, self.samples = [""], [(path, 0) for path in images]
+        if not self.samples:
+            raise ValueError(f"{root} has no images ({', '.join(fid.IMAGE_EXTENSIONS)}){fid.not_images(others)}")
+        bad = unreadable([path for path, _ in self.samples], every_rank)
+        if bad and not skip_bad:
+            raise ValueError(f"{len(bad)} of {len(self.samples)} files in {root} are not readable images (e.g. "
+                             f"{', '.join(bad[:3])}): remove or replace them, or pass --skip-bad-images")
+        if bad:
+            left_out = set(bad)
+            self.samples = [s for s in self.samples if s[0] not in left_out]
+        self.num_classes = len(self.classes)
+        unread = f"; left out {len(bad)} unreadable files (--skip-bad-images)" if bad else ""
+        classes = f" in {self.num_classes} classes" if classes else ""
+        log(f"{root}: {len(self.samples)} images{classes}{fid.not_images(others)}{unread}")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def name(self, i):
+        """Image i's path relative to the root: how caches and reconstructions name it."""
+        return os.path.relpath(self.samples[i][0], self.root)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            return to_tensor(center_crop_adm(fid.load_rgb(path), self.size)), label
+        except Exception as e:
+            if not self.skip_bad:
+                raise RuntimeError(f"cannot read image {path}: {e}. Remove or replace the file, or pass "
+                                   f"--skip-bad-images to skip it") from None
+            print(f"skipped image {i} ({path}), which does not decode: {e} (--skip-bad-images)", file=sys.stderr)
+            return None
+
+
+def collate(items):
+    """A batch of the items that read: ImageFolder gives None for a file skipped when read."""
+    kept = [item for item in items if item is not None]
+    if not kept:
+        raise RuntimeError(f"none of the {len(items)} images of a batch decodes (their indices are logged above): "
+                           f"the data folder is damaged; check it, or use a larger --batch-size")
+    return torch.utils.data.default_collate(kept)
+
+
+class Numbered(torch.utils.data.Dataset):
+    """Items `indices` of a data set, each with its position in `indices` (what a cache writes by), or None
+    where the item is."""
+
+    def __init__(self, data, indices):
+        self.data, self.indices = data, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        item = self.data[self.indices[k]]
+        return None if item is None else (*item, k)
+
+
+#: the shape classes of the built-in data set
+SHAPES = ("circle", "square", "triangle", "ring", "cross", "star", "bar", "crescent", "half-disk",
+          "two-dots")
+
+
+def _shape_mask(kind, u, v, radius):
+    """Inside-test of one shape in its own rotated frame (u, v) with size `radius`."""
+    r, theta = np.hypot(u, v), np.arctan2(v, u)
+    if kind == "circle":
+        return r < radius
+    if kind == "square":
+        return np.maximum(abs(u), abs(v)) < 0.8 * radius
+    if kind == "triangle":
+        sector = np.mod(theta, 2 * np.pi / 3) - np.pi / 3
+        return r * np.cos(sector) < radius * 0.5
+    if kind == "ring":
+        return abs(r - 0.75 * radius) < 0.25 * radius
+    if kind == "cross":
+        return ((abs(u) < radius / 3) & (abs(v) < radius)) | ((abs(v) < radius / 3) & (abs(u) < radius))
+    if kind == "star":
+        return r < radius * (0.55 + 0.45 * np.cos(5 * theta))
+    if kind == "bar":
+        return (abs(u) < radius) & (abs(v) < 0.25 * radius)
+    if kind == "crescent":
+        return (r < radius) & (np.hypot(u - 0.45 * radius, v) > 0.8 * radius)
+    if kind == "half-disk":
+        return (r < radius) & (u > 0)
+    return (np.hypot(u - 0.5 * radius, v) < 0.42 * radius) | (np.hypot(u + 0.5 * radius, v) < 0.42 * radius)
+
+
+def _background(rng, yy, xx):
+    """Two nearby colours mixed by a random texture: gradient, stripes, checks or smooth blobs (low contrast,
+    so that the shape, not the texture, is the salient object)."""
+    c0 = rng.uniform(0, 1, 3)
+    c1 = np.clip(c0 + rng.uniform(-0.3, 0.3, 3), 0, 1)
+    kind = rng.integers(4)
+    angle = rng.uniform(0, 2 * np.pi)
+    d = xx * np.cos(angle) + yy * np.sin(angle)
+    if kind == 0:
+        w = (d + 1) / 2
+    elif kind == 1:
+        w = 0.5 + 0.5 * np.sin(d * rng.uniform(6, 20) + rng.uniform(0, 6))
+    elif kind == 2:
+        f = rng.uniform(3, 8)
+        w = ((np.floor((xx + 1) * f) + np.floor((yy + 1) * f)) % 2) * 0.8 + 0.1
+    else:
+        w = sum(np.exp(-((xx - rng.uniform(-1, 1)) ** 2 + (yy - rng.uniform(-1, 1)) ** 2) / rng.uniform(0.05, 0.4))
+                for _ in range(4))
+        w = np.clip(w, 0, 1)
+    return c0 * (1 - w[..., None]) + c1 * w[..., None], (c0 + c1) / 2
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """The built-in data set: a shape of one of 10 classes with random position, size, rotation
+    and colour on a textured background. Image i is a pure function of (seed, split, i), at any size.
+    Rendered images are kept (per process) when the set fits in `cache_bytes`: a render costs about as
+    much as a tiny model's step on it."""
+
+    num_classes = len(SHAPES)
+
+    def __init__(self, num_images, size, split="train", seed=0, cache_bytes=2**28):
+        self.n, self.size, self.seed = num_images, size, seed
+        self.split = {"train": 0, "val": 1}[split]
+        self.cache, self.keep = {}, num_images * size * size * 3 <= cache_bytes
+
+    def __len__(self):
+        return self.n
+
+    def render(self, i):
+        rng = np.random.default_rng([self.seed, self.split, i])
+        label = i % self.num_classes
+        s = 2 * self.size  # draw at 2x, then box-filter down: anti-aliased edges
+        yy, xx = np.meshgrid(np.linspace(-1, 1, s), np.linspace(-1, 1, s), indexing="ij")
+        image, bg_mean = _background(rng, yy, xx)
+        colour = rng.uniform(0, 1, 3)
+        while np.abs(colour - bg_mean).sum() < 0.6:
+            colour = rng.uniform(0, 1, 3)
+        radius = rng.uniform(0.35, 0.65)
+        cy, cx = rng.uniform(-0.9 + radius, 0.9 - radius, 2)
+        angle = rng.uniform(0, 2 * np.pi)
+        u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+        v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+        mask = _shape_mask(SHAPES[label], u, v, radius)
+        image = np.where(mask[..., None], colour, image)
+        # 2s x 2s x 3 -> s x 2 x s x 2 x 3, each 2 x 2 averaged
+        image = image.reshape(self.size, 2, self.size, 2, 3).mean(axis=(1, 3))
+        return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), label
+
+    def __getitem__(self, i):
+        arr, label = self.cache[i] if i in self.cache else self.render(i)
+        if self.keep:
+            self.cache[i] = arr, label
+        return to_tensor(arr), label
+
+
+def labels_of(data):
+    """Every label of a data set without reading its images."""
+    if isinstance(data, torch.utils.data.Subset):
+        labels = labels_of(data.dataset)
+        return [labels[i] for i in data.indices]
+    if isinstance(data, ImageFolder):
+        return [label for _, label in data.samples]
+    return [i % data.num_classes for i in range(len(data))]
+
+
+def image_files(data):
+    """The files behind a folder data set, by index: (absolute paths, their paths relative to the root,
+    class names); None for the built-in data. A Subset keeps its indices' files."""
+    if isinstance(data, torch.utils.data.Subset):
+        files = image_files(data.dataset)
+        return files and tuple([column[i] for i in data.indices] for column in files)
+    if not isinstance(data, ImageFolder):
+        return None
+    return ([path for path, _ in data.samples], [data.name(i) for i in range(len(data))],
+            [data.classes[label] for _, label in data.samples])
+
+
+def files_fingerprint(paths, names):
+    """A hash of each file's relative path, size and modification time: a folder whose images were replaced
+    (same names, same count) changes it, at the cost of one stat per file (eight threads; 1.28M files stat in
+    seconds to a minute on shared storage, less than their headers take to check)."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        stats = list(pool.map(os.stat, paths, chunksize=1024))
+    h = hashlib.sha1()
+    for name, st in zip(names, stats):
+        h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def one_per_class(data, num=10):
+    """Indices of the first image of each class (up to `num` classes): grids that show every class."""
+    first = {}
+    for i, label in enumerate(labels_of(data)):
+        first.setdefault(label, i)
+    return sorted(first.values())[:num]
+
+
+def build_dataset(data, size, split="train", num_images=None, seed=0, skip_bad=False, every_rank=True):
+    """'synthetic' -> the built-in data set (num_images of them, default 10,000 train / 1,000 val);
+    anything else is a class-folder root (num_images, if set, keeps an evenly spaced subset)."""
+    if data == "synthetic":
+        return SyntheticShapes(num_images or (10000 if split == "train" else 1000), size, split, seed)
+    return evenly_spaced(ImageFolder(data, size, skip_bad, every_rank), num_images)
+
+
+def evenly_spaced(dataset, num_images, indices=None):
+    """`num_images` evenly spaced items of `indices` (default all) of a data set; all of them without a count."""
+    indices = range(len(dataset)) if indices is None else indices
+    if num_images and num_images < len(indices):
+        indices = [indices[i] for i in np.linspace(0, len(indices) - 1, num_images).round().astype(int)]
+    if len(indices) == len(dataset):
+        return dataset
+    subset = torch.utils.data.Subset(dataset, list(indices))
+    subset.num_classes = dataset.num_classes
+    return subset
+
+
+def train_val(data, size, val_data=None, num_train=None, num_val=None, seed=0, skip_bad=False):
+    """A training set and a held-out set that never share an image: the built-in data's own splits, or
+    --val-data's folder, or else every 50th image of the folder held out (the rule of every stage)."""
+    if data == "synthetic" or val_data:
+        return (build_dataset(data, size, "train", num_train, seed, skip_bad),
+                build_dataset(val_data or data, size, "val", num_val, seed, skip_bad))
+    full = ImageFolder(data, size, skip_bad)
+    held = np.arange(len(full)) % 50 == 0
+    log(f"held out every 50th image of {data} ({held.sum()} images) for validation; --val-data names a "
+        f"separate folder")
+    return (evenly_spaced(full, num_train, np.flatnonzero(~held).tolist()),
+            evenly_spaced(full, num_val, np.flatnonzero(held).tolist()))
+
+
+#################################################################################
+#   Run plumbing: processes, files, checkpoints, the run loop, command lines.   #
+#################################################################################
+# A port of the method replaces everything from here on with its own framework's.
 
 
 # ----- processes, devices, logging -----
@@ -1021,45 +1816,57 @@ def add_run_flags(p, ckpt_every=None, save_every=None, save_unit=None, train=Tru
                    "steps build kernels: a minute or so)")
 
 
+def only_with(action, setting, on):
+    """Declare, where a flag is defined, that it acts only while `setting` holds (`on(args)`): --help says so
+    beside the flag, and parse_with_preset refuses the flag, set, while the setting is off (a flag taken
+    and ignored misleads: the run does something else than the command line says)."""
+    action.only = setting, on
+    return action
+
+
+def split_mode(argv, modes):
+    """`FILE.py [MODE] [flags]` -> (the mode, the flags); no mode given is the first of `modes`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return (argv.pop(0), argv) if argv and argv[0] in modes else (modes[0], argv)
+
+
+def refuse(parser, *rules):
+    """A command line's checks that span flags, one (broken, message) each: the first broken one fails."""
+    for broken, message in rules:
+        if broken:
+            parser.error(message)
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help prints the module docstring as written and every flag's value in force (the preset's)."""
+    """--help prints the module docstring as written and every flag's value in force (the preset's), its
+    bound (`bounded`) and the setting it acts under (`only_with`)."""
 
     def _format_action(self, action):
-        rule = getattr(action.type, "rule", None)
-        if action.option_strings and (rule or not action.help):
+        notes = [f"(must be {action.type.rule})" if hasattr(action.type, "rule") else "",
+                 f"(only with {action.only[0]})" if hasattr(action, "only") else ""]
+        if action.option_strings and (any(notes) or not action.help):
             action = copy.copy(action)  # the defaults formatter skips flags without help
-            action.help = " ".join(filter(None, [action.help, rule and f"(must be {rule})", "(default: %(default)s)"]))
+            action.help = " ".join(filter(None, [action.help, *notes, "(default: %(default)s)"]))
         return super()._format_action(action)
 
 
 def parse_with_preset(build, preset_defaults, argv=None):
     """The one preset mechanism of every stage: `build(add_help)` makes the stage's parser; a first pass
-    reads the choices that pick a preset (--preset, a mode), `preset_defaults(first)` gives the preset's
+    reads the choices that pick a preset (--preset, --protocol), `preset_defaults(first)` gives the preset's
     values, and they become the parser's defaults: an explicit flag overrides them, and --help prints them.
-    Returns (parser, args)."""
+    A flag set away from its default while its `only_with` setting is off fails. Returns (parser, args)."""
     first, _ = build(add_help=False).parse_known_args(argv)
     parser = build(add_help=True)
     flags = {a.dest for a in parser._actions}
     parser.set_defaults(**{k: v for k, v in preset_defaults(first).items() if k in flags})
-    return parser, parser.parse_args(argv)
-
-
-def flags_moved(parser, args, *dests, all_but=None):
-    """Of `dests` (with `all_but`: of every flag but those), the flags whose values are not the parser's
-    defaults (the preset's), spelt `--name`: the flags this command line set, to refuse where they would be
-    silently ignored."""
-    if all_but is not None:
-        dests = [a.dest for a in parser._actions if a.dest not in ("help", *all_but)]
-    return [f"--{d.replace('_', '-')}" for d in dests if getattr(args, d) != parser.get_default(d)]
-
-
-def refuse_ignored(parser, args, switches):
-    """A flag that acts only while some setting is on fails at the command line, naming that setting, when
-    it is off. `switches`: (the setting, whether it is off for `args`, the flags that need it)."""
-    for setting, off, dests in switches:
-        moved = flags_moved(parser, args, *dests)
-        if moved and off(args):
-            parser.error(f"{' '.join(moved)}: only with {setting}; set it, or leave them out")
+    args = parser.parse_args(argv)
+    ignored = [a for a in parser._actions if hasattr(a, "only") and not a.only[1](args)
+               and getattr(args, a.dest) != parser.get_default(a.dest)]
+    if ignored:
+        setting = ignored[0].only[0]
+        flags = " ".join(a.option_strings[0] for a in ignored if a.only[0] == setting)
+        parser.error(f"{flags}: only with {setting}; set it, or leave them out")
+    return parser, args
 
 
 # ----- weights from files and URLs (a safetensors reader of our own) -----
@@ -1144,772 +1951,8 @@ def read_state_dict(path, prefix=""):
 
 
 #################################################################################
-#      Image data: class folders (ADM center crop) and the built-in shapes      #
+#            The stand-in teacher's training run and the command line           #
 #################################################################################
-
-
-def center_crop_adm(image, size):
-    """ADM's center crop (`center_crop_arr`): halve with a BOX filter while the short side is >= 2*size, resize the
-    short side to `size` with BICUBIC, then crop the centre size x size."""
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
-
-
-def to_tensor(arr):
-    """uint8 HWC -> float CHW in [-1, 1], the range every network here reads."""
-    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1.0  # a writable copy
-
-
-def readable(path):
-    """A quick header check (PIL reads the header only): a file that fails it would stop a run mid-epoch."""
-    try:
-        with Image.open(path) as im:
-            return im.size[0] > 0 and im.size[1] > 0
-    except Exception:
-        return False
-
-
-def unreadable(paths, every_rank=True):
-    """The files of `paths` whose header does not read. When every rank lists the folder (`every_rank`), each
-    checks a contiguous 1/world share and the lists are gathered: on shared storage the world reads each
-    header once, not world times. Four threads, each a contiguous run of files, not a task per file: the
-    check is Python-bound once the files are cached (README, "Faults and bad input")."""
-    rank, world = world_info() if every_rank else (0, 1)
-    mine = paths[rank * len(paths) // world:(rank + 1) * len(paths) // world]
-    runs = [mine[i * len(mine) // 4:(i + 1) * len(mine) // 4] for i in range(4)]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        bad = [path for run in pool.map(lambda run: [p for p in run if not readable(p)], runs) for path in run]
-    return [path for share in gather_objects(bad, world) for path in share]
-
-
-def class_folders(root):
-    """root/<class>/... -> (class names, [(image path, label)], other files). Classes are the sorted
-    sub-folders; a class's images are read at any depth (fid.list_images, the one rule for what an image
-    is). A class with no image is refused: it would be a label that no image has."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders: expected root/<class>/<image files>, as ImageNet's "
-                         f"train and val folders")
-    samples, others, empty = [], [e.path for e in os.scandir(root) if not e.is_dir()], []
-    for label, name in enumerate(classes):
-        images, rest = fid.list_images(os.path.join(root, name))
-        samples += [(path, label) for path in images]
-        others += rest
-        if not images:
-            empty.append(name)
-    if empty:
-        raise ValueError(f"{root}: {len(empty)} of {len(classes)} class folders hold no images "
-                         f"({', '.join(fid.IMAGE_EXTENSIONS)}), e.g. {', '.join(empty[:3])}: remove them or add "
-                         f"their images{fid.not_images(others)}")
-    return classes, samples, others
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/<images, at any depth>, classes sorted by name (ImageNet's train/val layout); with
-    `classes=False` every image under root, label 0 (a folder to reconstruct). Returns (image, label); the
-    random flip is applied in the training loop, from a checkpointed generator. Files whose header does not
-    read are reported when the folder is listed, or left out (and counted) with skip_bad; with skip_bad a
-    file that fails later (a truncated body) is skipped when read, its index logged, and `collate` drops
-    it from its batch. Under torchrun every rank builds it, and they share the check (`every_rank=False`
-    for a set one rank builds alone)."""
-
-    def __init__(self, root, size, skip_bad=False, every_rank=True, classes=True):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"data folder not found: {root} (expected root/<class>/<image files>)")
-        self.root, self.size, self.skip_bad = root, size, skip_bad
-        if classes:
-            self.classes, self.samples, others = class_folders(root)
-        else:
-            images, others = fid.list_images(root)
-            self.classes, self.samples = [""], [(path, 0) for path in images]
-        if not self.samples:
-            raise ValueError(f"{root} has no images ({', '.join(fid.IMAGE_EXTENSIONS)}){fid.not_images(others)}")
-        bad = unreadable([path for path, _ in self.samples], every_rank)
-        if bad and not skip_bad:
-            raise ValueError(f"{len(bad)} of {len(self.samples)} files in {root} are not readable images (e.g. "
-                             f"{', '.join(bad[:3])}): remove or replace them, or pass --skip-bad-images")
-        if bad:
-            left_out = set(bad)
-            self.samples = [s for s in self.samples if s[0] not in left_out]
-        self.num_classes = len(self.classes)
-        unread = f"; left out {len(bad)} unreadable files (--skip-bad-images)" if bad else ""
-        classes = f" in {self.num_classes} classes" if classes else ""
-        log(f"{root}: {len(self.samples)} images{classes}{fid.not_images(others)}{unread}")
-
-    def __len__(self):
-        return len(self.samples)
-
-    def name(self, i):
-        """Image i's path relative to the root: how caches and reconstructions name it."""
-        return os.path.relpath(self.samples[i][0], self.root)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        try:
-            return to_tensor(center_crop_adm(fid.load_rgb(path), self.size)), label
-        except Exception as e:
-            if not self.skip_bad:
-                raise RuntimeError(f"cannot read image {path}: {e}. Remove or replace the file, or pass "
-                                   f"--skip-bad-images to skip it") from None
-            print(f"skipped image {i} ({path}), which does not decode: {e} (--skip-bad-images)", file=sys.stderr)
-            return None
-
-
-def collate(items):
-    """A batch of the items that read: ImageFolder gives None for a file skipped when read."""
-    kept = [item for item in items if item is not None]
-    if not kept:
-        raise RuntimeError(f"none of the {len(items)} images of a batch decodes (their indices are logged above): "
-                           f"the data folder is damaged; check it, or use a larger --batch-size")
-    return torch.utils.data.default_collate(kept)
-
-
-class Numbered(torch.utils.data.Dataset):
-    """Items `indices` of a data set, each with its position in `indices` (what a cache writes by), or None
-    where the item is."""
-
-    def __init__(self, data, indices):
-        self.data, self.indices = data, indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, k):
-        item = self.data[self.indices[k]]
-        return None if item is None else (*item, k)
-
-
-#: the shape classes of the built-in data set
-SHAPES = ("circle", "square", "triangle", "ring", "cross", "star", "bar", "crescent", "half-disk",
-          "two-dots")
-
-
-def _shape_mask(kind, u, v, radius):
-    """Inside-test of one shape in its own rotated frame (u, v) with size `radius`."""
-    r, theta = np.hypot(u, v), np.arctan2(v, u)
-    if kind == "circle":
-        return r < radius
-    if kind == "square":
-        return np.maximum(abs(u), abs(v)) < 0.8 * radius
-    if kind == "triangle":
-        sector = np.mod(theta, 2 * np.pi / 3) - np.pi / 3
-        return r * np.cos(sector) < radius * 0.5
-    if kind == "ring":
-        return abs(r - 0.75 * radius) < 0.25 * radius
-    if kind == "cross":
-        return ((abs(u) < radius / 3) & (abs(v) < radius)) | ((abs(v) < radius / 3) & (abs(u) < radius))
-    if kind == "star":
-        return r < radius * (0.55 + 0.45 * np.cos(5 * theta))
-    if kind == "bar":
-        return (abs(u) < radius) & (abs(v) < 0.25 * radius)
-    if kind == "crescent":
-        return (r < radius) & (np.hypot(u - 0.45 * radius, v) > 0.8 * radius)
-    if kind == "half-disk":
-        return (r < radius) & (u > 0)
-    return (np.hypot(u - 0.5 * radius, v) < 0.42 * radius) | (np.hypot(u + 0.5 * radius, v) < 0.42 * radius)
-
-
-def _background(rng, yy, xx):
-    """Two nearby colours mixed by a random texture: gradient, stripes, checks or smooth blobs (low contrast,
-    so that the shape, not the texture, is the salient object)."""
-    c0 = rng.uniform(0, 1, 3)
-    c1 = np.clip(c0 + rng.uniform(-0.3, 0.3, 3), 0, 1)
-    kind = rng.integers(4)
-    angle = rng.uniform(0, 2 * np.pi)
-    d = xx * np.cos(angle) + yy * np.sin(angle)
-    if kind == 0:
-        w = (d + 1) / 2
-    elif kind == 1:
-        w = 0.5 + 0.5 * np.sin(d * rng.uniform(6, 20) + rng.uniform(0, 6))
-    elif kind == 2:
-        f = rng.uniform(3, 8)
-        w = ((np.floor((xx + 1) * f) + np.floor((yy + 1) * f)) % 2) * 0.8 + 0.1
-    else:
-        w = sum(np.exp(-((xx - rng.uniform(-1, 1)) ** 2 + (yy - rng.uniform(-1, 1)) ** 2) / rng.uniform(0.05, 0.4))
-                for _ in range(4))
-        w = np.clip(w, 0, 1)
-    return c0 * (1 - w[..., None]) + c1 * w[..., None], (c0 + c1) / 2
-
-
-class SyntheticShapes(torch.utils.data.Dataset):
-    """The built-in data set: a shape of one of 10 classes with random position, size, rotation
-    and colour on a textured background. Image i is a pure function of (seed, split, i), at any size.
-    Rendered images are kept (per process) when the set fits in `cache_bytes`: a render costs about as
-    much as a tiny model's step on it."""
-
-    num_classes = len(SHAPES)
-
-    def __init__(self, num_images, size, split="train", seed=0, cache_bytes=2**28):
-        self.n, self.size, self.seed = num_images, size, seed
-        self.split = {"train": 0, "val": 1}[split]
-        self.cache, self.keep = {}, num_images * size * size * 3 <= cache_bytes
-
-    def __len__(self):
-        return self.n
-
-    def render(self, i):
-        rng = np.random.default_rng([self.seed, self.split, i])
-        label = i % self.num_classes
-        s = 2 * self.size  # draw at 2x, then box-filter down: anti-aliased edges
-        yy, xx = np.meshgrid(np.linspace(-1, 1, s), np.linspace(-1, 1, s), indexing="ij")
-        image, bg_mean = _background(rng, yy, xx)
-        colour = rng.uniform(0, 1, 3)
-        while np.abs(colour - bg_mean).sum() < 0.6:
-            colour = rng.uniform(0, 1, 3)
-        radius = rng.uniform(0.35, 0.65)
-        cy, cx = rng.uniform(-0.9 + radius, 0.9 - radius, 2)
-        angle = rng.uniform(0, 2 * np.pi)
-        u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
-        v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
-        mask = _shape_mask(SHAPES[label], u, v, radius)
-        image = np.where(mask[..., None], colour, image)
-        # 2s x 2s x 3 -> s x 2 x s x 2 x 3, each 2 x 2 averaged
-        image = image.reshape(self.size, 2, self.size, 2, 3).mean(axis=(1, 3))
-        return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), label
-
-    def __getitem__(self, i):
-        arr, label = self.cache[i] if i in self.cache else self.render(i)
-        if self.keep:
-            self.cache[i] = arr, label
-        return to_tensor(arr), label
-
-
-def labels_of(data):
-    """Every label of a data set without reading its images."""
-    if isinstance(data, torch.utils.data.Subset):
-        labels = labels_of(data.dataset)
-        return [labels[i] for i in data.indices]
-    if isinstance(data, ImageFolder):
-        return [label for _, label in data.samples]
-    return [i % data.num_classes for i in range(len(data))]
-
-
-def image_files(data):
-    """The files behind a folder data set, by index: (absolute paths, their paths relative to the root,
-    class names); None for the built-in data. A Subset keeps its indices' files."""
-    if isinstance(data, torch.utils.data.Subset):
-        files = image_files(data.dataset)
-        return files and tuple([column[i] for i in data.indices] for column in files)
-    if not isinstance(data, ImageFolder):
-        return None
-    return ([path for path, _ in data.samples], [data.name(i) for i in range(len(data))],
-            [data.classes[label] for _, label in data.samples])
-
-
-def files_fingerprint(paths, names):
-    """A hash of each file's relative path, size and modification time: a folder whose images were replaced
-    (same names, same count) changes it, at the cost of one stat per file (eight threads; 1.28M files stat in
-    seconds to a minute on shared storage, less than their headers take to check)."""
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        stats = list(pool.map(os.stat, paths, chunksize=1024))
-    h = hashlib.sha1()
-    for name, st in zip(names, stats):
-        h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def one_per_class(data, num=10):
-    """Indices of the first image of each class (up to `num` classes): grids that show every class."""
-    first = {}
-    for i, label in enumerate(labels_of(data)):
-        first.setdefault(label, i)
-    return sorted(first.values())[:num]
-
-
-def build_dataset(data, size, split="train", num_images=None, seed=0, skip_bad=False, every_rank=True):
-    """'synthetic' -> the built-in data set (num_images of them, default 10,000 train / 1,000 val);
-    anything else is a class-folder root (num_images, if set, keeps an evenly spaced subset)."""
-    if data == "synthetic":
-        return SyntheticShapes(num_images or (10000 if split == "train" else 1000), size, split, seed)
-    return evenly_spaced(ImageFolder(data, size, skip_bad, every_rank), num_images)
-
-
-def evenly_spaced(dataset, num_images, indices=None):
-    """`num_images` evenly spaced items of `indices` (default all) of a data set; all of them without a count."""
-    indices = range(len(dataset)) if indices is None else indices
-    if num_images and num_images < len(indices):
-        indices = [indices[i] for i in np.linspace(0, len(indices) - 1, num_images).round().astype(int)]
-    if len(indices) == len(dataset):
-        return dataset
-    subset = torch.utils.data.Subset(dataset, list(indices))
-    subset.num_classes = dataset.num_classes
-    return subset
-
-
-def train_val(data, size, val_data=None, num_train=None, num_val=None, seed=0, skip_bad=False):
-    """A training set and a held-out set that never share an image: the built-in data's own splits, or
-    --val-data's folder, or else every 50th image of the folder held out (the rule of every stage)."""
-    if data == "synthetic" or val_data:
-        return (build_dataset(data, size, "train", num_train, seed, skip_bad),
-                build_dataset(val_data or data, size, "val", num_val, seed, skip_bad))
-    full = ImageFolder(data, size, skip_bad)
-    held = np.arange(len(full)) % 50 == 0
-    log(f"held out every 50th image of {data} ({held.sum()} images) for validation; --val-data names a "
-        f"separate folder")
-    return (evenly_spaced(full, num_train, np.flatnonzero(~held).tolist()),
-            evenly_spaced(full, num_val, np.flatnonzero(held).tolist()))
-
-
-#################################################################################
-#          Transformer parts every net shares; the ViT of DINOv2/DINOv3         #
-#################################################################################
-
-
-def run_blocks(blocks, x, *args, checkpoint=False):
-    """x through each block in turn. With `checkpoint` (--grad-checkpoint, training only) a block keeps
-    just its input for backward and recomputes its activations there: a block's attention and MLP
-    intermediates are most of a step's memory, so this trades about a third more compute for a batch
-    that fits. The blocks draw no random numbers, so the recomputation is exact."""
-    for block in blocks:
-        x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False) if checkpoint else block(x, *args)
-    return x
-
-
-def enable_grad_checkpoint(model, on=True):
-    """--grad-checkpoint: every transformer of `model` (those with a `grad_checkpoint` switch) recomputes its
-    blocks' activations in backward (run_blocks)."""
-    for m in model.modules():
-        if hasattr(m, "grad_checkpoint"):
-            m.grad_checkpoint = on
-
-
-def dinov3_rope(grid_h, grid_w, head_dim, theta, rescale=None, device=None):
-    """DINOv3's 2D RoPE table (cos, sin), each (grid_h*grid_w, head_dim), made on `device` (a table copied
-    from host memory at every forward would make each training step wait for the GPU).
-
-    Patch-centre coordinates in [-1, 1]; frequencies 1/theta^(4k/head_dim), k < head_dim/4; the angles
-    are laid out [row angles | column angles] and tiled twice. `rescale` (a number, or a one-element CPU
-    tensor) multiplies the coordinates: DINOv3's training-time augmentation, which the released RecTok run
-    kept on (`utils/foundation_models.py`)."""
-    ys = (torch.arange(grid_h, dtype=torch.float32, device=device) + 0.5) / grid_h
-    xs = (torch.arange(grid_w, dtype=torch.float32, device=device) + 0.5) / grid_w
-    # gh x gw x 2 -> (gh gw) x 2
-    coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0
-    if rescale is not None:
-        coords = coords * float(rescale)
-    inv_freq = 1.0 / theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32, device=device)
-    # (gh gw) x 2 x d/4 -> (gh gw) x d/2, tiled to (gh gw) x d
-    angles = (2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]).flatten(1, 2).tile(2)
-    return angles.cos(), angles.sin()
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with one qkv Linear (bias) and scaled_dot_product_attention (flash /
-    memory-efficient kernels on CUDA). `rotate`, if given, is the position code applied to q and k
-    (B, heads, N, head_dim): every net of the project (DINO, RecTok, DiT^DH) shares this module and
-    differs only there."""
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x, rotate=None):
-        B, N, D = x.shape
-        # the qkv split: B x N x 3D -> B x N x 3 x heads x d -> 3 x B x heads x N x d
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        if rotate is not None:
-            q, k = rotate(q).to(v.dtype), rotate(k).to(v.dtype)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # B x heads x N x d -> B x N x D
-
-
-def dinov3_rotate(rope, num_prefix):
-    """DINOv3's RoPE on the patch tokens only (CLS and registers pass), in fp32 as the references."""
-    cos, sin = rope
-
-    def rotate(t):
-        patches = t[:, :, num_prefix:].float()
-        x1, x2 = patches.chunk(2, dim=-1)  # DINOv3 pairs the two HALVES of the head dim: (x1, x2) -> (-x2, x1)
-        return torch.cat((t[:, :, :num_prefix].float(), patches * cos + torch.cat((-x2, x1), -1) * sin), dim=2)
-
-    return rotate
-
-
-class SwiGLU(nn.Module):
-    """Linear(D, 2h) split into (a, b), out = Linear(h, D)(silu(a) * b)."""
-
-    def __init__(self, width, hidden):
-        super().__init__()
-        self.w12 = nn.Linear(width, 2 * hidden)
-        self.w3 = nn.Linear(hidden, width)
-
-    def forward(self, x):
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
-
-
-def init_weights(module):
-    """Linear and Conv weights trunc_normal(0.02), biases 0: DINO's init and RecTok's (`models/rectok.py`)."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
-class LayerScale(nn.Module):
-    def __init__(self, width, init):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((width,), float(init)))
-
-    def forward(self, x):
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    def __init__(self, width, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, width, heads, mlp_ratio, ffn, ln_eps, ls_init):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width, eps=ln_eps)
-        self.attn = Attention(width, heads)
-        self.ls1 = LayerScale(width, ls_init)
-        self.norm2 = nn.LayerNorm(width, eps=ln_eps)
-        hidden = int(width * mlp_ratio)
-        # DINOv2 ViT-g's SwiGLU keeps 2/3 of the MLP width, rounded up to a multiple of 8
-        self.mlp = SwiGLU(width, (int(hidden * 2 / 3) + 7) // 8 * 8) if ffn == "swiglu" else Mlp(width, hidden)
-        self.ls2 = LayerScale(width, ls_init)
-
-    def forward(self, x, rotate=None):
-        x = x + self.ls1(self.attn(self.norm1(x), rotate))
-        return x + self.ls2(self.mlp(self.norm2(x)))
-
-
-def conv_stem(width, patch_size):
-    """The stand-in teacher's patchifier: log2(patch) stages of conv3x3-BN-ReLU-maxpool2, then a 1x1 conv to
-    the width (a 'hybrid' ViT). Its convolutional prior lets a small ViT learn shapes in minutes on a CPU,
-    where a plain patch embedding needs far more data and steps."""
-    layers, c = [], 3
-    for i in range(int(math.log2(patch_size))):
-        out = min(width, 32 * 2 ** i)
-        layers += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
-        c = out
-    return nn.Sequential(*layers, nn.Conv2d(c, width, 1))
-
-
-class DinoViT(nn.Module):
-    """DINOv2 (pos="abs": learned position embedding, interpolated off-grid) and DINOv3 (pos="rope": no
-    position embedding, 2D RoPE on patch tokens) in one class, with Meta's parameter names.
-
-    forward(x) -> final-LayerNorm tokens [CLS, registers, patches]; `patch_tokens` drops the first
-    1 + num_registers. pos_interp picks how DINOv2 resizes its position grid off its native size, which
-    differs between the codes the weights were exported for: "meta" (bicubic, scale_factor with a 0.1
-    offset), "hf" (transformers' Dinov2Model: bicubic to size=) or "hf_antialias"
-    (Dinov2WithRegistersModel: the same with antialias, a different bicubic kernel)."""
-
-    def __init__(self, img_size=224, patch_size=16, width=384, depth=12, heads=6, mlp_ratio=4.0,
-                 ffn="mlp", num_registers=0, pos="abs", rope_theta=100.0, ln_eps=1e-6, ls_init=1e-5,
-                 pos_interp="meta", stem="patch"):
-        super().__init__()
-        self.patch_size, self.num_registers, self.pos = patch_size, num_registers, pos
-        self.heads, self.rope_theta, self.pos_interp = heads, rope_theta, pos_interp
-        self.patch_embed = (nn.Conv2d(3, width, patch_size, patch_size) if stem == "patch"
-                            else conv_stem(width, patch_size))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        if num_registers:
-            self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, width))
-        if pos == "abs":
-            n = (img_size // patch_size) ** 2
-            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n, width))
-        self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, ffn, ln_eps, ls_init) for _ in range(depth))
-        self.norm = nn.LayerNorm(width, eps=ln_eps)
-        init_weights(self)
-        for p in (self.cls_token, getattr(self, "register_tokens", None), getattr(self, "pos_embed", None)):
-            if p is not None:
-                nn.init.normal_(p, std=0.02)
-
-    def interpolate_pos_embed(self, gh, gw):
-        pos = self.pos_embed
-        n = pos.shape[1] - 1
-        m = int(math.sqrt(n))
-        if gh * gw == n and gh == gw:
-            return pos
-        # 1 x (m m) x D -> 1 x m x m x D -> 1 x D x m x m
-        grid = pos[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
-        if self.pos_interp == "meta":
-            kw = {"scale_factor": ((gh + 0.1) / m, (gw + 0.1) / m), "antialias": False}
-        else:  # transformers: Dinov2Model without antialias, Dinov2WithRegistersModel with it
-            kw = {"size": (gh, gw), "antialias": self.pos_interp == "hf_antialias"}
-        grid = F.interpolate(grid, mode="bicubic", align_corners=False, **kw)
-        grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(pos.dtype)  # 1 x D x gh x gw -> 1 x (gh gw) x D
-        return torch.cat((pos[:, :1], grid), dim=1)
-
-    def forward(self, x, rope_rescale=None):
-        B, _, H, W = x.shape
-        gh, gw = H // self.patch_size, W // self.patch_size
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # B x D x gh x gw -> B x (gh gw) x D
-        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
-        rotate = None
-        if self.pos == "abs":
-            x = x + self.interpolate_pos_embed(gh, gw)
-        else:
-            head_dim = x.shape[-1] // self.heads
-            rope = dinov3_rope(gh, gw, head_dim, self.rope_theta, rope_rescale, x.device)
-            rotate = dinov3_rotate(rope, 1 + self.num_registers)
-        if self.num_registers:
-            x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)
-        for block in self.blocks:
-            x = block(x, rotate)
-        return self.norm(x)
-
-    def patch_tokens(self, x, rope_rescale=None):
-        return self(x, rope_rescale)[:, 1 + self.num_registers:]
-
-
-def _dino(family, width, depth, heads, registers=0, ffn="mlp"):
-    if family == "dinov2":
-        return dict(img_size=518, patch_size=14, width=width, depth=depth, heads=heads, ffn=ffn,
-                    num_registers=registers, pos="abs", ln_eps=1e-6)
-    return dict(img_size=224, patch_size=16, width=width, depth=depth, heads=heads, ffn=ffn,
-                num_registers=4, pos="rope", rope_theta=100.0, ln_eps=1e-5)
-
-
-# The official architectures (Meta's hub names). DINOv2 ViT-g uses a SwiGLU feed-forward.
-ARCHS = {}
-for _size, (_w, _d, _h) in {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}.items():
-    ARCHS[f"dinov2_vit{_size}14"] = _dino("dinov2", _w, _d, _h)
-    ARCHS[f"dinov2_vit{_size}14_reg"] = _dino("dinov2", _w, _d, _h, registers=4)
-    ARCHS[f"dinov3_vit{_size}16"] = _dino("dinov3", _w, _d, _h)
-ARCHS["dinov2_vitg14"] = _dino("dinov2", 1536, 40, 24, ffn="swiglu")
-ARCHS["dinov2_vitg14_reg"] = _dino("dinov2", 1536, 40, 24, registers=4, ffn="swiglu")
-
-
-# Where the official weights come from. DINOv2's are public; DINOv3's are licence-gated.
-DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{base}/{base}{reg}_pretrain.pth"
-DINOV3_HELP = ("DINOv3 weights are licence-gated: accept the licence at "
-               "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ (Meta .pth) or "
-               "https://huggingface.co/facebook/dinov3-vitl16-pretrain-lvd1689m (model.safetensors), "
-               "download the file and pass its path with --teacher-weights")
-
-
-def default_weights_url(arch):
-    if arch.startswith("dinov2"):
-        base = arch.removesuffix("_reg")
-        return DINOV2_URL.format(base=base, reg="_reg4" if arch.endswith("_reg") else "")
-    return None
-
-
-#################################################################################
-#           Official checkpoint layouts -> our (Meta) parameter names           #
-#################################################################################
-
-
-# Tensors that the checkpoints carry but inference does not use: the masked-image-modelling token,
-# DINOv3's RoPE periods (recomputed, and checked) and k-bias mask (applied, then dropped).
-_UNUSED = ("mask_token",)
-
-
-def _layout(sd):
-    if "embeddings.patch_embeddings.projection.weight" in sd:
-        return "hf_dinov2"
-    if "embeddings.patch_embeddings.weight" in sd:
-        return "hf_dinov3"
-    if "storage_tokens" in sd or "rope_embed.periods" in sd:
-        return "meta_dinov3"
-    if "patch_embed.proj.weight" in sd:
-        return "meta_dinov2"
-    if "patch_embed.weight" in sd:
-        return "ours"
-    raise ValueError("unrecognised teacher checkpoint: none of the DINOv2/DINOv3 patch-embedding keys "
-                     "(Meta's 'patch_embed.proj.weight', Hugging Face's 'embeddings.patch_embeddings.*') "
-                     "is present")
-
-
-def _from_meta(sd, model):
-    out = {}
-    for k, v in sd.items():
-        if k in _UNUSED or k.endswith("bias_mask"):
-            continue
-        if k == "rope_embed.periods":
-            _check_rope_periods(v, model)
-            continue
-        if k.endswith("attn.qkv.bias") and k.replace(".bias", ".bias_mask") in sd:
-            v = v * sd[k.replace(".bias", ".bias_mask")]  # DINOv3 has no k bias: the mask zeroes it
-        k = k.replace("storage_tokens", "register_tokens").replace("patch_embed.proj.", "patch_embed.")
-        out[k] = v
-    return out
-
-
-def _check_rope_periods(periods, model):
-    head_dim = model.cls_token.shape[-1] // model.heads
-    ours = model.rope_theta ** (2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2))
-    if periods.shape != ours.shape or not torch.allclose(periods.float(), ours, rtol=1e-5):
-        raise ValueError(f"checkpoint RoPE periods {periods.tolist()[:4]}... do not match theta "
-                         f"{model.rope_theta} and head dim {head_dim}: wrong architecture for this file")
-
-
-_HF_BLOCK = {  # transformers block names -> ours, for DINOv3 (first) and DINOv2 (second)
-    "attention.o_proj.": "attn.proj.", "attention.output.dense.": "attn.proj.",
-    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
-    "mlp.up_proj.": "mlp.fc1.", "mlp.down_proj.": "mlp.fc2.",
-    "mlp.weights_in.": "mlp.w12.", "mlp.weights_out.": "mlp.w3.",
-}
-_HF_QKV = {"attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2,
-           "attention.attention.query": 0, "attention.attention.key": 1, "attention.attention.value": 2}
-_HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "register_tokens",
-           "embeddings.position_embeddings": "pos_embed", "layernorm.weight": "norm.weight",
-           "layernorm.bias": "norm.bias"}
-
-
-def _from_hf(sd):
-    out, qkv = {}, {}
-    for k, v in sd.items():
-        k = k.removeprefix("encoder.")
-        if k == "embeddings.mask_token":
-            continue
-        if not k.startswith("layer."):
-            k = _HF_TOP.get(k, k).replace("embeddings.patch_embeddings.projection.", "patch_embed.")
-            out[k.replace("embeddings.patch_embeddings.", "patch_embed.")] = v
-            continue
-        i, rest = k[len("layer."):].split(".", 1)
-        module, kind = rest.rsplit(".", 1)
-        if module in _HF_QKV:  # separate q, k, v Linears -> one fused qkv
-            qkv.setdefault((i, kind), {})[_HF_QKV[module]] = v
-            continue
-        for a, b in _HF_BLOCK.items():
-            rest = rest.replace(a, b)
-        out[f"blocks.{i}.{rest}"] = v
-    for (i, kind), parts in qkv.items():
-        if kind == "bias" and 1 not in parts:  # DINOv3 has no k bias: it is zero
-            parts[1] = torch.zeros_like(parts[0])
-        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts[j] for j in range(3)], dim=0)
-    return out
-
-
-def convert_teacher_state(sd, model):
-    """Map any official layout (Meta or Hugging Face, DINOv2 or DINOv3) to our names."""
-    layout = _layout(sd)
-    if layout.startswith("meta"):
-        return _from_meta(sd, model)
-    if layout.startswith("hf"):
-        return _from_hf(sd)
-    return dict(sd)
-
-
-#################################################################################
-#                    The Teacher: preprocessing + frozen ViT                    #
-#################################################################################
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def dino_preprocess(x, size, mean=torch.tensor(IMAGENET_MEAN), std=torch.tensor(IMAGENET_STD), processor_size=224):
-    """The released preprocessing (`utils/foundation_models.py`): x in [-1, 1] -> uint8 by TRUNCATION ->
-    *1/255 -> bilinear antialiased resize to 224 (the DINOv3 image processor's size) -> ImageNet
-    normalisation -> bilinear resize (no antialias) to `size`, the teacher input that yields the tokenizer's
-    grid. The Teacher passes `mean` and `std` from its own buffers, already on the device: copying them
-    there at each step would wait for the GPU."""
-    x = ((x.float() + 1) * 0.5 * 255).to(torch.uint8).float() * (1 / 255)
-    x = F.interpolate(x, size=(processor_size, processor_size), mode="bilinear", align_corners=False,
-                      antialias=True)
-    x = (x - mean.to(x.device).view(1, 3, 1, 1)) / std.to(x.device).view(1, 3, 1, 1)
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-
-
-class Teacher(nn.Module):
-    """Frozen teacher: images in [-1, 1] at the tokenizer's size -> (B, grid*grid, D) float32 targets.
-
-    `rope_jitter`: DINOv3's training-time RoPE coordinate rescale, exp(U(-ln 2, ln 2)) per batch; the
-    released stage 1 left the teacher in training mode, so it is on by default there.
-    Stand-in teachers see the images as they are (resized only if their grid needs it), and their tokens
-    are standardised per channel with statistics stored in their checkpoint: a small classifier's
-    final-norm tokens share one large common direction, which the cosine loss would otherwise learn
-    without reading the latent (DINO features do not have that problem)."""
-
-    def __init__(self, vit, kind, grid, rope_jitter=False, standardize=None):
-        super().__init__()
-        self.vit = vit.eval().requires_grad_(False)
-        self.kind, self.grid, self.rope_jitter = kind, grid, rope_jitter
-        self.dim = vit.norm.weight.shape[0]
-        mean, std = standardize if standardize is not None else (torch.zeros(self.dim), torch.ones(self.dim))
-        self.register_buffer("target_mean", mean.float(), persistent=False)
-        self.register_buffer("target_std", std.float(), persistent=False)
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD), persistent=False)
-
-    def train(self, mode=True):
-        # Frozen: a parent's .train() never reaches the ViT (the jitter is the one train-mode effect kept).
-        super().train(mode)
-        self.vit.eval()
-        return self
-
-    def preprocess(self, x):
-        size = self.grid * self.vit.patch_size
-        if self.kind == "standin":
-            return x.float() if x.shape[-1] == size else F.interpolate(
-                x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        return dino_preprocess(x, size, self.pixel_mean, self.pixel_std)
-
-    @torch.no_grad()
-    def forward(self, x, rope_rescale=None):
-        if rope_rescale is None and self.rope_jitter and self.training and self.vit.pos == "rope":
-            rope_rescale = torch.empty(1).uniform_(-math.log(2), math.log(2)).exp()
-        return (self.vit.patch_tokens(self.preprocess(x), rope_rescale).float() - self.target_mean) / self.target_std
-
-
-def build_teacher(name, weights=None, grid=16, rope_jitter=True, prefix=""):
-    """'dinov3_vitl16' etc. with official weights, or 'standin' with a checkpoint from this file."""
-    if name == "standin":
-        if not weights or not os.path.isfile(weights):
-            raise FileNotFoundError(f"stand-in teacher checkpoint not found: {weights}. Train one with "
-                                    f"`python distill.py` (or --data DIR), or pick an official teacher")
-        ckpt = load_checkpoint(weights, ("teacher",), "stand-in teacher checkpoint (distill.py's teacher.pt)")
-        if "target_mean" not in ckpt:
-            raise ValueError(f"{weights} is a stand-in teacher's run checkpoint, not its final teacher.pt: "
-                             f"let `python distill.py` finish, then pass OUT/teacher.pt")
-        vit = DinoViT(**ckpt["config"]["vit"])
-        sd = {k[len("vit."):]: v for k, v in ckpt["ema"].items() if k.startswith("vit.")}
-        load_strict(vit, sd, f"stand-in teacher {weights}")
-        return Teacher(vit, "standin", grid, standardize=(ckpt["target_mean"], ckpt["target_std"]))
-    if name not in ARCHS:
-        raise ValueError(f"unknown teacher {name!r}; choose 'standin' or one of {sorted(ARCHS)}")
-    cfg = dict(ARCHS[name])
-    path = resolve_weights(weights, name)
-    sd = read_state_dict(path, prefix)
-    if cfg["pos"] == "abs" and _layout(sd) == "hf_dinov2":
-        # keep the position-grid interpolation of the code the weights were exported for
-        cfg["pos_interp"] = "hf_antialias" if cfg["num_registers"] else "hf"
-    vit = DinoViT(**cfg)
-    load_strict(vit, convert_teacher_state(sd, vit), f"{path} ({_layout(sd)} layout)")
-    return Teacher(vit, "dino", grid, rope_jitter=rope_jitter)
-
-
-#################################################################################
-#           The stand-in teacher: a small ViT trained as a classifier           #
-#################################################################################
-
-
-class StandinClassifier(nn.Module):
-    """A DINOv3-style ViT (RoPE, registers, convolutional stem) plus a linear head on the max over patch
-    tokens, so that the patch tokens themselves carry the class: those tokens are the distillation targets.
-    (Max- rather than mean-pooling: the object covers a fraction of the image, and the mean over tokens
-    washes it out; the mean-pooled variant barely leaves chance level in the tiny preset's budget.)"""
-
-    def __init__(self, vit, num_classes):
-        super().__init__()
-        self.vit = DinoViT(**vit)
-        self.head = nn.Linear(vit["width"], num_classes)
-
-    def forward(self, x):
-        return self.head(self.vit.patch_tokens(x).amax(dim=1))
 
 
 PRESETS = {
@@ -1920,13 +1963,6 @@ PRESETS = {
     "paper": dict(image_size=256, patch_size=16, width=384, depth=12, heads=6, epochs=100, batch_size=128,
                   lr=5e-4, num_train=None, num_val=None, workers=IMAGE_WORKERS),
 }
-
-
-def standin_vit(c):
-    """The stand-in teacher's ViT from a preset or the flags (`c`: image_size, patch_size, width, depth, heads):
-    DINOv3-style (RoPE, 4 registers, LayerScale) with the convolutional stem."""
-    return dict(img_size=c["image_size"], patch_size=c["patch_size"], width=c["width"], depth=c["depth"],
-                heads=c["heads"], num_registers=4, pos="rope", ls_init=1e-1, ln_eps=1e-6, stem="conv")
 
 
 @torch.no_grad()
@@ -2026,17 +2062,15 @@ def token_statistics(vit, dataset, batch_size, device, num=2000):
     return tokens.mean(0).float(), tokens.std(0).clamp(min=1e-6).float()
 
 
-CHECK_READS = ("preset", "check", "weights", "image_size")  # --check and the flags it reads
-
-
 @torch.no_grad()
 def check_teacher(args):
-    """Load official weights and print what the tokenizer would receive for a few synthetic images."""
-    teacher = build_teacher(args.check, args.weights, grid=args.image_size // 16)
+    """`distill.py check ARCH`: load an official teacher's weights and print what the tokenizer would
+    receive from it for a few built-in images."""
+    teacher = build_teacher(args.arch, args.weights, grid=args.image_size // 16)
     data = build_dataset("synthetic", args.image_size, "val", 4)
     x = torch.stack([data[i][0] for i in range(4)])
     t = teacher(x)
-    print(f"{args.check}: targets {tuple(t.shape)}, mean {t.mean():.4f}, std {t.std():.4f}")
+    print(f"{args.arch}: targets {tuple(t.shape)}, mean {t.mean():.4f}, std {t.std():.4f}")
 
 
 def build_parser(add_help=True):
@@ -2051,35 +2085,40 @@ def build_parser(add_help=True):
         p.add_argument("--" + k.replace("_", "-"), type=positive_int)
     p.add_argument("--lr", type=positive)
     add_run_flags(p)
-    p.add_argument("--check", default=None, help="an official teacher to load and run, e.g. dinov3_vitl16")
-    p.add_argument("--weights", default=None, help="with --check: a .pth/.safetensors path or URL")
+    return p
+
+
+def build_check_parser():
+    p = argparse.ArgumentParser(prog="distill.py check", description=check_teacher.__doc__,
+                                formatter_class=HelpFormatter)
+    p.add_argument("arch", choices=sorted(ARCHS), help="an official teacher")
+    p.add_argument("--weights", default=None, help="a .pth/.safetensors path or URL (default: the public one)")
+    p.add_argument("--image-size", type=positive_int, default=256)
     return p
 
 
 def parse_args(argv=None):
+    """`distill.py [train | check] [flags]`; no mode means train (the stand-in teacher)."""
+    mode, argv = split_mode(argv, ("train", "check"))
+    if mode == "check":
+        args = build_check_parser().parse_args(argv)
+        args.mode = mode
+        return args
     p, args = parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)
-    if args.weights and not args.check:
-        p.error("--weights goes with --check ARCH (official weights to load and run); without it distill.py "
-                "trains the stand-in teacher from scratch")
-    training = flags_moved(p, args, all_but=CHECK_READS)
-    if not args.check and args.patch_size & (args.patch_size - 1):
-        p.error(f"--patch-size {args.patch_size}: the stand-in teacher's convolutional stem halves the image "
-                f"log2(patch) times, so the patch must be a power of 2")
-    if not args.check and (args.width % args.heads or args.width // args.heads % 4):
-        p.error(f"--width {args.width} --heads {args.heads}: each head's width (width / heads) must be a whole "
-                f"multiple of 4, which DINOv3's 2D RoPE splits into row and column halves of pairs")
-    if args.check and training:
-        p.error(f"{' '.join(training)}: flags of the stand-in teacher's training; --check runs {args.check} on a "
-                f"few built-in images and reads only --image-size and --weights")
+    args.mode = mode
+    refuse(p, (args.patch_size & (args.patch_size - 1),
+               f"--patch-size {args.patch_size}: a power of 2 (the convolutional stem halves the image "
+               f"log2(patch) times)"),
+           (args.width % args.heads or args.width // args.heads % 4,
+            f"--width {args.width} --heads {args.heads}: width / heads must be a multiple of 4 (DINOv3's 2D "
+            f"RoPE splits a head into row and column halves of pairs)"))
     return args
 
 
 @stage
 def main(argv=None):
     args = parse_args(argv)
-    if args.check:
-        return check_teacher(args)
-    return train_standin(args)
+    return check_teacher(args) if args.mode == "check" else train_standin(args)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def eva_rope(grid, head_dim, theta=10000.0):
 
 
 def rope(x, cos, sin):
-    return x * cos + tokenizer.rotate_adjacent(x) * sin
+    return x * cos + distill.rotate_adjacent(x) * sin
 
 
 #################################################################################
@@ -130,7 +130,7 @@ class Block(nn.Module):
         self.norm1 = RMSNorm(width)
         self.attn = distill.Attention(width, heads)
         self.norm2 = RMSNorm(width)
-        self.mlp = tokenizer.swiglu(width)
+        self.mlp = distill.swiglu(width)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x, c, cos, sin):
@@ -555,9 +555,12 @@ def official_config(sd, heads=None):
 def build_parser(add_help=True):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=distill.HelpFormatter, add_help=add_help)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
-    p.add_argument("--latents", help="latent cache folder (tokenizer.py encode)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint for previews (default: the "
-                   "cache's tokenizer, if it still exists)")
+    cache = "--random-latents off (it benchmarks on noise)"
+    distill.only_with(p.add_argument("--latents", help="latent cache folder (tokenizer.py encode)"), cache,
+                      lambda a: not a.random_latents)
+    distill.only_with(p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint for previews (default: "
+                                     "the cache's tokenizer, if it still exists)"),
+                      f"--preview-every above 0 and {cache}", lambda a: a.preview_every > 0 and not a.random_latents)
     p.add_argument("--out", default=distill.RUNS["dit"])
     p.add_argument("--model", choices=sorted(SIZES))
     p.add_argument("--epochs", type=distill.positive_int, help="train this many epochs (of the schedule below)")
@@ -576,24 +579,16 @@ def build_parser(add_help=True):
     distill.add_run_flags(p, ckpt_every=1000, save_every=50000, save_unit="steps")
     p.add_argument("--preview-every", type=distill.non_negative_int, default=5000,
                    help="preview PNG every N steps (0: off)")
-    p.add_argument("--random-latents", action="store_true",
-                   help="with --bench: random latents of the preset's shape instead of a cache")
+    distill.only_with(p.add_argument("--random-latents", action="store_true",
+                                     help="random latents of the preset's shape instead of a cache"),
+                      "--bench N (training needs a latent cache)", lambda a: a.bench > 0)
     return p
 
 
 def parse_args(argv=None):
     p, args = distill.parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)
-    if args.random_latents:
-        if not args.bench:
-            p.error("--random-latents is for --bench only: training needs a latent cache")
-        cache = distill.flags_moved(p, args, "latents", "tokenizer")
-        if cache:
-            p.error(f"{' '.join(cache)}: --random-latents benchmarks on noise, with no cache or tokenizer read")
-        return args
-    if args.latents is None:
+    if args.latents is None and not args.random_latents:
         p.error("--latents is required with --preset paper (or --bench N --random-latents)")
-    distill.refuse_ignored(p, args, [("--preview-every above 0 (the previews it decodes)",
-                                      lambda a: a.preview_every <= 0, ("tokenizer",))])
     return args
 
 

@@ -18,15 +18,23 @@ Protocols:
     orientations are extracted once and each epoch picks one per image). These are its defaults whatever
     the preset (`--protocol research -h` prints them).
 
+Modes, each with only its own flags (`python probe.py MODE -h`):
+    probe   the linear probe (the default when no mode is given)
+    plot    several runs' probe.json on one accuracy-against-tau plot
+    judge   an offline score of sample.py's samples by a classifier of the data (class accuracy, Frechet
+            distance in its features; never an FID), for data no Inception covers
+
 Run:
     python probe.py                                         # tiny: runs/tokenizer_ft on the built-in data
     python probe.py --sweep-tau 0 0.1 0.3 0.5 0.7 0.9       # accuracy against tau: JSON + PNG plot
     torchrun --nproc_per_node=8 probe.py --tokenizer FT/latest.pt --data /imagenet/train \\
         --val-data /imagenet/val --feature SL
+    python probe.py plot runs/probe/probe.json runs/probe_nosem/probe.json --out runs/compare
+    python probe.py judge --samples runs/samples/samples.npz  # the stand-in teacher judges the samples
 
 Features are extracted once per run (each rank a shard, gathered) and reused across epochs; the linear
 training is deterministic given --seed and identical on every rank. Writes OUT/probe.json (and, with
---sweep-tau, OUT/probe_tau.png).
+--sweep-tau, OUT/probe_tau.png); `judge` writes judge.json beside the samples.
 """
 import argparse
 import json
@@ -41,7 +49,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 
 import distill
+import fid
 import tokenizer
+from distill import only_with as only
 
 #################################################################################
 #                                   Features                                    #
@@ -224,6 +234,85 @@ def training_features(model, train, kind, taus, args, device):
 
 
 #################################################################################
+#        The offline judge of samples: a classifier of the data at hand         #
+#################################################################################
+
+
+def load_judge(path, device):
+    """A classifier checkpoint in distill.py's format (its teacher.pt: `config` {vit, num_classes} and the
+    `ema` weights of the ViT and its head) -> the classifier in eval mode, and its checkpoint."""
+    what = "judge: a classifier checkpoint in distill.py's format (teacher.pt)"
+    ckpt = distill.load_checkpoint(path, ("teacher",), what)
+    if "config" not in ckpt or "num_classes" not in ckpt["config"]:
+        raise ValueError(f"{path} is not a {what}")
+    judge = distill.StandinClassifier(**ckpt["config"])
+    distill.load_strict(judge, ckpt["ema"], f"judge {path}")
+    judge.image_size = ckpt["config"]["vit"]["img_size"]
+    return judge.to(device).eval(), ckpt
+
+
+@torch.no_grad()
+def judge_outputs(judge, images, device, batch_size=250):
+    """uint8 images (N, H, W, 3) -> the judge's logits (N, classes) and features (N, width), float64: the
+    max-pooled patch tokens its head classifies. Images are resized to the judge's size if they differ."""
+    logits, feats = [], []
+    for s in range(0, len(images), batch_size):
+        # B x H x W x 3 -> B x 3 x H x W
+        x = torch.from_numpy(np.array(images[s:s + batch_size])).permute(0, 3, 1, 2).float()  # a copy of the map
+        x = (x / 127.5 - 1).to(device)
+        if x.shape[-1] != judge.image_size:
+            x = F.interpolate(x, size=judge.image_size, mode="bilinear", align_corners=False, antialias=True)
+        f = judge.vit.patch_tokens(x).amax(dim=1)
+        logits.append(judge.head(f).double().cpu())
+        feats.append(f.double().cpu())
+    return torch.cat(logits), torch.cat(feats)
+
+
+def judge_scores(judge, images, labels, real, real_labels, device):
+    """What the judge says of generated images (never an FID): the fraction it assigns to the class they
+    were generated for (chance: 1 / classes), the same on held-out real images (the ceiling), and the
+    Frechet distance between the two sets in its feature space (float64 statistics, fid.py's code)."""
+    logits, feats = judge_outputs(judge, images, device)
+    real_logits, real_feats = judge_outputs(judge, real, device)
+    accuracy = (logits.argmax(1).numpy() == np.asarray(labels)).mean()
+    ceiling = (real_logits.argmax(1).numpy() == np.asarray(real_labels)).mean()
+    distance = fid.frechet_distance(*fid.statistics(feats.numpy()), *fid.statistics(real_feats.numpy()))
+    return {"judge_class_accuracy": float(accuracy), "judge_accuracy_on_real": float(ceiling),
+            "judge_frechet_distance": distance, "chance": 1 / logits.shape[1]}
+
+
+def real_images(data, num):
+    """The first `num` images of a held-out data set as uint8 (N, H, W, 3) and their labels."""
+    pairs = [data[i] for i in range(min(num, len(data)))]
+    images = torch.stack([x for x, _ in pairs])
+    images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # B x H x W x 3
+    return images.numpy(), [y for _, y in pairs]
+
+
+def judge(args):
+    """`probe.py judge`: the samples of sample.py (samples.npz: arr_0, labels) scored by --judge against the
+    held-out real images of --data, at the samples' size; writes --json (default: judge.json beside them)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images, labels = fid.npz_images(args.samples), np.load(args.samples)["labels"]  # the images mapped, not read
+    classifier, ckpt = load_judge(args.judge, device)
+    real = distill.build_dataset(args.data, images.shape[1], "val", args.num_real, every_rank=False)
+    classes = ckpt["config"]["num_classes"]
+    if labels.max() >= classes or real.num_classes != classes:
+        raise ValueError(f"judge {args.judge} classifies {classes} classes; the samples are labelled up to "
+                         f"{labels.max()} and --data {args.data} has {real.num_classes}: pass --judge a classifier "
+                         f"of the samples' data (`python distill.py --data DIR`) and that data's held-out images")
+    scores = judge_scores(classifier, images, labels, *real_images(real, args.num_real), device)
+    scores.update(judge=args.judge, data=args.data, samples=args.samples, num_samples=len(labels))
+    out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.samples)), "judge.json")
+    distill.write_json(out, scores)
+    distill.log(f"judge {args.judge}: class accuracy of the samples {scores['judge_class_accuracy'] * 100:.1f}% "
+                f"(real held-out images: {scores['judge_accuracy_on_real'] * 100:.1f}%, chance "
+                f"{scores['chance'] * 100:.0f}%), Frechet distance in its feature space "
+                f"{scores['judge_frechet_distance']:.3f} (not an FID); wrote {out}")
+    return scores
+
+
+#################################################################################
 #                                 Plot and CLI                                  #
 #################################################################################
 
@@ -265,10 +354,10 @@ def plot_tau(runs, path, chance=None, size=(520, 340), margin=48):
     distill.atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
-def plot_runs(paths, out):
-    """`--plot A/probe.json B/probe.json`: those runs on one plot, named by their folders."""
-    runs = {}
-    for path in paths:
+def plot_runs(args):
+    """`probe.py plot A/probe.json B/probe.json`: those runs on one plot, named by their folders."""
+    runs, out = {}, args.out
+    for path in args.runs:
         with open(path) as f:
             saved = json.load(f)
         runs[os.path.basename(os.path.dirname(os.path.abspath(path)))] = saved["results"]
@@ -280,8 +369,8 @@ def plot_runs(paths, out):
 @distill.stage
 def main(argv=None):
     args = parse_args(argv)
-    if args.plot:
-        return plot_runs(args.plot, args.out)
+    if args.mode != "probe":
+        return {"plot": plot_runs, "judge": judge}[args.mode](args)
     rank, world, device = distill.setup_distributed()
     if rank == 0:  # an unwritable --out fails now, not after the extraction and the heads (hours on ImageNet)
         distill.prepare_out_dir(args.out)
@@ -344,22 +433,26 @@ def build_parser(add_help=True):
     p.add_argument("--num-val", type=distill.positive_int, help="val images (None: all)")
     p.add_argument("--data-seed", type=int, default=1, help="seed of the built-in data (a fresh draw)")
     p.add_argument("--feature", default="L", choices=["L", "SL", "flow"])
-    p.add_argument("--tau", type=float, default=0.0, help="noise level of the 'flow' feature, in [0, 1]")
-    p.add_argument("--sweep-tau", type=float, nargs="+", default=None, help="probe 'flow' at these taus")
+    only(p.add_argument("--tau", type=float, default=0.0, help="noise level of the 'flow' feature, in [0, 1]"),
+         "--feature flow", lambda a: a.feature == "flow")
+    only(p.add_argument("--sweep-tau", type=float, nargs="+", default=None, help="probe 'flow' at these taus"),
+         "--feature L or flow (SL has no tau)", lambda a: a.feature != "SL")
     p.add_argument("--protocol", default="mae", choices=["mae", "research"],
                    help="mae: BN + linear, LARS, warm-up + cosine; research: the authors' linear head, Adam "
                         "at a constant lr, training flips")
-    p.add_argument("--augment", action="store_true",
-                   help="mae: fresh RandomResizedCrop + flip views each epoch (MAE's protocol; an extraction "
-                        "per epoch) instead of fixed centre-crop features")
+    mae = "--protocol mae", lambda a: a.protocol == "mae"
+    only(p.add_argument("--augment", action="store_true",
+                        help="fresh RandomResizedCrop + flip views each epoch (MAE's protocol; an extraction per "
+                             "epoch) instead of fixed centre-crop features"), *mae)
     research = "; --protocol research: {}"
     p.add_argument("--epochs", type=distill.positive_int, default=90,
                    help="mae: MAE's 90" + research.format(RESEARCH["epochs"]))
-    p.add_argument("--warmup-epochs", type=distill.non_negative, default=10, help="mae only")
+    only(p.add_argument("--warmup-epochs", type=distill.non_negative, default=10), *mae)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
-    p.add_argument("--base-lr", type=distill.positive, help="mae: lr = base_lr * batch / 256")
-    p.add_argument("--adam-base-lr", type=distill.positive, default=RESEARCH["adam_base_lr"],
-                   help="research: Adam lr = adam_base_lr * batch / 256")
+    only(p.add_argument("--base-lr", type=distill.positive, help="lr = base_lr * batch / 256"), *mae)
+    only(p.add_argument("--adam-base-lr", type=distill.positive, default=RESEARCH["adam_base_lr"],
+                        help="Adam lr = adam_base_lr * batch / 256"), "--protocol research",
+         lambda a: a.protocol == "research")
     p.add_argument("--weight-decay", type=distill.non_negative, default=0.0,
                    help="mae: MAE's 0" + research.format(RESEARCH["weight_decay"]))
     p.add_argument("--probe-batch-size", type=distill.positive_int,
@@ -368,35 +461,50 @@ def build_parser(add_help=True):
     p.add_argument("--batch-size", type=distill.positive_int, default=64, help="feature extraction batch per process")
     distill.add_run_flags(p, train=False)
     p.add_argument("--out", default=distill.RUNS["probe"])
-    p.add_argument("--plot", nargs="+", default=None, metavar="PROBE_JSON",
-                   help="only draw these runs' probe.json on one plot, OUT/probe_tau.png")
     return p
 
 
+def build_plot_parser():
+    p = argparse.ArgumentParser(prog="probe.py plot", description=plot_runs.__doc__,
+                                formatter_class=distill.HelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="PROBE_JSON", help="probe.json files, one curve each")
+    p.add_argument("--out", default=distill.RUNS["probe"], help="writes OUT/probe_tau.png")
+    return p
+
+
+def build_judge_parser():
+    p = argparse.ArgumentParser(prog="probe.py judge", description=judge.__doc__,
+                                formatter_class=distill.HelpFormatter)
+    p.add_argument("--samples", default=os.path.join(distill.RUNS["samples"], "samples.npz"),
+                   help="sample.py's samples.npz")
+    p.add_argument("--judge", default=distill.STANDIN_TEACHER,
+                   help="a classifier of the samples' data in distill.py's format (its teacher.pt)")
+    p.add_argument("--data", default="synthetic", help="held-out real images: 'synthetic' (its val split) or a "
+                   "class folder")
+    p.add_argument("--num-real", type=distill.bounded(int, 2), default=1000, help="how many real images")
+    p.add_argument("--json", default=None, help="default: judge.json beside --samples")
+    return p
+
+
+MODES = ("probe", "plot", "judge")
+
+
 def parse_args(argv=None):
+    """`probe.py [probe | plot | judge] [flags]`; no mode means probe."""
+    mode, argv = distill.split_mode(argv, MODES)
+    if mode != "probe":
+        args = (build_plot_parser() if mode == "plot" else build_judge_parser()).parse_args(argv)
+        args.mode = mode
+        return args
     p, args = distill.parse_with_preset(build_parser, protocol_defaults, argv)
+    args.mode = mode
     taus = args.sweep_tau or [args.tau]
-    if not all(0 <= tau <= 1 for tau in taus):
-        p.error(f"tau {taus}: the flow runs from tau = 0 (the clean latent) to 1 (noise)")
-    if args.tau and args.feature != "flow":
-        p.error(f"--tau {args.tau} is the noise level of --feature flow, not of --feature {args.feature}: add "
-                f"--feature flow, or --sweep-tau")
-    if args.sweep_tau and args.feature == "SL":
-        p.error("--sweep-tau probes the noisy latent (the 'flow' feature); --feature SL has no tau")
-    distill.refuse_ignored(p, args, [  # each protocol's optimiser reads its own lr flags
-        ("--protocol mae", lambda a: a.protocol != "mae", ("base_lr", "warmup_epochs")),
-        ("--protocol research", lambda a: a.protocol != "research", ("adam_base_lr",))])
-    if args.protocol == "mae" and args.warmup_epochs > args.epochs:
-        p.error(f"--warmup-epochs {args.warmup_epochs} --epochs {args.epochs}: the warm-up is a part of the run: "
-                f"give --warmup-epochs from 0 to --epochs")
-    if args.protocol == "mae" and min(args.probe_batch_size, args.num_train or 2) < 2:
-        p.error(f"--probe-batch-size {args.probe_batch_size} --num-train {args.num_train}: the mae protocol's "
-                f"BatchNorm needs batches of at least 2 features")
-    if args.augment and args.protocol != "mae":
-        p.error("--augment is MAE's protocol (fresh crops each epoch); --protocol research trains on flips only")
-    probing = distill.flags_moved(p, args, all_but=("preset", "plot", "out"))
-    if args.plot and probing:
-        p.error(f"{' '.join(probing)}: --plot probes nothing, it draws saved probe.json files into --out")
+    distill.refuse(
+        p, (not all(0 <= tau <= 1 for tau in taus), f"--tau {taus}: from 0 (the clean latent) to 1 (noise)"),
+        (args.protocol == "mae" and args.warmup_epochs > args.epochs,
+         f"--warmup-epochs {args.warmup_epochs}: a part of the run, at most --epochs {args.epochs}"),
+        (args.protocol == "mae" and min(args.probe_batch_size, args.num_train or 2) < 2,
+         "--probe-batch-size: the mae protocol's BatchNorm needs batches (and --num-train) of at least 2"))
     return args
 
 

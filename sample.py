@@ -30,13 +30,13 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import dit
 import distill
 import fid
 import tokenizer
+from distill import only_with as only
 
 
 def my_batches(num, batch_size, rank, world):
@@ -180,10 +180,9 @@ def main(argv=None):
         for net in (model, guide, tok):
             if net is not None:
                 distill.compile_blocks(net, dit.Block, tokenizer.Block)
-    # before sampling (hours for 50,000 images): a wrong --ref-stats, Inception or judge fails now
+    # before sampling (hours for 50,000 images): a wrong --ref-stats or Inception fails now
     ref = fid.load_statistics(args.ref_stats) if args.ref_stats else None
     inception = fid.FIDInception().load(args.inception_weights).to(device) if ref is not None else None
-    judge = find_judge(args, model.num_classes, tok.grid * tok.decoder.patch_size)
     check_provenance(args, provenance(args, model, guide, tok, mu, sigma))
     distill.barrier()  # the folder exists and provenance.json says what fills it
     batches = my_batches(args.num_images, args.batch_size, rank, world)
@@ -211,100 +210,8 @@ def main(argv=None):
     metrics = evaluate(args, inception, ref, device) if ref is not None else {}
     if not metrics:
         distill.log("no --ref-stats given: images written, FID not computed")
-    if rank == 0 and judge is not None:
-        metrics.update(judge_samples(args, *judge))
     distill.cleanup_distributed()
     return metrics
-
-
-#################################################################################
-#        An offline judge of samples: a classifier of the data at hand         #
-#################################################################################
-
-
-def load_judge(path, device, num_classes=None):
-    """A classifier checkpoint in distill.py's format (its teacher.pt: `config` {vit, num_classes} and the
-    `ema` weights of the ViT and its head) -> the classifier in eval mode, and its checkpoint. With
-    `num_classes`, it must classify that many: the classes the samples were generated for."""
-    what = "judge: a classifier checkpoint in distill.py's format (teacher.pt)"
-    ckpt = distill.load_checkpoint(path, ("teacher",), what)
-    if "config" not in ckpt or "num_classes" not in ckpt["config"]:
-        raise ValueError(f"{path} is not a {what}")
-    if num_classes is not None and ckpt["config"]["num_classes"] != num_classes:
-        raise ValueError(f"judge {path} classifies {ckpt['config']['num_classes']} classes, the generator makes "
-                         f"{num_classes}: pass --judge a classifier of the generator's data (`python distill.py "
-                         f"--data DIR`), or --judge '' to sample without one")
-    judge = distill.StandinClassifier(**ckpt["config"])
-    distill.load_strict(judge, ckpt["ema"], f"judge {path}")
-    judge.image_size = ckpt["config"]["vit"]["img_size"]
-    return judge.to(device).eval(), ckpt
-
-
-@torch.no_grad()
-def judge_outputs(judge, images, device, batch_size=250):
-    """uint8 images (N, H, W, 3) -> the judge's logits (N, classes) and features (N, width), float64: the
-    max-pooled patch tokens its head classifies. Images are resized to the judge's size if they differ."""
-    logits, feats = [], []
-    for s in range(0, len(images), batch_size):
-        # B x H x W x 3 -> B x 3 x H x W
-        x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).permute(0, 3, 1, 2).float()
-        x = (x / 127.5 - 1).to(device)
-        if x.shape[-1] != judge.image_size:
-            x = F.interpolate(x, size=judge.image_size, mode="bilinear", align_corners=False, antialias=True)
-        f = judge.vit.patch_tokens(x).amax(dim=1)
-        logits.append(judge.head(f).double().cpu())
-        feats.append(f.double().cpu())
-    return torch.cat(logits), torch.cat(feats)
-
-
-def judge_scores(judge, images, labels, real, real_labels, device):
-    """What the judge says of generated images (never an FID): the fraction it assigns to the class they
-    were generated for (chance: 1 / classes), the same on held-out real images (the ceiling), and the
-    Frechet distance between the two sets in its feature space (float64 statistics, fid.py's code)."""
-    logits, feats = judge_outputs(judge, images, device)
-    real_logits, real_feats = judge_outputs(judge, real, device)
-    accuracy = (logits.argmax(1).numpy() == np.asarray(labels)).mean()
-    ceiling = (real_logits.argmax(1).numpy() == np.asarray(real_labels)).mean()
-    distance = fid.frechet_distance(*fid.statistics(feats.numpy()), *fid.statistics(real_feats.numpy()))
-    return {"judge_class_accuracy": float(accuracy), "judge_accuracy_on_real": float(ceiling),
-            "judge_frechet_distance": distance, "chance": 1 / logits.shape[1]}
-
-
-def real_images(data, num):
-    """The first `num` images of a held-out data set as uint8 (N, H, W, 3) and their labels."""
-    pairs = [data[i] for i in range(min(num, len(data)))]
-    images = torch.stack([x for x, _ in pairs])
-    images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # B x H x W x 3
-    return images.numpy(), [y for _, y in pairs]
-
-
-def find_judge(args, num_classes, image_size):
-    """(the --judge classifier, --judge-data's held-out split at the samples' size), or None: off with '',
-    skipped (and said) when the file is missing. Both are opened before sampling, so that a wrong judge or
-    data folder fails now; the images are listed by rank 0 alone, the one that judges."""
-    if not args.judge:
-        return None
-    if not os.path.isfile(args.judge):
-        distill.log(f"no judge at {args.judge}: the samples are not judged")
-        return None
-    judge = load_judge(args.judge, "cpu", num_classes)[0]  # on every rank: a judge of other classes stops all
-    if distill.world_info()[0] != 0:
-        return None
-    return judge, distill.build_dataset(args.judge_data, image_size, "val", args.judge_real, every_rank=False)
-
-
-def judge_samples(args, judge, real):
-    """samples.npz scored by the judge against `real`, --judge-data's held-out images; written to
-    OUT/judge.json."""
-    samples = np.load(os.path.join(args.out, "samples.npz"))
-    scores = judge_scores(judge, samples["arr_0"], samples["labels"], *real_images(real, args.judge_real), "cpu")
-    scores.update(judge=args.judge, judge_data=args.judge_data, num_samples=len(samples["labels"]))
-    distill.write_json(os.path.join(args.out, "judge.json"), scores)
-    distill.log(f"judge {args.judge}: class accuracy of the samples {scores['judge_class_accuracy'] * 100:.1f}% "
-                f"(real held-out images: {scores['judge_accuracy_on_real'] * 100:.1f}%, chance "
-                f"{scores['chance'] * 100:.0f}%), Frechet distance in its feature space "
-                f"{scores['judge_frechet_distance']:.3f} (not an FID)")
-    return scores
 
 
 def evaluate(args, inception, ref, device):
@@ -323,10 +230,9 @@ def evaluate(args, inception, ref, device):
 
 
 PRESETS = {
-    "paper": dict(steps=150, judge=None),  # the released sampler: 150 grid points; ImageNet has no judge here
+    "paper": dict(steps=150),  # the released sampler: 150 grid points
     # On the tiny pipeline 50 points score as 150 do, in less than half the time (measured in the README).
-    # The judge: the stand-in teacher of the built-in data.
-    "tiny": dict(steps=50, judge=distill.STANDIN_TEACHER),
+    "tiny": dict(steps=50),
 }
 
 
@@ -337,7 +243,9 @@ def build_parser(add_help=True):
                    help="generator checkpoint (EMA weights are used)")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one the "
                    "generator's latent cache came from)")
-    p.add_argument("--guide", default=None, help="autoguidance: the weaker generator (e.g. DiT^DH-S)")
+    guided = "--cfg other than 1 (at 1 the guided velocity is the model's own)"
+    only(p.add_argument("--guide", default=None, help="autoguidance: the weaker generator (e.g. DiT^DH-S)"), guided,
+         lambda a: a.cfg != 1)
     p.add_argument("--latent-stats", default=None, help="the authors' generators: stats.npz of a cache "
                    "encoded with their tokenizer (`tokenizer.py encode --ckpt RecTok_decft.pth`)")
     # not `--num`: torchrun would take it for an abbreviation of its own --numa-binding
@@ -345,8 +253,9 @@ def build_parser(add_help=True):
     p.add_argument("--steps", type=int, help="Euler grid points (steps + 1)")
     p.add_argument("--cfg", type=distill.non_negative, default=1.0,
                    help="guidance scale (CFG, or autoguidance with --guide)")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LOW", "HIGH"),
-                   help="guidance (CFG or autoguidance) acts for LOW <= t <= HIGH (generator time, 1 = data)")
+    only(p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LOW", "HIGH"),
+                        help="guidance (CFG or autoguidance) acts for LOW <= t <= HIGH (generator time, 1 = data)"),
+         guided, lambda a: a.cfg != 1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=distill.positive_int, default=50, help="per process: each rank generates "
                    "whole batches of this many, the same batches (so the same images) on any number of processes")
@@ -355,40 +264,20 @@ def build_parser(add_help=True):
                    "blocks (the first batches build kernels)")
     p.add_argument("--out", default=distill.RUNS["samples"])
     p.add_argument("--ref-stats", default=None, help="reference statistics .npz for FID (mu, sigma)")
-    p.add_argument("--inception-weights", default=None)
-    p.add_argument("--fid-mode", default="tf", choices=["tf", "pytorch-fid"])
-    p.add_argument("--fid-batch-size", type=distill.positive_int, default=100)
-    p.add_argument("--judge", help="a classifier of the data in distill.py's format that scores the samples "
-                   "offline (class accuracy, Frechet distance in its features; skipped if the file is missing, "
-                   "off with '')")
-    p.add_argument("--judge-data", default="synthetic", help="held-out real images for the judge: its val split")
-    p.add_argument("--judge-real", type=distill.positive_int, default=1000, help="how many held-out real images")
+    scored = "--ref-stats (the reference statistics .npz of FID)", lambda a: a.ref_stats
+    only(p.add_argument("--inception-weights", default=None), *scored)
+    only(p.add_argument("--fid-mode", default="tf", choices=["tf", "pytorch-fid"]), *scored)
+    only(p.add_argument("--fid-batch-size", type=distill.positive_int, default=100), *scored)
     p.add_argument("--log-every", type=distill.positive_int, default=1, help="log every N batches")
     return p
 
 
 def parse_args(argv=None):
     p, args = distill.parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)
-    if args.steps < 2:
-        p.error(f"--steps {args.steps}: the Euler grid needs at least 2 points (one step); the paper uses 150")
     lo, hi = args.cfg_interval
-    if not 0 <= lo <= hi <= 1:
-        p.error(f"--cfg-interval {lo} {hi}: give LOW HIGH with 0 <= LOW <= HIGH <= 1 (generator time, 1 = data)")
-    if args.guide and args.cfg == 1.0:
-        p.error("--guide at --cfg 1 is the main model alone (v_g + 1 (v - v_g) = v) at twice the cost: pass "
-                "--cfg (the paper's autoguidance: 1.29)")
-    if (lo, hi) != (0.0, 1.0) and args.cfg == 1.0:
-        p.error("--cfg-interval is where guidance acts: it needs a --cfg other than 1")
-    if args.num_images < 2 and (args.ref_stats or args.judge):
-        p.error(f"--num-images {args.num_images}: a Frechet distance (FID with --ref-stats, the judge's) needs at "
-                f"least 2 samples; ask for more, or sample without them (no --ref-stats, --judge '')")
-    if args.judge and args.judge_real < 2:
-        p.error(f"--judge-real {args.judge_real}: the judge's Frechet distance needs at least 2 real images")
-    distill.refuse_ignored(p, args, [
-        ("--ref-stats (the reference statistics .npz of FID)", lambda a: not a.ref_stats,
-         ("inception_weights", "fid_mode", "fid_batch_size")),
-        (f"--judge (a classifier in distill.py's format, e.g. {distill.STANDIN_TEACHER})", lambda a: not a.judge,
-         ("judge_data", "judge_real"))])
+    distill.refuse(p, (args.steps < 2, f"--steps {args.steps}: the Euler grid needs at least 2 points (one step)"),
+                   (not 0 <= lo <= hi <= 1, f"--cfg-interval {lo} {hi}: give 0 <= LOW <= HIGH <= 1"),
+                   (args.num_images < 2 and args.ref_stats, f"--num-images {args.num_images}: FID needs at least 2"))
     return args
 
 

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import random
-import sys
 
 import numpy as np
 import torch
@@ -55,6 +54,7 @@ import torchvision
 
 import distill
 import fid
+from distill import only_with as only
 
 
 #################################################################################
@@ -81,25 +81,12 @@ def rope_table(grid, head_dim):
     return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
 
 
-def rotate_adjacent(x):
-    """The released rotate_half pairs ADJACENT channels: (x_2i, x_2i+1) -> (-x_2i+1, x_2i). With the [f, f]
-    frequency layout the two channels of a pair turn by different angles: not a true rotation, but it is
-    what the released weights were trained with (`models/rectok.py`)."""
-    x = x.unflatten(-1, (-1, 2))  # ... x d -> ... x d/2 x 2: the adjacent pairs
-    return torch.stack((-x[..., 1], x[..., 0]), dim=-1).flatten(-2)
-
-
 def apply_rope(x, rope):
     """x: (B, H, N, d); rope: (N, 2d) or, for masked sequences, (B, N, 2d)."""
     cos, sin = rope.chunk(2, dim=-1)
     if rope.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
-    return x * cos + rotate_adjacent(x) * sin
-
-
-def swiglu(width):
-    """SwiGLU with hidden int(2/3 * 4D) (2048 for D = 768), as RecTok and DiT^DH use it."""
-    return distill.SwiGLU(width, int(2 / 3 * 4 * width))
+    return x * cos + distill.rotate_adjacent(x) * sin
 
 
 class Block(nn.Module):
@@ -110,7 +97,7 @@ class Block(nn.Module):
         self.norm1 = nn.RMSNorm(width, eps=1e-6)
         self.attn = distill.Attention(width, heads)
         self.norm2 = nn.RMSNorm(width, eps=1e-6)
-        self.mlp = swiglu(width)
+        self.mlp = distill.swiglu(width)
 
     def forward(self, x, rope):
         x = x + self.attn(self.norm1(x), lambda t: apply_rope(t, rope))
@@ -1378,22 +1365,28 @@ def add_model_flags(p):
     g.add_argument("--channels", type=distill.positive_int, help="latent channels C")
     g.add_argument("--encoder-size", choices=sorted(SIZES))
     g.add_argument("--decoder-size", choices=sorted(SIZES))
-    g.add_argument("--sem-size", choices=sorted(SIZES))
+    only(g.add_argument("--sem-size", choices=sorted(SIZES)), "--sem-decoder transformer (the MLP's width is 4 C)",
+         lambda a: a.sem_decoder == "transformer")
     g.add_argument("--sem-decoder", default="transformer", choices=["transformer", "mlp", "none"],
                    help="'none' trains without the semantic loss (no FSD, no RAD); 'mlp' is the authors' "
                         "per-token MLP ablation (no RAD: needs --mask-ratio 0)")
     g.add_argument("--mask-ratio", type=float, default=0.4, help="0 turns MAE masking (RAD) off")
-    g.add_argument("--mask-ratio-min", type=float, default=-0.1)
-    g.add_argument("--noise-schedule", default="shift", choices=["shift", "uniform", "lognorm"])
+    only(g.add_argument("--mask-ratio-min", type=float, default=-0.1), "--mask-ratio above 0 (RAD's masking)",
+         lambda a: a.mask_ratio > 0)
+    only(g.add_argument("--noise-schedule", default="shift", choices=["shift", "uniform", "lognorm"]),
+         "--gamma above 0 (the forward flow)", lambda a: a.gamma > 0)
     g.add_argument("--gamma", type=distill.non_negative, default=1.0, help="flow noise scale; 0 turns the flow off")
-    g.add_argument("--teacher", help="'standin' or an official one, e.g. dinov3_vitl16")
-    g.add_argument("--teacher-weights", default=None,
-                   help=f"checkpoint path or URL (default: {distill.STANDIN_TEACHER} for the stand-in)")
-    g.add_argument("--no-teacher-jitter", action="store_true",
-                   help="run DINOv3 without the training-mode RoPE rescale the release used")
+    semantic = ("--sem-decoder transformer or mlp (none trains the pixels alone, with no teacher)",
+                lambda a: a.sem_decoder != "none")
+    only(g.add_argument("--teacher", help="'standin' or an official one, e.g. dinov3_vitl16"), *semantic)
+    only(g.add_argument("--teacher-weights", default=None,
+                        help=f"checkpoint path or URL (default: {distill.STANDIN_TEACHER} for the stand-in)"),
+         *semantic)
+    only(g.add_argument("--no-teacher-jitter", action="store_true",
+                        help="run DINOv3 without the training-mode RoPE rescale the release used"), *semantic)
     g.add_argument("--kl-weight", type=distill.non_negative, default=1e-6)
-    g.add_argument("--sem-weight", type=distill.non_negative, default=1.0)
-    g.add_argument("--sem-loss", default="cosine", choices=["cosine", "l2", "l1"])
+    only(g.add_argument("--sem-weight", type=distill.non_negative, default=1.0), *semantic)
+    only(g.add_argument("--sem-loss", default="cosine", choices=["cosine", "l2", "l1"]), *semantic)
 
 
 def add_training_flags(p):
@@ -1401,10 +1394,11 @@ def add_training_flags(p):
     g = p.add_argument_group("losses (`utils/losses.py`) and optimisation (`main_reconstruction.py`)")
     g.add_argument("--perceptual-weight", type=distill.non_negative)
     g.add_argument("--gan-weight", type=distill.non_negative, default=0.1)
-    g.add_argument("--gan-start-epoch", type=distill.non_negative_int)
-    g.add_argument("--vgg16-weights", default=VGG16_URL)
-    g.add_argument("--lpips-weights", default=LPIPS_URL)
-    g.add_argument("--convnext-weights", default=CONVNEXT_S_URL)
+    only(g.add_argument("--gan-start-epoch", type=distill.non_negative_int), "--gan-weight above 0",
+         lambda a: a.gan_weight > 0)
+    for flag, url in (("--vgg16-weights", VGG16_URL), ("--lpips-weights", LPIPS_URL),
+                      ("--convnext-weights", CONVNEXT_S_URL)):
+        only(g.add_argument(flag, default=url), "--perceptual-weight above 0", lambda a: a.perceptual_weight > 0)
     g.add_argument("--epochs", type=distill.positive_int)
     g.add_argument("--grad-accum", type=distill.positive_int, help="micro-batches per optimizer step: the "
                    "global batch is batch_size x grad_accum x processes")
@@ -1418,9 +1412,10 @@ def add_training_flags(p):
     distill.add_run_flags(p, ckpt_every=500, save_every=50, save_unit="epochs")
     p.add_argument("--grid-every", type=distill.non_negative_int, default=500,
                    help="reconstruction grid PNG every N steps (0: off)")
-    p.add_argument("--random-weights", action="store_true",
-                   help="with --bench: untrained teacher and perceptual nets (no downloads, no stand-in "
-                        "training); in finetune also an untrained stage-1 tokenizer (no --init)")
+    only(p.add_argument("--random-weights", action="store_true",
+                        help="untrained teacher and perceptual nets (no downloads, no stand-in training); in "
+                             "finetune also an untrained stage-1 tokenizer (no --init)"),
+         "--bench N (training needs the real teacher)", lambda a: a.bench > 0)
 
 
 def build_parser(mode, add_help=True):
@@ -1440,10 +1435,10 @@ def build_parser(mode, add_help=True):
     if mode == "evaluate":
         p.add_argument("--num-eval", type=distill.positive_int, default=1000, help="held-out images")
         p.add_argument("--rfid", action="store_true", help="also rFID (needs the FID Inception)")
-        p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 path (default: URL)")
-        p.add_argument("--ref-stats", default=None,
-                       help=f"reference statistics cache (.npz); None: {distill.RUNS['fid_stats']}/"
-                            f"DATA_SIZEpx_N_KEY.npz")
+        only(p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 path (default: URL)"),
+             "--rfid", lambda a: a.rfid)
+        only(p.add_argument("--ref-stats", default=None, help=f"reference statistics cache (.npz); None: "
+                            f"{distill.RUNS['fid_stats']}/DATA_SIZEpx_N_KEY.npz"), "--rfid", lambda a: a.rfid)
     elif mode == "encode":
         p.add_argument("--shard-size", type=distill.positive_int, default=4096,
                        help="images per latent-cache shard file")
@@ -1453,38 +1448,13 @@ def build_parser(mode, add_help=True):
     return p
 
 
-# Flags that act only while some setting is on, per mode (distill.refuse_ignored): (the setting, whether it
-# is off, the flags).
-LOSSES = [("--perceptual-weight above 0", lambda a: a.perceptual_weight <= 0,
-           ("vgg16_weights", "lpips_weights", "convnext_weights")),
-          ("--gan-weight above 0", lambda a: a.gan_weight <= 0, ("gan_start_epoch",))]
-SWITCHES = {
-    "train": LOSSES + [
-        ("--gamma above 0 (the forward flow)", lambda a: a.gamma <= 0, ("noise_schedule",)),
-        ("--mask-ratio above 0 (RAD's masking)", lambda a: a.mask_ratio <= 0, ("mask_ratio_min",)),
-        ("--sem-decoder transformer or mlp (none trains the pixels alone, with no teacher)",
-         lambda a: a.sem_decoder == "none",
-         ("teacher", "teacher_weights", "no_teacher_jitter", "sem_weight", "sem_loss")),
-        ("--sem-decoder transformer (the MLP's width is 4 C)", lambda a: a.sem_decoder != "transformer",
-         ("sem_size",))],
-    "finetune": LOSSES,
-    "evaluate": [("--rfid", lambda a: not a.rfid, ("inception_weights", "ref_stats"))],
-    "encode": [],
-    "reconstruct": [],
-}
-
-
 def parse_args(argv=None):
     """`tokenizer.py [train | finetune | evaluate | encode | reconstruct] [flags]`; no mode means train."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    mode = argv.pop(0) if argv and argv[0] in MODES else "train"
+    mode, argv = distill.split_mode(argv, MODES)
     stage2 = (lambda first: FINETUNE[first.preset]) if mode == "finetune" else (lambda first: {})
     p, args = distill.parse_with_preset(lambda add_help: build_parser(mode, add_help),
                                         lambda first: dict(PRESETS[first.preset], **stage2(first)), argv)
     args.mode = mode
-    if getattr(args, "random_weights", False) and not args.bench:
-        p.error("--random-weights is for --bench only: training needs the real teacher")
-    distill.refuse_ignored(p, args, SWITCHES[mode])
     if mode == "evaluate" and args.rfid and args.num_eval < 2:
         p.error(f"--num-eval {args.num_eval}: rFID needs at least 2 images (the standard is 50,000)")
     if mode == "train":
