@@ -17,21 +17,14 @@ weights load with strict key matching from Meta's `.pth` files or from the Huggi
 
 Contents, top to bottom (every other file imports from here; of ours, this file imports fid.py alone,
 for its one rule of what an image file is):
-  1. Transformer parts every net shares (`Attention`, `rotate_adjacent`, `SwiGLU`, `run_blocks` with its
-     activation checkpointing), then the DINOv2/DINOv3 ViT (`DinoViT`).
-  2. Official checkpoint layouts (Meta's, Hugging Face's), the Teacher (preprocessing + frozen ViT,
-     `build_teacher`) and the stand-in teacher's model (`StandinClassifier`).
-  3. Image data: ImageNet-style class folders with ADM's center crop, and the built-in synthetic shapes
-     (`build_dataset`, `train_val`).
-  4. Run plumbing, which a port replaces: processes (`setup_distributed`, `world_info`, `autocast`,
-     `wait_for_all`), logging, atomic writes and the pipeline's run folders (`RUNS`, one run per folder:
-     `hold_out_dir`, `stage`), RNG state and safe checkpoint loading (`load_checkpoint`), EMA, the
-     resumable sampler, micro-batches (`micro_batches`, `sync_at_last`), preemption (`Preemption`), the run
-     skeleton with its one save/resume pair (`Run`, `changed_settings`), schedules, throughput and `--bench`
-     with its memory count (`Bench`, `saved_bytes`), the command line (`add_run_flags`, `bounded`, the one
-     preset mechanism `parse_with_preset`, the one rule for a flag that acts only under some setting
-     `only_with`, the checks that span flags `refuse`), weights from files and URLs (`fetch`).
-  5. The stand-in teacher's training run and main().
+  1. Transformer parts every net shares (`Attention`, `rotate_adjacent`, `SwiGLU`, `run_blocks`), the
+     DINOv2/DINOv3 ViT, its checkpoint layouts, the Teacher, and the stand-in teacher's model.
+  2. Image data: class folders with ADM's center crop, the built-in shapes (`build_dataset`, `train_val`).
+  3. Run plumbing, which a port replaces: processes, logging, atomic writes and run folders (one run per
+     folder), checkpoint loading, EMA, the resumable sampler, micro-batches, preemption, the run skeleton
+     (`Run`), `--bench`, and the command line: presets (`parse_with_preset`), the one rule for a flag that
+     acts only under some setting (`only_with`), the checks that span flags (`refuse`).
+  4. The stand-in teacher's training run and main().
 
 Run:
     python distill.py                                   # stand-in teacher on the built-in data (tiny)

@@ -305,10 +305,8 @@ def judge(args):
     scores.update(judge=args.judge, data=args.data, samples=args.samples, num_samples=len(labels))
     out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.samples)), "judge.json")
     distill.write_json(out, scores)
-    distill.log(f"judge {args.judge}: class accuracy of the samples {scores['judge_class_accuracy'] * 100:.1f}% "
-                f"(real held-out images: {scores['judge_accuracy_on_real'] * 100:.1f}%, chance "
-                f"{scores['chance'] * 100:.0f}%), Frechet distance in its feature space "
-                f"{scores['judge_frechet_distance']:.3f} (not an FID); wrote {out}")
+    distill.log(f"judge {args.judge}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()
+                                                    if isinstance(v, float)) + f"; wrote {out}")
     return scores
 
 
@@ -475,12 +473,9 @@ def build_plot_parser():
 def build_judge_parser():
     p = argparse.ArgumentParser(prog="probe.py judge", description=judge.__doc__,
                                 formatter_class=distill.HelpFormatter)
-    p.add_argument("--samples", default=os.path.join(distill.RUNS["samples"], "samples.npz"),
-                   help="sample.py's samples.npz")
-    p.add_argument("--judge", default=distill.STANDIN_TEACHER,
-                   help="a classifier of the samples' data in distill.py's format (its teacher.pt)")
-    p.add_argument("--data", default="synthetic", help="held-out real images: 'synthetic' (its val split) or a "
-                   "class folder")
+    p.add_argument("--samples", default=os.path.join(distill.RUNS["samples"], "samples.npz"))
+    p.add_argument("--judge", default=distill.STANDIN_TEACHER, help="a classifier of the data: a teacher.pt")
+    p.add_argument("--data", default="synthetic", help="held-out real images ('synthetic': its val split)")
     p.add_argument("--num-real", type=distill.bounded(int, 2), default=1000, help="how many real images")
     p.add_argument("--json", default=None, help="default: judge.json beside --samples")
     return p

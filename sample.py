@@ -72,14 +72,13 @@ def load_models(args, device):
     if tok_path is None:
         raise ValueError("the authors' generator does not name its tokenizer: pass --tokenizer RecTok_decft.pth")
     tok = tokenizer.load_tokenizer(tok_path, device=device)
-    config = tok.config
     tok.fingerprint = distill.weights_fingerprint(tok)  # hashed once: checked here, recorded in provenance.json
     if latents is not None and tok.fingerprint != latents["fingerprint"]:
         raise ValueError(f"tokenizer {tok_path} is not the one whose latents trained {args.dit} (weights "
                          f"fingerprint differs); pass the tokenizer checkpoint that wrote its latent cache")
-    if (config["channels"], config["img_size"] // config["patch_size"]) != (model.channels, model.grid):
-        raise ValueError(f"tokenizer latents ({config['channels']} x grid {config['img_size'] // config['patch_size']})"
-                         f" do not match the generator ({model.channels} x grid {model.grid})")
+    if (tok.channels, tok.grid) != (model.channels, model.grid):
+        raise ValueError(f"tokenizer latents ({tok.channels} x grid {tok.grid}) do not match the generator "
+                         f"({model.channels} x grid {model.grid})")
     guide = load_guide(args, model, latents, device) if args.guide else None
     return model, guide, tok, mu.to(device), sigma.to(device)
 

@@ -2949,7 +2949,8 @@ def test_sampling_bad_inputs(dit_run, parity_sizes, tmp_path, capsys):
             sample.main(sample_args(dit_run, str(tmp_path / "g"), "--guide", str(tmp_path / guide), "--cfg", "1.29"))
     sample.parse_args(["--dit", dit_run, "--num-images", "1"])  # no distance asked for: it samples
     for flags, says in ((["--steps", "1"], "--steps 1: "), (["--num-images", "0"], "--num-images: "),
-                        (["--batch-size", "0"], "--batch-size: "), (["--cfg-interval", "0.7", "0.2"], "--cfg-interval "),
+                        (["--batch-size", "0"], "--batch-size: "),
+                        (["--cfg", "2", "--cfg-interval", "0.7", "0.2"], "--cfg-interval 0.7 0.2: "),
                         (["--cfg", "2", "--cfg-interval", "0", "1.5"], "--cfg-interval 0.0 1.5: "),
                         (["--guide", dit_run], "--guide: only with --cfg"),
                         (["--cfg-interval", "0", "0.7"], "--cfg-interval: only with --cfg"),
