@@ -2100,11 +2100,9 @@ def parse_args(argv=None):
     p, args = parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)
     args.mode = mode
     refuse(p, (args.patch_size & (args.patch_size - 1),
-               f"--patch-size {args.patch_size}: a power of 2 (the convolutional stem halves the image "
-               f"log2(patch) times)"),
+               f"--patch-size {args.patch_size}: a power of 2 (the stem halves the image log2(patch) times)"),
            (args.width % args.heads or args.width // args.heads % 4,
-            f"--width {args.width} --heads {args.heads}: width / heads must be a multiple of 4 (DINOv3's 2D "
-            f"RoPE splits a head into row and column halves of pairs)"))
+            f"--width {args.width} --heads {args.heads}: width / heads a multiple of 4 (the 2D RoPE)"))
     return args
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import distill
 import tokenizer
+from distill import only_with as only
 
 #################################################################################
 #                        Embeddings and position codes                          #
@@ -552,15 +553,17 @@ def official_config(sd, heads=None):
                 num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
 
 
+# The settings a flag acts under (distill.only_with)
+CACHE = "--random-latents off (it benchmarks on noise)", lambda a: not a.random_latents
+PREVIEWS = f"--preview-every above 0 and {CACHE[0]}", lambda a: a.preview_every > 0 and CACHE[1](a)
+
+
 def build_parser(add_help=True):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=distill.HelpFormatter, add_help=add_help)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
-    cache = "--random-latents off (it benchmarks on noise)"
-    distill.only_with(p.add_argument("--latents", help="latent cache folder (tokenizer.py encode)"), cache,
-                      lambda a: not a.random_latents)
-    distill.only_with(p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint for previews (default: "
-                                     "the cache's tokenizer, if it still exists)"),
-                      f"--preview-every above 0 and {cache}", lambda a: a.preview_every > 0 and not a.random_latents)
+    only(p.add_argument("--latents", help="latent cache folder (tokenizer.py encode)"), *CACHE)
+    only(p.add_argument("--tokenizer", help="tokenizer checkpoint for previews (default: the cache's "
+                        "tokenizer, if it still exists)"), *PREVIEWS)
     p.add_argument("--out", default=distill.RUNS["dit"])
     p.add_argument("--model", choices=sorted(SIZES))
     p.add_argument("--epochs", type=distill.positive_int, help="train this many epochs (of the schedule below)")
@@ -579,9 +582,9 @@ def build_parser(add_help=True):
     distill.add_run_flags(p, ckpt_every=1000, save_every=50000, save_unit="steps")
     p.add_argument("--preview-every", type=distill.non_negative_int, default=5000,
                    help="preview PNG every N steps (0: off)")
-    distill.only_with(p.add_argument("--random-latents", action="store_true",
-                                     help="random latents of the preset's shape instead of a cache"),
-                      "--bench N (training needs a latent cache)", lambda a: a.bench > 0)
+    only(p.add_argument("--random-latents", action="store_true", help="random latents of the preset's "
+                        "shape instead of a cache"), "--bench N (training needs a cache)",
+         lambda a: a.bench > 0)
     return p
 
 

@@ -293,14 +293,14 @@ def judge(args):
     """`probe.py judge`: the samples of sample.py (samples.npz: arr_0, labels) scored by --judge against the
     held-out real images of --data, at the samples' size; writes --json (default: judge.json beside them)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images, labels = fid.npz_images(args.samples), np.load(args.samples)["labels"]  # the images mapped, not read
+    images, labels = fid.npz_images(args.samples), np.load(args.samples)["labels"]  # images mapped
     classifier, ckpt = load_judge(args.judge, device)
     real = distill.build_dataset(args.data, images.shape[1], "val", args.num_real, every_rank=False)
     classes = ckpt["config"]["num_classes"]
     if labels.max() >= classes or real.num_classes != classes:
-        raise ValueError(f"judge {args.judge} classifies {classes} classes; the samples are labelled up to "
-                         f"{labels.max()} and --data {args.data} has {real.num_classes}: pass --judge a classifier "
-                         f"of the samples' data (`python distill.py --data DIR`) and that data's held-out images")
+        raise ValueError(f"judge {args.judge} classifies {classes} classes; the samples are labelled "
+                         f"up to {labels.max()} and --data {args.data} has {real.num_classes}: pass --judge "
+                         f"a classifier of the samples' data (`python distill.py --data DIR`) and its images")
     scores = judge_scores(classifier, images, labels, *real_images(real, args.num_real), device)
     scores.update(judge=args.judge, data=args.data, samples=args.samples, num_samples=len(labels))
     out = args.json or os.path.join(os.path.dirname(os.path.abspath(args.samples)), "judge.json")
@@ -494,12 +494,12 @@ def parse_args(argv=None):
     p, args = distill.parse_with_preset(build_parser, protocol_defaults, argv)
     args.mode = mode
     taus = args.sweep_tau or [args.tau]
-    distill.refuse(
-        p, (not all(0 <= tau <= 1 for tau in taus), f"--tau {taus}: from 0 (the clean latent) to 1 (noise)"),
-        (args.protocol == "mae" and args.warmup_epochs > args.epochs,
-         f"--warmup-epochs {args.warmup_epochs}: a part of the run, at most --epochs {args.epochs}"),
-        (args.protocol == "mae" and min(args.probe_batch_size, args.num_train or 2) < 2,
-         "--probe-batch-size: the mae protocol's BatchNorm needs batches (and --num-train) of at least 2"))
+    mae = args.protocol == "mae"
+    distill.refuse(p, (not all(0 <= tau <= 1 for tau in taus), f"--tau {taus}: from 0 (clean) to 1 (noise)"),
+                   (mae and args.warmup_epochs > args.epochs,
+                    f"--warmup-epochs {args.warmup_epochs}: at most --epochs {args.epochs}"),
+                   (mae and min(args.probe_batch_size, args.num_train or 2) < 2,
+                    "--probe-batch-size: MAE's BatchNorm needs batches (and --num-train) of 2 or more"))
     return args
 
 

@@ -235,6 +235,11 @@ PRESETS = {
 }
 
 
+# The settings a flag acts under (distill.only_with)
+GUIDED = "--cfg other than 1 (at 1 guidance changes nothing)", lambda a: a.cfg != 1
+SCORED = "--ref-stats (the reference statistics .npz of FID)", lambda a: a.ref_stats
+
+
 def build_parser(add_help=True):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=distill.HelpFormatter, add_help=add_help)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="sets the defaults below")
@@ -242,9 +247,7 @@ def build_parser(add_help=True):
                    help="generator checkpoint (EMA weights are used)")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one the "
                    "generator's latent cache came from)")
-    guided = "--cfg other than 1 (at 1 the guided velocity is the model's own)"
-    only(p.add_argument("--guide", default=None, help="autoguidance: the weaker generator (e.g. DiT^DH-S)"), guided,
-         lambda a: a.cfg != 1)
+    only(p.add_argument("--guide", help="autoguidance: the weaker generator (e.g. DiT^DH-S)"), *GUIDED)
     p.add_argument("--latent-stats", default=None, help="the authors' generators: stats.npz of a cache "
                    "encoded with their tokenizer (`tokenizer.py encode --ckpt RecTok_decft.pth`)")
     # not `--num`: torchrun would take it for an abbreviation of its own --numa-binding
@@ -252,9 +255,9 @@ def build_parser(add_help=True):
     p.add_argument("--steps", type=int, help="Euler grid points (steps + 1)")
     p.add_argument("--cfg", type=distill.non_negative, default=1.0,
                    help="guidance scale (CFG, or autoguidance with --guide)")
-    only(p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LOW", "HIGH"),
-                        help="guidance (CFG or autoguidance) acts for LOW <= t <= HIGH (generator time, 1 = data)"),
-         guided, lambda a: a.cfg != 1)
+    only(p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0],
+                        metavar=("LOW", "HIGH"), help="guidance acts for LOW <= t <= HIGH (generator "
+                        "time, 1 = data)"), *GUIDED)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=distill.positive_int, default=50, help="per process: each rank generates "
                    "whole batches of this many, the same batches (so the same images) on any number of processes")
@@ -263,10 +266,9 @@ def build_parser(add_help=True):
                    "blocks (the first batches build kernels)")
     p.add_argument("--out", default=distill.RUNS["samples"])
     p.add_argument("--ref-stats", default=None, help="reference statistics .npz for FID (mu, sigma)")
-    scored = "--ref-stats (the reference statistics .npz of FID)", lambda a: a.ref_stats
-    only(p.add_argument("--inception-weights", default=None), *scored)
-    only(p.add_argument("--fid-mode", default="tf", choices=["tf", "pytorch-fid"]), *scored)
-    only(p.add_argument("--fid-batch-size", type=distill.positive_int, default=100), *scored)
+    only(p.add_argument("--inception-weights"), *SCORED)
+    only(p.add_argument("--fid-mode", default="tf", choices=["tf", "pytorch-fid"]), *SCORED)
+    only(p.add_argument("--fid-batch-size", type=distill.positive_int, default=100), *SCORED)
     p.add_argument("--log-every", type=distill.positive_int, default=1, help="log every N batches")
     return p
 
@@ -274,9 +276,9 @@ def build_parser(add_help=True):
 def parse_args(argv=None):
     p, args = distill.parse_with_preset(build_parser, lambda first: PRESETS[first.preset], argv)
     lo, hi = args.cfg_interval
-    distill.refuse(p, (args.steps < 2, f"--steps {args.steps}: the Euler grid needs at least 2 points (one step)"),
-                   (not 0 <= lo <= hi <= 1, f"--cfg-interval {lo} {hi}: give 0 <= LOW <= HIGH <= 1"),
-                   (args.num_images < 2 and args.ref_stats, f"--num-images {args.num_images}: FID needs at least 2"))
+    distill.refuse(p, (args.steps < 2, f"--steps {args.steps}: the Euler grid needs 2 points"),
+                   (not 0 <= lo <= hi <= 1, f"--cfg-interval {lo} {hi}: 0 <= LOW <= HIGH <= 1"),
+                   (args.num_images < 2 and args.ref_stats, f"--num-images {args.num_images}: FID needs 2"))
     return args
 
 

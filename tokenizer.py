@@ -1357,6 +1357,17 @@ def add_data_flags(p, mode):
         p.add_argument("--num-train", type=distill.positive_int, help="use this many training images")
 
 
+# The settings a flag acts under (distill.only_with): the words --help and the error print, and the test.
+TRANSFORMER = "--sem-decoder transformer (the MLP is 4 C wide)", lambda a: a.sem_decoder == "transformer"
+SEMANTIC = "--sem-decoder transformer or mlp (none has no teacher)", lambda a: a.sem_decoder != "none"
+MASKING = "--mask-ratio above 0 (RAD's masking)", lambda a: a.mask_ratio > 0
+FLOW = "--gamma above 0 (the forward flow)", lambda a: a.gamma > 0
+GAN = "--gan-weight above 0", lambda a: a.gan_weight > 0
+PERCEPTUAL = "--perceptual-weight above 0", lambda a: a.perceptual_weight > 0
+BENCH = "--bench N (training needs the real nets)", lambda a: a.bench > 0
+RFID = "--rfid", lambda a: a.rfid
+
+
 def add_model_flags(p):
     """Stage 1 only: stage 2 and the others read the architecture from their checkpoint."""
     g = p.add_argument_group("model (`models/rectok.py`) and teacher (`utils/foundation_models.py`)")
@@ -1365,28 +1376,23 @@ def add_model_flags(p):
     g.add_argument("--channels", type=distill.positive_int, help="latent channels C")
     g.add_argument("--encoder-size", choices=sorted(SIZES))
     g.add_argument("--decoder-size", choices=sorted(SIZES))
-    only(g.add_argument("--sem-size", choices=sorted(SIZES)), "--sem-decoder transformer (the MLP's width is 4 C)",
-         lambda a: a.sem_decoder == "transformer")
+    only(g.add_argument("--sem-size", choices=sorted(SIZES)), *TRANSFORMER)
     g.add_argument("--sem-decoder", default="transformer", choices=["transformer", "mlp", "none"],
                    help="'none' trains without the semantic loss (no FSD, no RAD); 'mlp' is the authors' "
                         "per-token MLP ablation (no RAD: needs --mask-ratio 0)")
     g.add_argument("--mask-ratio", type=float, default=0.4, help="0 turns MAE masking (RAD) off")
-    only(g.add_argument("--mask-ratio-min", type=float, default=-0.1), "--mask-ratio above 0 (RAD's masking)",
-         lambda a: a.mask_ratio > 0)
+    only(g.add_argument("--mask-ratio-min", type=float, default=-0.1), *MASKING)
     only(g.add_argument("--noise-schedule", default="shift", choices=["shift", "uniform", "lognorm"]),
-         "--gamma above 0 (the forward flow)", lambda a: a.gamma > 0)
+         *FLOW)
     g.add_argument("--gamma", type=distill.non_negative, default=1.0, help="flow noise scale; 0 turns the flow off")
-    semantic = ("--sem-decoder transformer or mlp (none trains the pixels alone, with no teacher)",
-                lambda a: a.sem_decoder != "none")
-    only(g.add_argument("--teacher", help="'standin' or an official one, e.g. dinov3_vitl16"), *semantic)
-    only(g.add_argument("--teacher-weights", default=None,
-                        help=f"checkpoint path or URL (default: {distill.STANDIN_TEACHER} for the stand-in)"),
-         *semantic)
+    only(g.add_argument("--teacher", help="'standin' or an official one, e.g. dinov3_vitl16"), *SEMANTIC)
+    only(g.add_argument("--teacher-weights", default=None, help=f"checkpoint path or URL (default: "
+                        f"{distill.STANDIN_TEACHER} for the stand-in)"), *SEMANTIC)
     only(g.add_argument("--no-teacher-jitter", action="store_true",
-                        help="run DINOv3 without the training-mode RoPE rescale the release used"), *semantic)
+                        help="run DINOv3 without the training-mode RoPE rescale of the release"), *SEMANTIC)
     g.add_argument("--kl-weight", type=distill.non_negative, default=1e-6)
-    only(g.add_argument("--sem-weight", type=distill.non_negative, default=1.0), *semantic)
-    only(g.add_argument("--sem-loss", default="cosine", choices=["cosine", "l2", "l1"]), *semantic)
+    only(g.add_argument("--sem-weight", type=distill.non_negative, default=1.0), *SEMANTIC)
+    only(g.add_argument("--sem-loss", default="cosine", choices=["cosine", "l2", "l1"]), *SEMANTIC)
 
 
 def add_training_flags(p):
@@ -1394,11 +1400,10 @@ def add_training_flags(p):
     g = p.add_argument_group("losses (`utils/losses.py`) and optimisation (`main_reconstruction.py`)")
     g.add_argument("--perceptual-weight", type=distill.non_negative)
     g.add_argument("--gan-weight", type=distill.non_negative, default=0.1)
-    only(g.add_argument("--gan-start-epoch", type=distill.non_negative_int), "--gan-weight above 0",
-         lambda a: a.gan_weight > 0)
+    only(g.add_argument("--gan-start-epoch", type=distill.non_negative_int), *GAN)
     for flag, url in (("--vgg16-weights", VGG16_URL), ("--lpips-weights", LPIPS_URL),
                       ("--convnext-weights", CONVNEXT_S_URL)):
-        only(g.add_argument(flag, default=url), "--perceptual-weight above 0", lambda a: a.perceptual_weight > 0)
+        only(g.add_argument(flag, default=url), *PERCEPTUAL)
     g.add_argument("--epochs", type=distill.positive_int)
     g.add_argument("--grad-accum", type=distill.positive_int, help="micro-batches per optimizer step: the "
                    "global batch is batch_size x grad_accum x processes")
@@ -1412,10 +1417,9 @@ def add_training_flags(p):
     distill.add_run_flags(p, ckpt_every=500, save_every=50, save_unit="epochs")
     p.add_argument("--grid-every", type=distill.non_negative_int, default=500,
                    help="reconstruction grid PNG every N steps (0: off)")
-    only(p.add_argument("--random-weights", action="store_true",
-                        help="untrained teacher and perceptual nets (no downloads, no stand-in training); in "
-                             "finetune also an untrained stage-1 tokenizer (no --init)"),
-         "--bench N (training needs the real teacher)", lambda a: a.bench > 0)
+    only(p.add_argument("--random-weights", action="store_true", help="untrained teacher and perceptual "
+                        "nets (no downloads, no stand-in training); in finetune also an untrained stage-1 "
+                        "tokenizer (no --init)"), *BENCH)
 
 
 def build_parser(mode, add_help=True):
@@ -1435,10 +1439,9 @@ def build_parser(mode, add_help=True):
     if mode == "evaluate":
         p.add_argument("--num-eval", type=distill.positive_int, default=1000, help="held-out images")
         p.add_argument("--rfid", action="store_true", help="also rFID (needs the FID Inception)")
-        only(p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 path (default: URL)"),
-             "--rfid", lambda a: a.rfid)
-        only(p.add_argument("--ref-stats", default=None, help=f"reference statistics cache (.npz); None: "
-                            f"{distill.RUNS['fid_stats']}/DATA_SIZEpx_N_KEY.npz"), "--rfid", lambda a: a.rfid)
+        only(p.add_argument("--inception-weights", help="pt_inception-2015-12-05 path (default: URL)"), *RFID)
+        only(p.add_argument("--ref-stats", help=f"reference statistics cache (.npz); None: "
+                            f"{distill.RUNS['fid_stats']}/DATA_SIZEpx_N_KEY.npz"), *RFID)
     elif mode == "encode":
         p.add_argument("--shard-size", type=distill.positive_int, default=4096,
                        help="images per latent-cache shard file")
