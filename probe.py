@@ -290,8 +290,12 @@ def real_images(data, num):
 
 
 def judge(args):
-    """`probe.py judge`: the samples of sample.py (samples.npz: arr_0, labels) scored by --judge against the
-    held-out real images of --data, at the samples' size; writes --json (default: judge.json beside them)."""
+    """`probe.py judge`: sample.py's samples (samples.npz: arr_0, labels) scored by --judge against
+    the held-out real images of --data, at the samples' size; writes --json (default: judge.json beside
+    the samples)."""
+    if not os.path.isfile(args.samples):
+        raise FileNotFoundError(f"--samples {args.samples} not found: run sample.py first, or pass its "
+                                f"samples.npz")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, labels = fid.npz_images(args.samples), np.load(args.samples)["labels"]  # images mapped
     classifier, ckpt = load_judge(args.judge, device)

@@ -2844,6 +2844,8 @@ def test_judge_must_know_the_samples_classes(standin_teacher, tmp_path):
         probe.main(["judge", "--samples", samples, "--judge", five])
     with pytest.raises(FileNotFoundError, match="data folder not found"):
         probe.main(["judge", "--samples", samples, "--judge", standin_teacher, "--data", str(tmp_path / "none")])
+    with pytest.raises(FileNotFoundError, match="--samples .*none.npz not found: run sample.py first"):
+        probe.main(["judge", "--samples", str(tmp_path / "none.npz"), "--judge", standin_teacher])
     assert not os.path.exists(tmp_path / "judge.json") and not hasattr(sample.parse_args([]), "judge")
 
 
