@@ -485,12 +485,9 @@ def build_judge_parser():
     return p
 
 
-MODES = ("probe", "plot", "judge")
-
-
 def parse_args(argv=None):
     """`probe.py [probe | plot | judge] [flags]`; no mode means probe."""
-    mode, argv = distill.split_mode(argv, MODES)
+    mode, argv = distill.split_mode(argv, ("probe", "plot", "judge"))
     if mode != "probe":
         args = (build_plot_parser() if mode == "plot" else build_judge_parser()).parse_args(argv)
         args.mode = mode
