@@ -3373,6 +3373,12 @@ def test_reconstruct_writes_each_image_under_its_name(stage1_run, tmp_path):
     PSNR (the API's reconstruction of its crop) and their mean, the same on 2 processes as on 1."""
     root = photo_folder(tmp_path / "photos", ["a.JPG", "trip/b.png", "trip/day 2/c.gif"])
     common = ["--ckpt", stage1_run, "--data", root, "--batch-size", "2", "--workers", "0"]
+    with pytest.raises(SystemExit) as help_:  # the mode's help, whatever it needs to run
+        tokenizer.parse_args(["reconstruct", "-h"])
+    assert help_.value.code == 0
+    with pytest.raises(SystemExit) as missing:
+        tokenizer.parse_args(["reconstruct"])
+    assert missing.value.code == 2
     tokenizer.main(["reconstruct", *common, "--out", str(tmp_path / "one")])
     torchrun("tokenizer.py", ["reconstruct", *common, "--out", str(tmp_path / "two")])
     names = ["a.png", "trip/b.png", "trip/day 2/c.png"]

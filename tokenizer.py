@@ -1345,10 +1345,8 @@ def add_data_flags(p, mode):
            "reconstruct": distill.RUNS["reconstruct"]}[mode]
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="sets the defaults below" + (" (stage 1's and stage 2's)" if mode == "finetune" else ""))
-    if mode == "reconstruct":
-        p.add_argument("--data", required=True, help="a folder of images (at any depth)")
-    else:
-        p.add_argument("--data", default="synthetic", help="'synthetic' (built-in) or an ImageNet-style folder")
+    p.add_argument("--data", default=None if mode == "reconstruct" else "synthetic",
+                   help="'synthetic' (built-in) or an ImageNet-style folder; reconstruct: any image folder")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out (and count) unreadable files")
     p.add_argument("--out", default=None if mode == "evaluate" else out, help=f"run folder ({out})" + (
         "; a folder with latest.pt resumes" if mode in ("train", "finetune") else ""))
@@ -1458,6 +1456,8 @@ def parse_args(argv=None):
     p, args = distill.parse_with_preset(lambda add_help: build_parser(mode, add_help),
                                         lambda first: dict(PRESETS[first.preset], **stage2(first)), argv)
     args.mode = mode
+    if mode == "reconstruct" and args.data is None:
+        p.error("--data DIR: reconstruct reads a folder of your images")
     if mode == "evaluate" and args.rfid and args.num_eval < 2:
         p.error(f"--num-eval {args.num_eval}: rFID needs at least 2 images (the standard is 50,000)")
     if mode == "train":
