@@ -501,9 +501,10 @@ class Teacher(nn.Module):
 
 
 def build_teacher(name, weights=None, grid=16, rope_jitter=True, prefix=""):
-    """'dinov3_vitl16' etc. with official weights, or 'standin' with a checkpoint from this file."""
+    """'dinov3_vitl16' etc. with official weights, or 'standin' with a checkpoint from this file (path or
+    URL), which also records the data it trained on (`.data`)."""
     if name == "standin":
-        if not weights or not os.path.isfile(weights):
+        if not weights or not (is_url(weights) or os.path.isfile(weights)):
             raise FileNotFoundError(f"stand-in teacher checkpoint not found: {weights}. Train one with "
                                     f"`python distill.py` (or --data DIR), or pick an official teacher")
         ckpt = load_checkpoint(weights, ("teacher",), "stand-in teacher checkpoint (distill.py's teacher.pt)")
@@ -513,7 +514,9 @@ def build_teacher(name, weights=None, grid=16, rope_jitter=True, prefix=""):
         vit = DinoViT(**ckpt["config"]["vit"])
         sd = {k[len("vit."):]: v for k, v in ckpt["ema"].items() if k.startswith("vit.")}
         load_strict(vit, sd, f"stand-in teacher {weights}")
-        return Teacher(vit, "standin", grid, standardize=(ckpt["target_mean"], ckpt["target_std"]))
+        teacher = Teacher(vit, "standin", grid, standardize=(ckpt["target_mean"], ckpt["target_std"]))
+        teacher.data = ckpt.get("args", {}).get("data")
+        return teacher
     if name not in ARCHS:
         raise ValueError(f"unknown teacher {name!r}; choose 'standin' or one of {sorted(ARCHS)}")
     cfg = dict(ARCHS[name])
@@ -649,8 +652,8 @@ class ImageFolder(torch.utils.data.Dataset):
             self.samples = [s for s in self.samples if s[0] not in left_out]
         self.num_classes = len(self.classes)
         unread = f"; left out {len(bad)} unreadable files (--skip-bad-images)" if bad else ""
-        classes = f" in {self.num_classes} classes" if classes else ""
-        log(f"{root}: {len(self.samples)} images{classes}{fid.not_images(others)}{unread}")
+        counted = f" in {self.num_classes} classes" if classes else ""
+        log(f"{root}: {len(self.samples)} images{counted}{fid.not_images(others)}{unread}")
 
     def __len__(self):
         return len(self.samples)
@@ -681,8 +684,8 @@ def collate(items):
 
 
 class Numbered(torch.utils.data.Dataset):
-    """Items `indices` of a data set, each with its position in `indices` (what a cache writes by), or None
-    where the item is."""
+    """Items `indices` of a data set, each with its position in `indices` (what a cache writes by); None for
+    an item that is None (a file skipped when read)."""
 
     def __init__(self, data, indices):
         self.data, self.indices = data, indices
@@ -1850,8 +1853,8 @@ def parse_with_preset(build, preset_defaults, argv=None):
     A flag set away from its default while its `only_with` setting is off fails. Returns (parser, args)."""
     first, _ = build(add_help=False).parse_known_args(argv)
     parser = build(add_help=True)
-    flags = {a.dest for a in parser._actions}
-    parser.set_defaults(**{k: v for k, v in preset_defaults(first).items() if k in flags})
+    dests = {a.dest for a in parser._actions}
+    parser.set_defaults(**{k: v for k, v in preset_defaults(first).items() if k in dests})
     args = parser.parse_args(argv)
     ignored = [a for a in parser._actions if hasattr(a, "only") and not a.only[1](args)
                and getattr(args, a.dest) != parser.get_default(a.dest)]

@@ -25,6 +25,7 @@ it is, uncropped (center-crop them first for statistics comparable with the ADM 
 Imports nothing from the rest of the project.
 """
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -299,11 +300,8 @@ def not_images(others):
     images (.txt 2, no extension 1)'."""
     if not others:
         return ""
-    kinds = {}
-    for path in others:
-        ext = os.path.splitext(path)[1].lower() or "no extension"
-        kinds[ext] = kinds.get(ext, 0) + 1
-    listed = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:6])
+    kinds = collections.Counter(os.path.splitext(path)[1].lower() or "no extension" for path in others)
+    listed = ", ".join(f"{k} {n}" for k, n in kinds.most_common(6))
     return f"; skipped {len(others)} files that are not images ({listed})"
 
 

@@ -124,6 +124,7 @@ import json
 import math
 import os
 import errno
+import pathlib
 import fnmatch
 import glob
 import http.server
@@ -3457,7 +3458,7 @@ def test_bad_files_never_cost_a_run(tmp_path, stage1_run):
     assert torch.load(tmp_path / "tok" / "latest.pt", weights_only=True)["step"] == 4  # 15 images, drop_last
 
 
-def test_weight_flags_take_urls(stage1_run, dit_run, tmp_path, monkeypatch):
+def test_weight_flags_take_urls(stage1_run, dit_run, standin_teacher, tmp_path, monkeypatch):
     """Every weight flag takes a URL, downloaded once into torch.hub's cache ($TORCH_HOME); a file already
     there is used offline; a download that fails says where the file is expected."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
@@ -3473,6 +3474,8 @@ def test_weight_flags_take_urls(stage1_run, dit_run, tmp_path, monkeypatch):
     assert (tmp_path / "samples" / "samples.npz").is_file()
     with pytest.raises(RuntimeError, match="could not download .*missing.pt.*place the file at .*checkpoints"):
         dit.load_dit((tmp_path / "missing.pt").as_uri())
+    teacher = distill.build_teacher("standin", pathlib.Path(standin_teacher).as_uri(), grid=4)  # --teacher-weights
+    assert teacher.data == "synthetic" and (tmp_path / "home" / "hub" / "checkpoints" / "teacher.pt").is_file()
 
 
 def test_the_readmes_paper_to_code_map_names_real_code():

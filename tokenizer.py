@@ -37,6 +37,7 @@ with weights_only=True (`distill.load_checkpoint`); later stages rebuild the tok
 "ema" (`load_tokenizer`), which also reads the authors' RecTok.pth / RecTok_decft.pth.
 """
 import argparse
+import collections
 import contextlib
 import errno
 import hashlib
@@ -729,11 +730,10 @@ def ensure_standin_teacher(args):
     distill.train_standin(distill.parse_args(["--out", distill.RUNS["teacher"]]))  # every rank takes part
 
 
-def check_standin_data(args):
+def check_standin_data(args, teacher):
     """A stand-in teacher knows only the images it trained on: one from the quick start (the built-in shapes)
     distilled into a tokenizer of a photo folder would teach it shapes. Its checkpoint records its --data."""
-    ckpt = distill.load_checkpoint(args.teacher_weights, ("teacher",), "stand-in teacher")
-    trained = ckpt.get("args", {}).get("data", args.data)
+    trained = teacher.data or args.data
     where = [d if d == "synthetic" else os.path.abspath(d) for d in (trained, args.data)]
     if where[0] != where[1]:
         raise ValueError(f"stand-in teacher {args.teacher_weights} trained on {trained}, not on --data "
@@ -829,7 +829,7 @@ def train(args):
     data = distill.build_dataset(args.data, config["img_size"], "train", args.num_train, args.seed,
                                  args.skip_bad_images)
     if teacher is not None and args.teacher == "standin" and not args.random_weights:
-        check_standin_data(args)  # once the data is known to exist
+        check_standin_data(args, teacher)  # once the data is known to exist
     loader, sampler = distill.make_loader(data, args.batch_size, args.seed, rank, world, args.workers, device)
     flip_gen = torch.Generator().manual_seed(args.seed * world + rank)
     run = distill.Run(  # resumes OUT/latest.pt if there is one
@@ -1006,8 +1006,8 @@ def reconstruct(args):
     model = load_tokenizer(args.ckpt, args.weights, device)
     data = distill.ImageFolder(args.data, model.img_size, args.skip_bad_images, classes=False)
     names = [os.path.splitext(data.name(i))[0] + ".png" for i in range(len(data))]
-    if len(set(names)) < len(names):
-        clash = sorted({n for n in names if names.count(n) > 1})
+    clash = sorted(name for name, n in collections.Counter(names).items() if n > 1)
+    if clash:
         raise ValueError(f"{args.data}: images that differ only in extension would write the same PNG "
                          f"({', '.join(clash[:3])}): rename them")
     mine = distill.shard(data, rank, world).indices
